@@ -1,0 +1,721 @@
+//! The destination driver: receives over accepted channels into a destination guest,
+//! steered by [`DestSession`].
+//!
+//! Before it acknowledges, any error discards the guest. After `verified` is sent, a lost
+//! source leaves the guest paused and in doubt (never resumed, never discarded), because
+//! the source may already have handed over.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
+
+use super::{micros, ms, read_frame_until, Control, ReadError};
+use crate::codec::{CodecFactory, Decoder, Unit, UnitKind, TAG_RAW};
+use crate::digest::{full_sum, unit_digest, DigestDelta, DigestTable};
+use crate::guest::{DestGuest, GuestError, GuestLayout, StateBlob};
+use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState};
+use crate::report::hex;
+use crate::transport::Channel;
+use crate::wire::{
+    frame::write_frame, Batch, FrameReader, Hello, Manifest, Message, Verdict, VerifyMode,
+    Welcome, CAPABILITIES, REQUIRED_CAPABILITIES,
+};
+
+/// Destination settings.
+#[derive(Debug, Clone)]
+pub struct DestConfig {
+    /// Silence on every channel longer than this aborts (or, after the ack, leaves the
+    /// guest in doubt).
+    pub io_timeout: Duration,
+}
+
+impl Default for DestConfig {
+    fn default() -> Self {
+        Self {
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the destination measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DestReport {
+    /// Hex migration id.
+    pub migration_id: String,
+    /// Codec spec.
+    pub codec: String,
+    /// Channels.
+    pub channels: usize,
+    /// Pages received (zero pages included).
+    pub pages_received: u64,
+    /// Blocks received (zero blocks included).
+    pub blocks_received: u64,
+    /// Manifest digests matched.
+    pub manifest_ok: bool,
+    /// Full-guest digests matched (with `--verify full`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_verify_ok: Option<bool>,
+    /// Time spent verifying, restoring and flushing, ms.
+    pub verify_ms: f64,
+    /// Commit to running, ms.
+    pub resume_ms: f64,
+    /// The guest's own check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_ok: Option<bool>,
+    /// Oracle detail.
+    pub oracle_detail: String,
+}
+
+/// How a receive ended.
+pub enum DestOutcome {
+    /// The guest runs here now.
+    Resumed {
+        /// The guest.
+        guest: Arc<dyn DestGuest>,
+        /// Figures.
+        report: DestReport,
+    },
+    /// Failed before the acknowledgement: the guest was discarded, the source owns it.
+    Discarded {
+        /// Why.
+        error: String,
+    },
+    /// Acknowledged but no hand-over arrived: the guest is kept paused for an operator.
+    InDoubt {
+        /// The paused guest.
+        guest: Arc<dyn DestGuest>,
+        /// Why.
+        error: String,
+        /// Figures so far.
+        report: DestReport,
+    },
+}
+
+/// Builds the destination guest for a layout.
+pub type GuestFactory<'a> = dyn Fn(&GuestLayout) -> Result<Arc<dyn DestGuest>, GuestError> + 'a;
+/// Resolves a codec spec offered by the source.
+pub type CodecResolver<'a> = dyn Fn(&str) -> Result<Arc<dyn CodecFactory>, String> + 'a;
+
+enum Event {
+    FinalBarrier { channel: usize, pages: DigestDelta, disks: Vec<DigestDelta> },
+    Control(Control),
+    Failed(String),
+    Closed(usize),
+}
+
+struct Received {
+    pages: AtomicU64,
+    blocks: AtomicU64,
+    last_activity_ms: AtomicU64,
+}
+
+struct ReceiverWorker {
+    channel: usize,
+    guest: Arc<dyn DestGuest>,
+    decoder: Box<dyn Decoder>,
+    layout: GuestLayout,
+    pages: Arc<DigestTable>,
+    disks: Arc<Vec<DigestTable>>,
+    received: Arc<Received>,
+    epoch: Instant,
+    order: ChannelOrder,
+    page_delta: DigestDelta,
+    disk_deltas: Vec<DigestDelta>,
+    buf: Vec<u8>,
+}
+
+impl ReceiverWorker {
+    fn run(
+        mut self,
+        mut reader: FrameReader<Box<dyn std::io::Read + Send>>,
+        out: Sender<Event>,
+        stop: Arc<AtomicBool>,
+    ) {
+        loop {
+            let ty = match read_frame_until(&mut reader, None, &stop) {
+                Ok(Some(ty)) => ty,
+                Ok(None) => {
+                    let _ = out.send(Event::Closed(self.channel));
+                    return;
+                }
+                Err(ReadError::Stopped) => return,
+                Err(e) => {
+                    let _ = out.send(Event::Failed(format!(
+                        "channel {}: {}",
+                        self.channel,
+                        super::source::error_chain(&e)
+                    )));
+                    return;
+                }
+            };
+            self.received.last_activity_ms.store(
+                self.epoch.elapsed().as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            let result = match Message::decode(ty, reader.body()) {
+                Err(e) => Err(e.to_string()),
+                Ok(Message::Batch(b)) => self.batch(&b),
+                Ok(Message::RoundEnd(end)) => match self.order.on_round_end(end) {
+                    Ok(true) => {
+                        let _ = out.send(Event::FinalBarrier {
+                            channel: self.channel,
+                            pages: self.page_delta,
+                            disks: self.disk_deltas.clone(),
+                        });
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Ok(m) => match Control::from_message(m) {
+                    Some(c) if self.channel == 0 => {
+                        let _ = out.send(Event::Control(c));
+                        Ok(())
+                    }
+                    Some(c) => Err(format!("{} on data channel {}", c.name(), self.channel)),
+                    None => Err(format!("unexpected message type {ty}")),
+                },
+            };
+            if let Err(e) = result {
+                let _ = out.send(Event::Failed(format!("channel {}: {e}", self.channel)));
+                return;
+            }
+        }
+    }
+
+    fn batch(&mut self, b: &Batch<'_>) -> Result<(), String> {
+        self.order.on_data(b.round).map_err(|e| e.to_string())?;
+        let (size, limit, table, kind) = match b.disk {
+            None => (
+                self.layout.page_size as usize,
+                self.layout.pages,
+                &self.pages.as_ref(),
+                UnitKind::Page,
+            ),
+            Some(d) => {
+                let dl = self
+                    .layout
+                    .disks
+                    .get(d as usize)
+                    .ok_or_else(|| format!("blocks for unknown disk {d}"))?;
+                (
+                    dl.block_size as usize,
+                    dl.blocks,
+                    &&self.disks[d as usize],
+                    UnitKind::Block(d),
+                )
+            }
+        };
+        let guest = Arc::clone(&self.guest);
+        let delta = match b.disk {
+            None => &mut self.page_delta,
+            Some(d) => &mut self.disk_deltas[d as usize],
+        };
+        let mut n = 0u64;
+        for rec in b.records(size, limit) {
+            let rec = rec.map_err(|e| e.to_string())?;
+            let i = rec.index;
+            let unit = Unit { kind, index: i };
+            let what = match kind {
+                UnitKind::Page => "page",
+                UnitKind::Block(_) => "block",
+            };
+            let digest = if rec.zero {
+                match b.disk {
+                    None => guest.zero_page(i),
+                    Some(d) => guest.zero_block(d as usize, i),
+                }
+                .map_err(|e| format!("writing {what} {i}: {e}"))?;
+                let zero = vec![0u8; 0];
+                self.decoder.note_received_plain(unit, &zero);
+                table.zero_digest(i)
+            } else if rec.tag == TAG_RAW {
+                let d = unit_digest(i, rec.data);
+                if d != rec.digest {
+                    return Err(format!("{what} {i} arrived corrupted (digest mismatch)"));
+                }
+                write_unit(&*guest, b.disk, i, rec.data).map_err(|e| format!("writing {what} {i}: {e}"))?;
+                self.decoder.note_received_plain(unit, rec.data);
+                d
+            } else {
+                let buf = &mut self.buf[..size];
+                if self.decoder.needs_base() {
+                    match b.disk {
+                        None => guest.read_page(i, buf),
+                        Some(d) => guest.read_block(d as usize, i, buf),
+                    }
+                    .map_err(|e| format!("reading {what} {i}: {e}"))?;
+                }
+                self.decoder
+                    .decode(unit, rec.tag, rec.data, buf)
+                    .map_err(|e| format!("decoding {what} {i}: {e}"))?;
+                let d = unit_digest(i, buf);
+                if d != rec.digest {
+                    return Err(format!(
+                        "{what} {i} decoded to the wrong content (digest mismatch)"
+                    ));
+                }
+                write_unit(&*guest, b.disk, i, buf).map_err(|e| format!("writing {what} {i}: {e}"))?;
+                d
+            };
+            if rec.zero && rec.digest != digest {
+                return Err(format!("zero {what} {i} carries a wrong digest"));
+            }
+            table.record(i, digest, delta);
+            n += 1;
+        }
+        match b.disk {
+            None => self.received.pages.fetch_add(n, Ordering::Relaxed),
+            Some(_) => self.received.blocks.fetch_add(n, Ordering::Relaxed),
+        };
+        Ok(())
+    }
+}
+
+fn write_unit(
+    guest: &dyn DestGuest,
+    disk: Option<u16>,
+    i: u64,
+    data: &[u8],
+) -> Result<(), GuestError> {
+    match disk {
+        None => guest.write_page(i, data),
+        Some(d) => guest.write_block(d as usize, i, data),
+    }
+}
+
+fn send(tx: &mut (dyn Write + Send), m: &Message<'_>) -> Result<(), String> {
+    let mut body = Vec::new();
+    let ty = m.encode(&mut body);
+    write_frame(tx, ty, &body)
+        .map_err(|e| super::source::error_chain(&e))
+        .and_then(|_| tx.flush().map_err(|e| e.to_string()))
+}
+
+/// Checks a hello against what this side supports.
+fn check_hello(h: &Hello, accepted_channels: usize) -> Result<(), String> {
+    if h.capabilities & REQUIRED_CAPABILITIES != REQUIRED_CAPABILITIES {
+        return Err("source lacks required capabilities".into());
+    }
+    if usize::from(h.channels) != accepted_channels {
+        return Err(format!(
+            "hello announces {} channels but {accepted_channels} connected",
+            h.channels
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one migration over `channels` (as accepted by a listener).
+pub fn receive(
+    channels: Vec<Channel>,
+    make_guest: &GuestFactory<'_>,
+    codecs: &CodecResolver<'_>,
+    cfg: &DestConfig,
+) -> DestOutcome {
+    let n = channels.len();
+    let mut txs = Vec::with_capacity(n);
+    let mut rxs = Vec::with_capacity(n);
+    let mut closers = Vec::new();
+    for c in channels {
+        txs.push(c.tx);
+        rxs.push(c.rx);
+        if let Some(cl) = c.closer {
+            closers.push(cl);
+        }
+    }
+    let close_all = |closers: &[Box<dyn Fn() + Send + Sync>]| {
+        for c in closers {
+            c();
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    if rxs.is_empty() {
+        return DestOutcome::Discarded {
+            error: "no channels".into(),
+        };
+    }
+    let mut rx_iter = rxs.into_iter();
+    let Some(rx0) = rx_iter.next() else {
+        return DestOutcome::Discarded {
+            error: "no channels".into(),
+        };
+    };
+    let mut reader0 = FrameReader::new(rx0);
+    let mut session = DestSession::new(n);
+
+    // Handshake.
+    let hello = match read_frame_until(&mut reader0, Some(Instant::now() + cfg.io_timeout), &stop) {
+        Ok(Some(ty)) => match Message::decode(ty, reader0.body()) {
+            Ok(Message::Hello(h)) => Ok(h),
+            Ok(_) => Err(format!("expected hello, got message type {ty}")),
+            Err(e) => Err(format!("bad hello: {e}")),
+        },
+        Ok(None) => Err("source closed the connection before the handshake".into()),
+        Err(e) => Err(format!("handshake: {}", super::source::error_chain(&e))),
+    };
+    let refuse = |txs: &mut Vec<Box<dyn Write + Send>>, why: String| {
+        if let Some(tx) = txs.first_mut() {
+            let _ = send(tx.as_mut(), &Message::Refuse(why.clone()));
+        }
+        close_all(&closers);
+        DestOutcome::Discarded { error: why }
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(e) => return refuse(&mut txs, e),
+    };
+    if let Err(e) = check_hello(&hello, n) {
+        return refuse(&mut txs, e);
+    }
+    let codec = match codecs(&hello.codec) {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut txs, format!("codec {:?}: {e}", hello.codec)),
+    };
+    let guest = match make_guest(&hello.layout) {
+        Ok(g) => g,
+        Err(e) => return refuse(&mut txs, format!("cannot build the guest: {e}")),
+    };
+    let mut report = DestReport {
+        migration_id: hex(&hello.migration_id),
+        codec: codec.spec(),
+        channels: n,
+        ..DestReport::default()
+    };
+    if let Err(e) = send(
+        txs[0].as_mut(),
+        &Message::Welcome(Welcome {
+            version: hello.version,
+            capabilities: CAPABILITIES,
+            migration_id: hello.migration_id,
+        }),
+    ) {
+        guest.discard();
+        close_all(&closers);
+        return DestOutcome::Discarded {
+            error: format!("sending welcome: {e}"),
+        };
+    }
+    if let Err(e) = session.on(DestEvent::Hello) {
+        guest.discard();
+        return DestOutcome::Discarded { error: e.to_string() };
+    }
+
+    // Receivers.
+    let layout = hello.layout.clone();
+    let pages = Arc::new(DigestTable::zeroed(layout.pages, layout.page_size as usize));
+    let disks = Arc::new(
+        layout
+            .disks
+            .iter()
+            .map(|d| DigestTable::zeroed(d.blocks, d.block_size as usize))
+            .collect::<Vec<_>>(),
+    );
+    let epoch = Instant::now();
+    let received = Arc::new(Received {
+        pages: AtomicU64::new(0),
+        blocks: AtomicU64::new(0),
+        last_activity_ms: AtomicU64::new(0),
+    });
+    let max_unit = layout
+        .disks
+        .iter()
+        .map(|d| d.block_size as usize)
+        .chain([layout.page_size as usize])
+        .max()
+        .unwrap_or(4096);
+    let (ev_tx, ev_rx) = unbounded();
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    let readers = std::iter::once(reader0).chain(rx_iter.map(FrameReader::new));
+    for (ch, reader) in readers.enumerate() {
+        let w = ReceiverWorker {
+            channel: ch,
+            guest: Arc::clone(&guest),
+            decoder: codec.decoder(),
+            layout: layout.clone(),
+            pages: Arc::clone(&pages),
+            disks: Arc::clone(&disks),
+            received: Arc::clone(&received),
+            epoch,
+            order: ChannelOrder::default(),
+            page_delta: DigestDelta::default(),
+            disk_deltas: vec![DigestDelta::default(); layout.disks.len()],
+            buf: vec![0; max_unit],
+        };
+        let out = ev_tx.clone();
+        let stop = Arc::clone(&stop);
+        workers.push(std::thread::spawn(move || w.run(reader, out, stop)));
+    }
+    drop(ev_tx);
+
+    let mut page_deltas = Vec::new();
+    let mut disk_deltas: Vec<DigestDelta> = vec![DigestDelta::default(); layout.disks.len()];
+    let mut state: Option<StateBlob> = None;
+    let mut manifest: Option<Manifest> = None;
+    let mut error: Option<String> = None;
+    let mut t_commit = None;
+
+    // Event loop.
+    loop {
+        let ev = match ev_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(ev) => ev,
+            Err(RecvTimeoutError::Timeout) => {
+                let idle = (epoch.elapsed().as_millis() as u64)
+                    .saturating_sub(received.last_activity_ms.load(Ordering::Relaxed));
+                if Duration::from_millis(idle) > cfg.io_timeout {
+                    error = Some(format!(
+                        "no data from the source for {:.1} s",
+                        idle as f64 / 1000.0
+                    ));
+                    let _ = session.on(DestEvent::Lost);
+                    break;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                error.get_or_insert_with(|| "all channels closed".into());
+                break;
+            }
+        };
+        let step = match ev {
+            Event::FinalBarrier {
+                channel,
+                pages: pd,
+                disks: dd,
+            } => {
+                page_deltas.push(pd);
+                for (a, b) in disk_deltas.iter_mut().zip(dd) {
+                    a.add(b);
+                }
+                session.on(DestEvent::FinalBarrier(channel))
+            }
+            Event::Control(Control::State { version, bytes }) => {
+                state = Some(StateBlob { version, bytes });
+                session.on(DestEvent::State)
+            }
+            Event::Control(Control::Manifest(m)) => {
+                manifest = Some(m);
+                session.on(DestEvent::Manifest)
+            }
+            Event::Control(Control::Commit) => {
+                t_commit = Some(Instant::now());
+                session.on(DestEvent::Commit)
+            }
+            Event::Control(Control::Abort(r)) => {
+                error = Some(format!("source aborted: {r}"));
+                session.on(DestEvent::Abort)
+            }
+            Event::Control(c) => Err(crate::machine::ProtocolError(format!(
+                "unexpected {} from the source",
+                c.name()
+            ))),
+            Event::Failed(e) => {
+                error = Some(e);
+                session.on(DestEvent::Lost)
+            }
+            Event::Closed(ch) => {
+                if session.state() == DestState::Committed {
+                    continue;
+                }
+                error = Some(format!("source closed channel {ch} early"));
+                session.on(DestEvent::Lost)
+            }
+        };
+        let action = match step {
+            Ok(a) => a,
+            Err(e) => {
+                error = Some(e.to_string());
+                // A violation before the ack discards; after it the guest is in doubt.
+                if session.state() == DestState::AwaitCommit {
+                    DestAction::HoldInDoubt
+                } else {
+                    DestAction::Discard
+                }
+            }
+        };
+        match action {
+            DestAction::Continue | DestAction::AckVerified => {}
+            DestAction::Verify => {
+                let t = Instant::now();
+                let r = verify_and_restore(
+                    &*guest,
+                    &layout,
+                    &pages,
+                    &disks,
+                    &page_deltas,
+                    &disk_deltas,
+                    manifest.as_ref(),
+                    state.as_ref(),
+                    hello.verify,
+                    &mut report,
+                );
+                report.verify_ms = super::ms(t.elapsed());
+                let ok = r.is_ok();
+                if let Err(e) = r {
+                    error = Some(e);
+                }
+                match session.on(DestEvent::VerifyDone(ok)) {
+                    Ok(DestAction::AckVerified) => {
+                        if let Err(e) = send(
+                            txs[0].as_mut(),
+                            &Message::Verified {
+                                verify_us: micros(t.elapsed()),
+                            },
+                        ) {
+                            error = Some(format!("sending verified: {e}"));
+                            let _ = session.on(DestEvent::Lost);
+                            break;
+                        }
+                        // Restart the silence clock: the source now waits on us.
+                        received.last_activity_ms.store(
+                            epoch.elapsed().as_millis() as u64,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    _ => break,
+                }
+            }
+            DestAction::Resume => break,
+            DestAction::Discard | DestAction::HoldInDoubt => break,
+        }
+    }
+
+    report.pages_received = received.pages.load(Ordering::Relaxed);
+    report.blocks_received = received.blocks.load(Ordering::Relaxed);
+    let outcome = match session.state() {
+        DestState::Committed => {
+            let t = t_commit.unwrap_or_else(Instant::now);
+            match guest.resume() {
+                Ok(()) => {
+                    report.resume_ms = ms(t.elapsed());
+                    let _ = send(
+                        txs[0].as_mut(),
+                        &Message::Resumed {
+                            resume_us: micros(t.elapsed()),
+                        },
+                    );
+                    let verdict = match guest.self_check() {
+                        Some(o) => {
+                            report.oracle_ok = Some(o.ok);
+                            report.oracle_detail = if o.ok {
+                                format!(
+                                    "{} pages and {} blocks hold their last written version",
+                                    o.pages_checked, o.blocks_checked
+                                )
+                            } else {
+                                o.problems.join("; ")
+                            };
+                            Verdict {
+                                ok: o.ok,
+                                pages_checked: o.pages_checked,
+                                blocks_checked: o.blocks_checked,
+                                detail: report.oracle_detail.clone(),
+                            }
+                        }
+                        None => Verdict {
+                            ok: report.manifest_ok,
+                            pages_checked: 0,
+                            blocks_checked: 0,
+                            detail: "no guest oracle; manifest matched".into(),
+                        },
+                    };
+                    let _ = send(txs[0].as_mut(), &Message::Verdict(verdict));
+                    DestOutcome::Resumed {
+                        guest: Arc::clone(&guest),
+                        report,
+                    }
+                }
+                Err(e) => DestOutcome::InDoubt {
+                    guest: Arc::clone(&guest),
+                    error: format!("committed but resuming failed: {e}"),
+                    report,
+                },
+            }
+        }
+        DestState::InDoubt => DestOutcome::InDoubt {
+            guest: Arc::clone(&guest),
+            error: error.unwrap_or_else(|| "hand-over never arrived".into()),
+            report,
+        },
+        _ => {
+            let error = error.unwrap_or_else(|| "migration did not complete".into());
+            let _ = send(txs[0].as_mut(), &Message::Abort(error.clone()));
+            guest.discard();
+            DestOutcome::Discarded { error }
+        }
+    };
+    // Let the source read our last frames before the sockets go.
+    if matches!(outcome, DestOutcome::Resumed { .. }) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && workers.iter().any(|w| !w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    close_all(&closers);
+    for w in workers {
+        let _ = w.join();
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_and_restore(
+    guest: &dyn DestGuest,
+    layout: &GuestLayout,
+    pages: &DigestTable,
+    disks: &[DigestTable],
+    page_deltas: &[DigestDelta],
+    disk_deltas: &[DigestDelta],
+    manifest: Option<&Manifest>,
+    state: Option<&StateBlob>,
+    verify: VerifyMode,
+    report: &mut DestReport,
+) -> Result<(), String> {
+    let m = manifest.ok_or("no manifest")?;
+    let got_pages = pages.sum_with(page_deltas.iter().copied());
+    if got_pages != m.pages {
+        return Err("memory digest mismatch: the pages received differ from the pages sent".into());
+    }
+    if m.disks.len() != disks.len() {
+        return Err("manifest names a different number of disks".into());
+    }
+    for (d, (t, want)) in disks.iter().zip(&m.disks).enumerate() {
+        if t.sum_with([disk_deltas.get(d).copied().unwrap_or_default()]) != *want {
+            return Err(format!("disk {d} digest mismatch"));
+        }
+    }
+    report.manifest_ok = true;
+    if verify == VerifyMode::Full {
+        let (want_p, want_d) = m.full.as_ref().ok_or("full verification asked but not sent")?;
+        let got_p = full_sum(layout.pages, layout.page_size as usize, |i, b| {
+            if guest.read_page(i, b).is_err() {
+                b.fill(0xff);
+            }
+        });
+        let mut ok = got_p == *want_p;
+        for (d, dl) in layout.disks.iter().enumerate() {
+            let got = full_sum(dl.blocks, dl.block_size as usize, |i, b| {
+                if guest.read_block(d, i, b).is_err() {
+                    b.fill(0xff);
+                }
+            });
+            ok &= want_d.get(d) == Some(&got);
+        }
+        report.full_verify_ok = Some(ok);
+        if !ok {
+            return Err("full verification failed: the destination's guest differs from the paused source (a dirty page or block was missed)".into());
+        }
+    }
+    guest.flush().map_err(|e| format!("flushing: {e}"))?;
+    let st = state.ok_or("no state")?;
+    guest
+        .restore_state(st)
+        .map_err(|e| format!("restoring state: {e}"))?;
+    Ok(())
+}
+

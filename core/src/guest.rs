@@ -1,0 +1,176 @@
+//! The guest seams: what a backend (the sim guest, KVM, Xen) provides to the engine.
+//!
+//! A *source* guest is running and being migrated away; a *destination* guest is being
+//! filled and then resumed. A backend usually implements both on one type, because a
+//! guest that arrived must be able to leave again.
+
+use crate::bitmap::Bitmap;
+
+/// One disk of a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayout {
+    /// Name, unique within the guest (becomes the image file name on the destination).
+    pub name: String,
+    /// Block size in bytes (4096 by default).
+    pub block_size: u32,
+    /// Number of blocks.
+    pub blocks: u64,
+}
+
+impl DiskLayout {
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks * u64::from(self.block_size)
+    }
+}
+
+/// The shape of a guest, sent in the handshake so the destination can build a matching one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestLayout {
+    /// Backend kind ("sim", "kvm", ...): the destination must have the same backend.
+    pub backend: String,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Number of guest pages.
+    pub pages: u64,
+    /// The guest's local disks.
+    pub disks: Vec<DiskLayout>,
+}
+
+impl GuestLayout {
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.pages * u64::from(self.page_size)
+    }
+
+    /// Sum of all disk sizes in bytes.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disks.iter().map(DiskLayout::bytes).sum()
+    }
+}
+
+/// Versioned vCPU/device state, opaque to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateBlob {
+    /// Format version chosen by the backend; the destination rejects what it cannot read.
+    pub version: u32,
+    /// The encoded state.
+    pub bytes: Vec<u8>,
+}
+
+/// Result of the guest's own consistency check after it resumed on the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OracleReport {
+    /// Whether every page and block the workload wrote holds its last written version.
+    pub ok: bool,
+    /// Pages checked.
+    pub pages_checked: u64,
+    /// Blocks checked.
+    pub blocks_checked: u64,
+    /// First problems found, human-readable.
+    pub problems: Vec<String>,
+}
+
+/// Error from a guest backend.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// An I/O error on a backing file or device.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request outside the guest's layout.
+    #[error("{what} {index} is out of range ({limit})")]
+    OutOfRange {
+        /// "page" or "block".
+        what: &'static str,
+        /// The index asked for.
+        index: u64,
+        /// The number of units.
+        limit: u64,
+    },
+    /// The state blob could not be used.
+    #[error("bad state blob: {0}")]
+    BadState(String),
+    /// The operation is not valid now (e.g. saving state of a running guest).
+    #[error("{0}")]
+    InvalidState(String),
+    /// The layout offered cannot be built here.
+    #[error("unsupported layout: {0}")]
+    Unsupported(String),
+}
+
+/// A running guest being migrated away.
+///
+/// Dirty logging is global (as in Xen and KVM). Fetching a dirty log *consumes* it; when
+/// sending what was fetched fails, the engine calls the matching `merge_*` so no dirty
+/// bit is lost.
+pub trait SourceGuest: Send + Sync {
+    /// The guest's shape.
+    fn layout(&self) -> GuestLayout;
+    /// Starts (or restarts, clearing) memory dirty logging.
+    fn start_dirty_log(&self) -> Result<(), GuestError>;
+    /// Stops memory dirty logging.
+    fn stop_dirty_log(&self);
+    /// Fetch-and-clear of the dirty page log.
+    fn fetch_dirty_pages(&self) -> Result<Bitmap, GuestError>;
+    /// Merges a fetched page log back after a failed send.
+    fn merge_dirty_pages(&self, pages: &Bitmap);
+    /// Starts (or restarts, clearing) block dirty tracking on every disk.
+    fn start_block_log(&self) -> Result<(), GuestError>;
+    /// Stops block dirty tracking.
+    fn stop_block_log(&self);
+    /// Fetch-and-clear of disk `disk`'s dirty block log.
+    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError>;
+    /// Merges a fetched block log back after a failed send.
+    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap);
+    /// Blocks of `disk` that may hold data (holes excluded, e.g. via `SEEK_DATA`).
+    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError>;
+    /// Copies page `index` into `buf` (`buf.len()` is the page size).
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// Copies block `index` of `disk` into `buf`.
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// Pauses the guest at a consistent point (vCPUs stopped, in-flight I/O completed).
+    fn pause(&self) -> Result<(), GuestError>;
+    /// Resumes a paused guest.
+    fn resume(&self) -> Result<(), GuestError>;
+    /// Saves vCPU and device state; the guest must be paused.
+    fn save_state(&self) -> Result<StateBlob, GuestError>;
+    /// Called once the destination owns the guest: the source never resumes after this.
+    fn handed_over(&self) {}
+}
+
+/// A guest being received.
+pub trait DestGuest: Send + Sync {
+    /// The guest's shape (as built from the handshake).
+    fn layout(&self) -> GuestLayout;
+    /// Copies the current content of page `index` into `buf` (the base for delta codecs).
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// Writes page `index`.
+    fn write_page(&self, index: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// Makes page `index` all zero.
+    fn zero_page(&self, index: u64) -> Result<(), GuestError>;
+    /// Copies the current content of block `index` of `disk` into `buf`.
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// Writes block `index` of `disk`.
+    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// Makes block `index` of `disk` all zero (keeping sparse files sparse).
+    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError>;
+    /// Makes every write durable before the destination acknowledges the final state.
+    fn flush(&self) -> Result<(), GuestError>;
+    /// Restores vCPU and device state.
+    fn restore_state(&self, state: &StateBlob) -> Result<(), GuestError>;
+    /// Starts the guest running.
+    fn resume(&self) -> Result<(), GuestError>;
+    /// The guest's own check after resuming (blocks until done). Backends without an
+    /// oracle return `None`.
+    fn self_check(&self) -> Option<OracleReport> {
+        None
+    }
+    /// Throws the received guest away (the source stays the owner).
+    fn discard(&self);
+}

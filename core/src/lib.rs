@@ -1,0 +1,27 @@
+//! Ferry's engine: whole-system live migration (memory, vCPU/device state and local
+//! disks) in three phases over any transport and codec.
+//!
+//! - [`guest`]: the source and destination guest seams a backend implements.
+//! - [`bitmap`]: dirty bitmaps (live, atomic) and their snapshots.
+//! - [`wire`]: checked frames and the messages of the protocol.
+//! - [`machine`]: the phase and session state machines, free of I/O.
+//! - [`policy`]: the convergence policy, a pure function of measured figures.
+//! - [`engine`]: the threaded drivers around the machines.
+//! - [`codec`], [`transport`]: the seams codecs and transports plug into.
+
+pub mod bitmap;
+pub mod codec;
+pub mod digest;
+pub mod engine;
+pub mod guest;
+pub mod machine;
+pub mod pacer;
+pub mod policy;
+pub mod report;
+pub mod transport;
+pub mod wire;
+pub mod zero;
+
+pub use bitmap::{Bitmap, DirtyBitmap};
+pub use guest::{DestGuest, DiskLayout, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob};
+pub use report::{Progress, Report};

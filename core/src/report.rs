@@ -1,0 +1,148 @@
+//! Per-round statistics, progress events and the final report (the `--json` contract).
+
+use serde::Serialize;
+
+/// One round as reported.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoundReport {
+    /// "storage", "memory" or "stop-and-copy".
+    pub phase: String,
+    /// Round number (monotonic across the migration).
+    pub index: u32,
+    /// Units found dirty for this round (pages, or blocks in storage rounds; memory rounds
+    /// count pages only and report their blocks in `blocks`).
+    pub dirty: u64,
+    /// Units sent in this round (pages and blocks).
+    pub sent: u64,
+    /// Of which disk blocks.
+    pub blocks: u64,
+    /// Bytes written to the transport in this round.
+    pub bytes: u64,
+    /// Wall time of the round in milliseconds.
+    pub ms: f64,
+}
+
+/// Where the downtime went (all in milliseconds).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DowntimeBreakdown {
+    /// Pausing the guest.
+    pub pause_ms: f64,
+    /// Sending the last dirty pages and blocks.
+    pub final_copy_ms: f64,
+    /// Saving and sending vCPU/device state.
+    pub state_ms: f64,
+    /// Full-guest hashing (only with `--verify full`).
+    pub full_verify_ms: f64,
+    /// From the manifest to the destination's `verified`.
+    pub verify_ms: f64,
+    /// From commit to the guest running on the destination.
+    pub commit_resume_ms: f64,
+}
+
+/// The report of one migration; `--json` prints it as one object.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Report {
+    /// The migration completed and the destination runs the guest.
+    pub ok: bool,
+    /// The destination's manifest check and the guest's own check both passed.
+    pub verified: bool,
+    /// What went wrong, when not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// On failure: whether the source guest runs again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_resumed: Option<bool>,
+    /// Hex migration id.
+    pub migration_id: String,
+    /// Transport name.
+    pub transport: String,
+    /// Channel count.
+    pub channels: usize,
+    /// Codec pipeline spec.
+    pub codec: String,
+    /// "digest" or "full".
+    pub verify_mode: String,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Total disk size.
+    pub disk_bytes: u64,
+    /// Wall time from connect to the destination's resume.
+    pub total_ms: f64,
+    /// Source pause to destination resume.
+    pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Bytes written to the transport.
+    pub bytes_on_wire: u64,
+    /// Pages sent (including zero pages sent as a flag).
+    pub pages_sent: u64,
+    /// Of which all-zero pages (flag only).
+    pub zero_pages: u64,
+    /// Disk blocks sent (including zero blocks sent as a flag).
+    pub blocks_sent: u64,
+    /// Of which all-zero blocks (flag only).
+    pub zero_blocks: u64,
+    /// Blocks never sent because they are holes or zero on the first pass.
+    pub blocks_skipped_zero: u64,
+    /// Page and block payload bytes before encoding (non-zero units).
+    pub payload_bytes: u64,
+    /// Payload bytes after encoding.
+    pub encoded_bytes: u64,
+    /// Why pre-copy ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<crate::policy::StopReason>,
+    /// Effective throughput of the full memory pass, MB/s (10^6).
+    pub first_pass_mbps: f64,
+    /// Every round.
+    pub rounds: Vec<RoundReport>,
+    /// The destination guest's own check (pages, blocks, detail).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle: Option<OracleSummary>,
+}
+
+/// The guest oracle's result as reported.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct OracleSummary {
+    /// Passed.
+    pub ok: bool,
+    /// Pages checked.
+    pub pages_checked: u64,
+    /// Blocks checked.
+    pub blocks_checked: u64,
+    /// Detail.
+    pub detail: String,
+}
+
+/// Progress of a running migration, for progress bars.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Progress {
+    /// A round started with this many units to send.
+    RoundStart {
+        /// Phase name.
+        phase: String,
+        /// Round number.
+        index: u32,
+        /// Units to send.
+        units: u64,
+    },
+    /// Units sent so far in the current round.
+    Sent {
+        /// Units done.
+        units: u64,
+        /// Total bytes on the wire so far.
+        bytes: u64,
+    },
+    /// A round finished.
+    RoundDone(RoundReport),
+    /// A phase change or other note.
+    Note {
+        /// Text.
+        text: String,
+    },
+}
+
+/// Hex encoding of an id.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

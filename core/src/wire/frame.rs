@@ -1,0 +1,361 @@
+//! Frames: a 16-byte header, then a body.
+//!
+//! ```text
+//! 0      2      3       4           8           12          16
+//! +------+------+-------+-----------+-----------+-----------+---- ... ----+
+//! | "FY" | type | flags | body len  | body crc  | head crc  |    body     |
+//! +------+------+-------+-----------+-----------+-----------+---- ... ----+
+//! ```
+//! All integers little-endian; CRCs are CRC-32C (hardware-accelerated). The header CRC
+//! covers bytes 0..12, so a corrupt length is caught before anything is allocated.
+
+use std::io::{ErrorKind, Read, Write};
+
+/// Frame magic.
+pub const MAGIC: [u8; 2] = *b"FY";
+/// Header size in bytes.
+pub const HEADER_LEN: usize = 16;
+/// Largest body a peer may send (a batch of 64 raw 4 KiB pages is ~260 KiB).
+pub const MAX_BODY: u32 = 16 << 20;
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Message type.
+    pub ty: u8,
+    /// Flags (reserved, must be 0 in version 1).
+    pub flags: u8,
+    /// Body length.
+    pub len: u32,
+    /// CRC-32C of the body.
+    pub body_crc: u32,
+}
+
+/// A framing error.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Reading or writing the channel failed.
+    #[error("channel i/o")]
+    Io(#[source] std::io::Error),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame ({got} of {want} bytes)")]
+    Truncated {
+        /// Bytes of the frame received.
+        got: usize,
+        /// Bytes the frame needed.
+        want: usize,
+    },
+    /// The header does not start with the magic.
+    #[error("bad frame magic {0:02x?}")]
+    BadMagic([u8; 2]),
+    /// The header checksum is wrong.
+    #[error("frame header checksum mismatch")]
+    HeaderChecksum,
+    /// The body checksum is wrong.
+    #[error("frame body checksum mismatch (type {ty})")]
+    BodyChecksum {
+        /// Message type of the frame.
+        ty: u8,
+    },
+    /// The body is larger than allowed.
+    #[error("frame body of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Claimed length.
+        len: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// Reserved flags are set.
+    #[error("unknown frame flags {0:#04x}")]
+    BadFlags(u8),
+}
+
+/// Parses and checks a header.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError> {
+    if h[0..2] != MAGIC {
+        return Err(FrameError::BadMagic([h[0], h[1]]));
+    }
+    let head_crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    if crc32c::crc32c(&h[..12]) != head_crc {
+        return Err(FrameError::HeaderChecksum);
+    }
+    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    if len > MAX_BODY {
+        return Err(FrameError::TooLarge { len, max: MAX_BODY });
+    }
+    if h[3] != 0 {
+        return Err(FrameError::BadFlags(h[3]));
+    }
+    Ok(FrameHeader {
+        ty: h[2],
+        flags: h[3],
+        len,
+        body_crc: u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
+    })
+}
+
+/// Builds a header for `body`.
+pub fn make_header(ty: u8, body: &[u8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..2].copy_from_slice(&MAGIC);
+    h[2] = ty;
+    h[3] = 0;
+    h[4..8].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let hc = crc32c::crc32c(&h[..12]);
+    h[12..16].copy_from_slice(&hc.to_le_bytes());
+    h
+}
+
+/// A reusable buffer that builds one frame: header space first, body appended, header
+/// filled in by [`FrameBuf::finish`]. One buffer, one `write_all` per frame.
+#[derive(Debug, Default)]
+pub struct FrameBuf {
+    buf: Vec<u8>,
+}
+
+impl FrameBuf {
+    /// An empty buffer with room for `capacity` body bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(capacity + HEADER_LEN),
+        }
+    }
+
+    /// Starts a new frame, discarding any previous content.
+    pub fn start(&mut self) -> &mut Vec<u8> {
+        self.buf.clear();
+        self.buf.resize(HEADER_LEN, 0);
+        &mut self.buf
+    }
+
+    /// The body so far.
+    pub fn body_len(&self) -> usize {
+        self.buf.len().saturating_sub(HEADER_LEN)
+    }
+
+    /// Mutable access to the whole buffer (header space included) for appending body bytes.
+    pub fn buf_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Fills in the header for type `ty` and returns the complete frame.
+    pub fn finish(&mut self, ty: u8) -> &[u8] {
+        let h = make_header(ty, &self.buf[HEADER_LEN..]);
+        self.buf[..HEADER_LEN].copy_from_slice(&h);
+        &self.buf
+    }
+}
+
+/// Writes one frame of type `ty` with `body`.
+pub fn write_frame<W: Write + ?Sized>(w: &mut W, ty: u8, body: &[u8]) -> Result<(), FrameError> {
+    let h = make_header(ty, body);
+    w.write_all(&h).map_err(FrameError::Io)?;
+    w.write_all(body).map_err(FrameError::Io)?;
+    Ok(())
+}
+
+/// What one poll of a [`FrameReader`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// A whole, checked frame is in the reader's body buffer.
+    Frame(FrameHeader),
+    /// The read timed out; partial progress is kept. Poll again.
+    Idle,
+    /// The peer closed the stream cleanly between frames.
+    Closed,
+}
+
+/// Reads frames from a byte stream, surviving read timeouts mid-frame.
+pub struct FrameReader<R> {
+    inner: R,
+    head: [u8; HEADER_LEN],
+    head_got: usize,
+    header: Option<FrameHeader>,
+    body: Vec<u8>,
+    body_got: usize,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// Wraps a stream.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            head: [0; HEADER_LEN],
+            head_got: 0,
+            header: None,
+            body: Vec::new(),
+            body_got: 0,
+        }
+    }
+
+    /// The body of the frame last returned by [`FrameReader::poll`].
+    pub fn body(&self) -> &[u8] {
+        &self.body[..self.body_got]
+    }
+
+    /// Reads until a frame is complete, the read times out, or the stream ends.
+    pub fn poll(&mut self) -> Result<ReadOutcome, FrameError> {
+        if self.header.is_some() && self.body_got == self.body.len() {
+            // The previous frame was handed out: start the next one.
+            self.header = None;
+            self.head_got = 0;
+            self.body_got = 0;
+        }
+        while self.header.is_none() {
+            match self.inner.read(&mut self.head[self.head_got..]) {
+                Ok(0) if self.head_got == 0 => return Ok(ReadOutcome::Closed),
+                Ok(0) => {
+                    return Err(FrameError::Truncated {
+                        got: self.head_got,
+                        want: HEADER_LEN,
+                    })
+                }
+                Ok(n) => {
+                    self.head_got += n;
+                    if self.head_got == HEADER_LEN {
+                        let h = parse_header(&self.head)?;
+                        self.body.resize(h.len as usize, 0);
+                        self.body_got = 0;
+                        self.header = Some(h);
+                    }
+                }
+                Err(e) => match e.kind() {
+                    ErrorKind::Interrupted => {}
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut => return Ok(ReadOutcome::Idle),
+                    _ => return Err(FrameError::Io(e)),
+                },
+            }
+        }
+        let Some(h) = self.header else {
+            return Ok(ReadOutcome::Idle);
+        };
+        while self.body_got < self.body.len() {
+            match self.inner.read(&mut self.body[self.body_got..]) {
+                Ok(0) => {
+                    return Err(FrameError::Truncated {
+                        got: HEADER_LEN + self.body_got,
+                        want: HEADER_LEN + self.body.len(),
+                    })
+                }
+                Ok(n) => self.body_got += n,
+                Err(e) => match e.kind() {
+                    ErrorKind::Interrupted => {}
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut => return Ok(ReadOutcome::Idle),
+                    _ => return Err(FrameError::Io(e)),
+                },
+            }
+        }
+        if crc32c::crc32c(&self.body) != h.body_crc {
+            // Poison the reader: the stream is no longer trustworthy.
+            self.header = None;
+            self.head_got = 0;
+            return Err(FrameError::BodyChecksum { ty: h.ty });
+        }
+        Ok(ReadOutcome::Frame(h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_frame(&mut v, ty, body).unwrap();
+        v
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, FrameError> {
+        let mut r = FrameReader::new(bytes);
+        let mut out = Vec::new();
+        loop {
+            match r.poll()? {
+                ReadOutcome::Frame(h) => out.push((h.ty, r.body().to_vec())),
+                ReadOutcome::Closed => return Ok(out),
+                ReadOutcome::Idle => unreachable!("slices never time out"),
+            }
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_clean_end() {
+        let mut bytes = frame(3, b"hello");
+        bytes.extend(frame(4, b""));
+        let frames = read_all(&bytes).unwrap();
+        assert_eq!(frames, vec![(3, b"hello".to_vec()), (4, vec![])]);
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error_not_a_panic() {
+        let bytes = frame(3, b"some body bytes");
+        for cut in 1..bytes.len() {
+            let err = read_all(&bytes[..cut]).unwrap_err();
+            assert!(matches!(err, FrameError::Truncated { .. }), "cut {cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn corruption_of_each_byte_is_detected() {
+        let bytes = frame(3, b"payload");
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(read_all(&b).is_err(), "flip at {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn oversized_and_flagged_frames_are_rejected() {
+        let mut h = make_header(1, b"");
+        h[4..8].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        let c = crc32c::crc32c(&h[..12]);
+        h[12..16].copy_from_slice(&c.to_le_bytes());
+        assert!(matches!(parse_header(&h), Err(FrameError::TooLarge { .. })));
+        let mut h = make_header(1, b"");
+        h[3] = 1;
+        let c = crc32c::crc32c(&h[..12]);
+        h[12..16].copy_from_slice(&c.to_le_bytes());
+        assert!(matches!(parse_header(&h), Err(FrameError::BadFlags(1))));
+    }
+
+    /// A reader that returns a timeout before every chunk: partial frames must survive.
+    struct Stuttering<'a> {
+        data: &'a [u8],
+        pos: usize,
+        tick: bool,
+    }
+
+    impl Read for Stuttering<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.tick = !self.tick;
+            if self.tick {
+                return Err(std::io::Error::from(ErrorKind::TimedOut));
+            }
+            let n = buf.len().min(3).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn timeouts_mid_frame_keep_progress() {
+        let mut bytes = frame(7, b"0123456789abcdef");
+        bytes.extend(frame(8, b"xy"));
+        let mut r = FrameReader::new(Stuttering {
+            data: &bytes,
+            pos: 0,
+            tick: false,
+        });
+        let mut got = Vec::new();
+        loop {
+            match r.poll().unwrap() {
+                ReadOutcome::Frame(h) => got.push((h.ty, r.body().to_vec())),
+                ReadOutcome::Idle => continue,
+                ReadOutcome::Closed => break,
+            }
+        }
+        assert_eq!(got, vec![(7, b"0123456789abcdef".to_vec()), (8, b"xy".to_vec())]);
+    }
+}
