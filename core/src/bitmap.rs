@@ -445,7 +445,10 @@ mod tests {
         for bits in [0, 1, 63, 64, 65, 130] {
             let f = Bitmap::full(bits);
             assert_eq!(f.count(), bits);
-            assert_eq!(f.runs().collect::<Vec<_>>(), if bits == 0 { vec![] } else { vec![(0, bits)] });
+            assert_eq!(
+                f.runs().collect::<Vec<_>>(),
+                if bits == 0 { vec![] } else { vec![(0, bits)] }
+            );
         }
         assert_eq!(
             Bitmap::from_words(vec![u64::MAX], 3),

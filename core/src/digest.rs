@@ -181,7 +181,10 @@ mod tests {
         t.record(3, unit_digest(3, &content[3]), &mut d1);
         let sum = t.sum_with([d1, d2]);
         assert_eq!(sum, t.recompute_sum());
-        assert_eq!(sum, full_sum(100, 64, |i, b| b.copy_from_slice(&content[i as usize])));
+        assert_eq!(
+            sum,
+            full_sum(100, 64, |i, b| b.copy_from_slice(&content[i as usize]))
+        );
         assert_eq!(t.zero_digest(5), unit_digest(5, &[0u8; 64]));
     }
 

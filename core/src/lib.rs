@@ -23,5 +23,7 @@ pub mod wire;
 pub mod zero;
 
 pub use bitmap::{Bitmap, DirtyBitmap};
-pub use guest::{DestGuest, DiskLayout, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob};
+pub use guest::{
+    DestGuest, DiskLayout, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob,
+};
 pub use report::{Progress, Report};

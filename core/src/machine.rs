@@ -113,7 +113,9 @@ impl ChannelOrder {
         }
         if let Some(last) = self.last_round {
             if round <= last {
-                return Err(violation(format!("data for round {round} after round {last} ended")));
+                return Err(violation(format!(
+                    "data for round {round} after round {last} ended"
+                )));
             }
         }
         Ok(())
@@ -126,7 +128,10 @@ impl ChannelOrder {
         }
         if let Some(last) = self.last_round {
             if end.round <= last {
-                return Err(violation(format!("round {} ended twice or out of order", end.round)));
+                return Err(violation(format!(
+                    "round {} ended twice or out of order",
+                    end.round
+                )));
             }
         }
         self.last_round = Some(end.round);
@@ -309,11 +314,20 @@ mod tests {
     fn happy_path_two_channels() {
         let mut s = DestSession::new(2);
         assert_eq!(s.on(DestEvent::Hello).unwrap(), DestAction::Continue);
-        assert_eq!(s.on(DestEvent::FinalBarrier(0)).unwrap(), DestAction::Continue);
+        assert_eq!(
+            s.on(DestEvent::FinalBarrier(0)).unwrap(),
+            DestAction::Continue
+        );
         assert_eq!(s.on(DestEvent::State).unwrap(), DestAction::Continue);
         assert_eq!(s.on(DestEvent::Manifest).unwrap(), DestAction::Continue);
-        assert_eq!(s.on(DestEvent::FinalBarrier(1)).unwrap(), DestAction::Verify);
-        assert_eq!(s.on(DestEvent::VerifyDone(true)).unwrap(), DestAction::AckVerified);
+        assert_eq!(
+            s.on(DestEvent::FinalBarrier(1)).unwrap(),
+            DestAction::Verify
+        );
+        assert_eq!(
+            s.on(DestEvent::VerifyDone(true)).unwrap(),
+            DestAction::AckVerified
+        );
         assert_eq!(s.on(DestEvent::Commit).unwrap(), DestAction::Resume);
         assert_eq!(s.state(), DestState::Committed);
     }
@@ -337,13 +351,27 @@ mod tests {
         assert_eq!(s.on(DestEvent::Lost).unwrap(), DestAction::Discard);
 
         let mut s = DestSession::new(1);
-        for e in [DestEvent::Hello, DestEvent::FinalBarrier(0), DestEvent::State, DestEvent::Manifest] {
+        for e in [
+            DestEvent::Hello,
+            DestEvent::FinalBarrier(0),
+            DestEvent::State,
+            DestEvent::Manifest,
+        ] {
             s.on(e).unwrap();
         }
-        assert_eq!(s.on(DestEvent::VerifyDone(false)).unwrap(), DestAction::Discard);
+        assert_eq!(
+            s.on(DestEvent::VerifyDone(false)).unwrap(),
+            DestAction::Discard
+        );
 
         let mut s = DestSession::new(1);
-        for e in [DestEvent::Hello, DestEvent::FinalBarrier(0), DestEvent::State, DestEvent::Manifest, DestEvent::VerifyDone(true)] {
+        for e in [
+            DestEvent::Hello,
+            DestEvent::FinalBarrier(0),
+            DestEvent::State,
+            DestEvent::Manifest,
+            DestEvent::VerifyDone(true),
+        ] {
             s.on(e).unwrap();
         }
         assert_eq!(s.on(DestEvent::Lost).unwrap(), DestAction::HoldInDoubt);
@@ -354,11 +382,26 @@ mod tests {
     fn channel_order() {
         let mut c = ChannelOrder::default();
         c.on_data(0).unwrap();
-        assert!(!c.on_round_end(RoundEnd { phase: Phase::Memory, round: 0 }).unwrap());
+        assert!(!c
+            .on_round_end(RoundEnd {
+                phase: Phase::Memory,
+                round: 0
+            })
+            .unwrap());
         assert!(c.on_data(0).is_err(), "data for an ended round");
         c.on_data(1).unwrap();
-        assert!(c.on_round_end(RoundEnd { phase: Phase::Memory, round: 0 }).is_err());
-        assert!(c.on_round_end(RoundEnd { phase: Phase::Final, round: 1 }).unwrap());
+        assert!(c
+            .on_round_end(RoundEnd {
+                phase: Phase::Memory,
+                round: 0
+            })
+            .is_err());
+        assert!(c
+            .on_round_end(RoundEnd {
+                phase: Phase::Final,
+                round: 1
+            })
+            .unwrap());
         assert!(c.on_data(2).is_err(), "data after final");
     }
 
@@ -370,16 +413,28 @@ mod tests {
         };
         let mut p = SourcePlan::new(policy, true);
         assert_eq!(p.first(), SourceStep::StorageFullPass);
-        assert_eq!(p.after_storage(100_000_000, 1e9), SourceStep::StorageDirtyRound);
+        assert_eq!(
+            p.after_storage(100_000_000, 1e9),
+            SourceStep::StorageDirtyRound
+        );
         assert_eq!(p.after_storage(1_000, 1e9), SourceStep::MemoryFullPass);
         assert_eq!(
-            p.after_memory(RoundFigures { pending_bytes: 100_000_000, bandwidth: 1e9 }),
+            p.after_memory(RoundFigures {
+                pending_bytes: 100_000_000,
+                bandwidth: 1e9
+            }),
             SourceStep::MemoryDirtyRound
         );
         assert_eq!(
-            p.after_memory(RoundFigures { pending_bytes: 1_000, bandwidth: 1e9 }),
+            p.after_memory(RoundFigures {
+                pending_bytes: 1_000,
+                bandwidth: 1e9
+            }),
             SourceStep::StopAndCopy(StopReason::Converged)
         );
-        assert_eq!(SourcePlan::new(ConvergencePolicy::default(), false).first(), SourceStep::MemoryFullPass);
+        assert_eq!(
+            SourcePlan::new(ConvergencePolicy::default(), false).first(),
+            SourceStep::MemoryFullPass
+        );
     }
 }

@@ -168,21 +168,32 @@ mod tests {
         // 4 MB pending = 40 ms: stop.
         assert!(matches!(
             p.decide(&[r(10_000_000, 100.0 * MB), r(4_000_000, 100.0 * MB)]),
-            Decision::StopAndCopy { reason: StopReason::Converged, .. }
+            Decision::StopAndCopy {
+                reason: StopReason::Converged,
+                ..
+            }
         ));
     }
 
     #[test]
     fn stops_without_progress() {
         let p = ConvergencePolicy::default();
-        let h = [r(50e6 as u64, MB), r(40e6 as u64, MB), r(41e6 as u64, MB), r(40e6 as u64, MB)];
+        let h = [
+            r(50e6 as u64, MB),
+            r(40e6 as u64, MB),
+            r(41e6 as u64, MB),
+            r(40e6 as u64, MB),
+        ];
         assert_eq!(p.decide(&h[..3]), Decision::Continue);
         assert_eq!(p.decide(&h), Decision::Continue);
         let mut h = h.to_vec();
         h.push(r(39e6 as u64, MB));
         assert!(matches!(
             p.decide(&h),
-            Decision::StopAndCopy { reason: StopReason::NoProgress, .. }
+            Decision::StopAndCopy {
+                reason: StopReason::NoProgress,
+                ..
+            }
         ));
     }
 
@@ -195,7 +206,10 @@ mod tests {
         let h = [r(100e6 as u64, MB), r(50e6 as u64, 0.0)];
         assert!(matches!(
             p.decide(&h),
-            Decision::StopAndCopy { reason: StopReason::MaxRounds, .. }
+            Decision::StopAndCopy {
+                reason: StopReason::MaxRounds,
+                ..
+            }
         ));
         assert_eq!(ConvergencePolicy::estimate(1, 0.0), Duration::MAX);
         assert_eq!(ConvergencePolicy::estimate(0, 0.0), Duration::ZERO);

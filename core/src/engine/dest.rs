@@ -21,8 +21,8 @@ use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState
 use crate::report::hex;
 use crate::transport::Channel;
 use crate::wire::{
-    frame::write_frame, Batch, FrameReader, Hello, Manifest, Message, Verdict, VerifyMode,
-    Welcome, CAPABILITIES, REQUIRED_CAPABILITIES,
+    frame::write_frame, Batch, FrameReader, Hello, Manifest, Message, Verdict, VerifyMode, Welcome,
+    CAPABILITIES, REQUIRED_CAPABILITIES,
 };
 
 /// Destination settings.
@@ -101,7 +101,11 @@ pub type GuestFactory<'a> = dyn Fn(&GuestLayout) -> Result<Arc<dyn DestGuest>, G
 pub type CodecResolver<'a> = dyn Fn(&str) -> Result<Arc<dyn CodecFactory>, String> + 'a;
 
 enum Event {
-    FinalBarrier { channel: usize, pages: DigestDelta, disks: Vec<DigestDelta> },
+    FinalBarrier {
+        channel: usize,
+        pages: DigestDelta,
+        disks: Vec<DigestDelta>,
+    },
     Control(Control),
     Failed(String),
     Closed(usize),
@@ -152,10 +156,9 @@ impl ReceiverWorker {
                     return;
                 }
             };
-            self.received.last_activity_ms.store(
-                self.epoch.elapsed().as_millis() as u64,
-                Ordering::Relaxed,
-            );
+            self.received
+                .last_activity_ms
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
             let result = match Message::decode(ty, reader.body()) {
                 Err(e) => Err(e.to_string()),
                 Ok(Message::Batch(b)) => self.batch(&b),
@@ -238,7 +241,8 @@ impl ReceiverWorker {
                 if d != rec.digest {
                     return Err(format!("{what} {i} arrived corrupted (digest mismatch)"));
                 }
-                write_unit(&*guest, b.disk, i, rec.data).map_err(|e| format!("writing {what} {i}: {e}"))?;
+                write_unit(&*guest, b.disk, i, rec.data)
+                    .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 self.decoder.note_received_plain(unit, rec.data);
                 d
             } else {
@@ -259,7 +263,8 @@ impl ReceiverWorker {
                         "{what} {i} decoded to the wrong content (digest mismatch)"
                     ));
                 }
-                write_unit(&*guest, b.disk, i, buf).map_err(|e| format!("writing {what} {i}: {e}"))?;
+                write_unit(&*guest, b.disk, i, buf)
+                    .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 d
             };
             if rec.zero && rec.digest != digest {
@@ -402,7 +407,9 @@ pub fn receive(
     }
     if let Err(e) = session.on(DestEvent::Hello) {
         guest.discard();
-        return DestOutcome::Discarded { error: e.to_string() };
+        return DestOutcome::Discarded {
+            error: e.to_string(),
+        };
     }
 
     // Receivers.
@@ -571,10 +578,9 @@ pub fn receive(
                             break;
                         }
                         // Restart the silence clock: the source now waits on us.
-                        received.last_activity_ms.store(
-                            epoch.elapsed().as_millis() as u64,
-                            Ordering::Relaxed,
-                        );
+                        received
+                            .last_activity_ms
+                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                     }
                     _ => break,
                 }
@@ -691,7 +697,10 @@ fn verify_and_restore(
     }
     report.manifest_ok = true;
     if verify == VerifyMode::Full {
-        let (want_p, want_d) = m.full.as_ref().ok_or("full verification asked but not sent")?;
+        let (want_p, want_d) = m
+            .full
+            .as_ref()
+            .ok_or("full verification asked but not sent")?;
         let got_p = full_sum(layout.pages, layout.page_size as usize, |i, b| {
             if guest.read_page(i, b).is_err() {
                 b.fill(0xff);
@@ -718,4 +727,3 @@ fn verify_and_restore(
         .map_err(|e| format!("restoring state: {e}"))?;
     Ok(())
 }
-

@@ -98,10 +98,7 @@ impl Shared {
     }
 
     fn error(&self) -> Option<String> {
-        self.error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -118,7 +115,11 @@ enum Work {
         reply: Sender<BarrierDone>,
     },
     /// A control frame, already encoded; aborts go out even after a failure.
-    Control { ty: u8, body: Vec<u8>, abort: bool },
+    Control {
+        ty: u8,
+        body: Vec<u8>,
+        abort: bool,
+    },
     Flush {
         reply: Sender<BarrierDone>,
     },
@@ -345,9 +346,7 @@ impl Session<'_> {
         }
         while let Ok(m) = self.ctl.try_recv() {
             match m {
-                Ok(Control::Abort(r)) => {
-                    return Err(Failure(format!("destination aborted: {r}")))
-                }
+                Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
                 Ok(other) => {
                     return Err(Failure(format!(
                         "unexpected {} from the destination",
@@ -525,7 +524,12 @@ impl Session<'_> {
 
     fn fetch_blocks(&self) -> Result<Vec<Bitmap>, Failure> {
         (0..self.shared.layout.disks.len())
-            .map(|d| self.shared.guest.fetch_dirty_blocks(d).map_err(Failure::from))
+            .map(|d| {
+                self.shared
+                    .guest
+                    .fetch_dirty_blocks(d)
+                    .map_err(Failure::from)
+            })
             .collect()
     }
 
@@ -542,7 +546,14 @@ impl Session<'_> {
     fn control(&self, message: &Message<'_>) -> Result<(), Failure> {
         let mut body = Vec::new();
         let ty = message.encode(&mut body);
-        self.send_work(0, Work::Control { ty, body, abort: false })?;
+        self.send_work(
+            0,
+            Work::Control {
+                ty,
+                body,
+                abort: false,
+            },
+        )?;
         let (tx, rx) = bounded(1);
         self.send_work(0, Work::Flush { reply: tx })?;
         loop {
@@ -678,9 +689,9 @@ pub fn migrate(
             });
             let mut body = Vec::new();
             let ty = hello.encode(&mut body);
-            if let Err(e) = write_frame(&mut tx, ty, &body).and_then(|_| {
-                tx.flush().map_err(crate::wire::FrameError::Io)
-            }) {
+            if let Err(e) = write_frame(&mut tx, ty, &body)
+                .and_then(|_| tx.flush().map_err(crate::wire::FrameError::Io))
+            {
                 shared.fail(format!("sending hello: {}", error_chain(&e)));
             }
             let ctl_tx = ctl_tx.clone();
@@ -800,12 +811,7 @@ fn run(
             }
         }
         Control::Refuse(r) => return Err(Failure(format!("destination refused: {r}"))),
-        other => {
-            return Err(Failure(format!(
-                "expected welcome, got {}",
-                other.name()
-            )))
-        }
+        other => return Err(Failure(format!("expected welcome, got {}", other.name()))),
     }
     let mut plan = SourcePlan::new(cfg.policy.clone(), !layout.disks.is_empty());
     let mut step = plan.first();
@@ -916,12 +922,7 @@ fn run(
     let verify_wait = cfg.io_timeout.max(Duration::from_secs(30));
     match s.expect("verified", verify_wait)? {
         Control::Verified { .. } => {}
-        other => {
-            return Err(Failure(format!(
-                "expected verified, got {}",
-                other.name()
-            )))
-        }
+        other => return Err(Failure(format!("expected verified, got {}", other.name()))),
     }
     s.report.downtime_breakdown.verify_ms = ms(t_verify.elapsed());
 
@@ -1051,7 +1052,10 @@ fn control_reader(
             }
             Err(ReadError::Stopped) => return,
             Err(e) => {
-                let _ = out.send(Err(format!("connection to the destination failed: {}", error_chain(&e))));
+                let _ = out.send(Err(format!(
+                    "connection to the destination failed: {}",
+                    error_chain(&e)
+                )));
                 return;
             }
         }

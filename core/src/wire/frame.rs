@@ -291,7 +291,10 @@ mod tests {
         let bytes = frame(3, b"some body bytes");
         for cut in 1..bytes.len() {
             let err = read_all(&bytes[..cut]).unwrap_err();
-            assert!(matches!(err, FrameError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
     }
 
@@ -356,6 +359,9 @@ mod tests {
                 ReadOutcome::Closed => break,
             }
         }
-        assert_eq!(got, vec![(7, b"0123456789abcdef".to_vec()), (8, b"xy".to_vec())]);
+        assert_eq!(
+            got,
+            vec![(7, b"0123456789abcdef".to_vec()), (8, b"xy".to_vec())]
+        );
     }
 }

@@ -292,10 +292,9 @@ impl<'a> RecordIter<'a> {
         let len = self.cur.u32()? as usize;
         let digest = self.cur.u64()?;
         if index >= self.limit {
-            return Err(self.cur.invalid(format!(
-                "unit {index} out of range ({} units)",
-                self.limit
-            )));
+            return Err(self
+                .cur
+                .invalid(format!("unit {index} out of range ({} units)", self.limit)));
         }
         let zero = match kind {
             0 => true,
@@ -312,7 +311,9 @@ impl<'a> RecordIter<'a> {
             )));
         }
         if len > self.unit_size + CODEC_SLACK {
-            return Err(self.cur.invalid(format!("record of {len} bytes is too large")));
+            return Err(self
+                .cur
+                .invalid(format!("record of {len} bytes is too large")));
         }
         let data = self.cur.take(len)?;
         Ok(UnitRecord {
@@ -907,8 +908,15 @@ mod tests {
 
     #[test]
     fn batches_decode_and_reject_bad_records() {
-        let ok = batch_body(&[(1, false, 0, vec![1; 8]), (2, true, 0, vec![]), (3, false, 5, vec![9; 3])]);
-        assert_eq!(collect(&ok).unwrap(), vec![(1, false, 8), (2, true, 0), (3, false, 3)]);
+        let ok = batch_body(&[
+            (1, false, 0, vec![1; 8]),
+            (2, true, 0, vec![]),
+            (3, false, 5, vec![9; 3]),
+        ]);
+        assert_eq!(
+            collect(&ok).unwrap(),
+            vec![(1, false, 8), (2, true, 0), (3, false, 3)]
+        );
         for cut in 0..ok.len() {
             assert!(collect(&ok[..cut]).is_err(), "cut at {cut}");
         }

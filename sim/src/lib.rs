@@ -1,0 +1,805 @@
+//! The embedded default guest: memory in an anonymous mapping, a sparse raw disk image,
+//! and a workload on its own threads that dirties both in a verifiable way (see
+//! [`workload`]). Its dirty tracking is the software equivalent of log-dirty mode: every
+//! write sets a bit.
+//!
+//! Guest memory layout, in pages:
+//!
+//! ```text
+//! [0] header | page ledger (8 B per page) | block ledger (8 B per block) | data pages ...
+//! ```
+
+mod disk;
+mod fill;
+mod memory;
+mod state;
+pub mod workload;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_core::bitmap::{Bitmap, DirtyBitmap};
+use ferry_core::guest::{
+    DestGuest, DiskLayout, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob,
+};
+
+pub use disk::SimDisk;
+pub use fill::Fill;
+pub use memory::GuestMemory;
+pub use workload::{Pattern, Regs, WorkloadConfig};
+
+use workload::{tag, LiveCounters, RunControl, BLOCK_MAGIC};
+
+/// Backend name in the handshake.
+pub const BACKEND: &str = "sim";
+/// Header magic in page 0.
+const HEADER_MAGIC: u64 = u64::from_le_bytes(*b"FERRYSIM");
+/// Problems listed in an oracle report at most.
+const MAX_PROBLEMS: usize = 8;
+/// Most workload threads a guest may have.
+pub const MAX_THREADS: usize = 64;
+
+/// Settings of a new sim guest.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Memory size in bytes (a multiple of the page size).
+    pub memory: u64,
+    /// Page size.
+    pub page_size: u32,
+    /// Disk image path; `None` for a guest without a disk.
+    pub disk_path: Option<PathBuf>,
+    /// Disk size in bytes (a multiple of the block size).
+    pub disk_size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Fraction of the disk filled with data when the image is created (0..=1).
+    pub disk_used: f64,
+    /// Initial memory content.
+    pub fill: Fill,
+    /// The workload.
+    pub workload: WorkloadConfig,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            memory: 256 << 20,
+            page_size: 4096,
+            disk_path: None,
+            disk_size: 0,
+            block_size: 4096,
+            disk_used: 0.5,
+            fill: Fill::Zero,
+            workload: WorkloadConfig::default(),
+        }
+    }
+}
+
+/// An error creating a sim guest.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// A bad setting.
+    #[error("{0}")]
+    Config(String),
+    /// Mapping memory or opening the disk failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where things are in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemMap {
+    pages: u64,
+    page_size: u64,
+    ledger_start: u64,
+    bledger_start: u64,
+    /// First data page.
+    pub data_start: u64,
+    /// Blocks of disk 0.
+    pub blocks: u64,
+}
+
+impl MemMap {
+    /// Computes the map; fails when memory is too small for the ledgers plus 16 data pages.
+    pub fn new(pages: u64, page_size: u64, blocks: u64) -> Result<Self, String> {
+        let ledger_pages = (pages * 8).div_ceil(page_size);
+        let bledger_pages = (blocks * 8).div_ceil(page_size);
+        let data_start = 1 + ledger_pages + bledger_pages;
+        if pages < data_start + 16 {
+            return Err(format!(
+                "memory of {pages} pages is too small: the workload's ledgers need {data_start} pages plus 16 data pages"
+            ));
+        }
+        Ok(Self {
+            pages,
+            page_size,
+            ledger_start: 1,
+            bledger_start: 1 + ledger_pages,
+            data_start,
+            blocks,
+        })
+    }
+
+    fn ledger(&self, p: u64) -> u64 {
+        self.ledger_start * self.page_size + p * 8
+    }
+
+    fn bledger(&self, b: u64) -> u64 {
+        self.bledger_start * self.page_size + b * 8
+    }
+
+    /// Data pages `[lo, hi)` of thread `t` of `n`.
+    pub fn partition(&self, t: usize, n: usize) -> (u64, u64) {
+        let len = self.pages - self.data_start;
+        let n = n.max(1) as u64;
+        let t = t as u64;
+        (
+            self.data_start + len * t / n,
+            self.data_start + len * (t + 1) / n,
+        )
+    }
+}
+
+/// Shared state of a sim guest (the threads hold an `Arc` of it).
+pub struct Inner {
+    mem: GuestMemory,
+    disks: Vec<SimDisk>,
+    map: MemMap,
+    page_log: DirtyBitmap,
+    ctl: RunControl,
+    config: Mutex<WorkloadConfig>,
+    /// Registers: one slot per memory thread, then one for the disk thread.
+    regs: Mutex<Vec<Regs>>,
+    live: LiveCounters,
+    checks: Mutex<Vec<Option<(u64, Vec<String>)>>>,
+    checks_cond: Condvar,
+}
+
+impl Inner {
+    fn config(&self) -> WorkloadConfig {
+        *self.config.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn regs(&self, slot: usize) -> Regs {
+        self.regs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(slot)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn save_regs(&self, slot: usize, r: Regs) {
+        if let Some(s) = self
+            .regs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(slot)
+        {
+            *s = r;
+        }
+    }
+
+    fn mark(&self, page: u64) {
+        self.page_log.set(page);
+    }
+
+    /// One guest write: advance page `p`'s counter, then its ledger entry.
+    fn write_page_version(&self, p: u64) {
+        let lo = self.map.ledger(p);
+        let c = self.mem.load(lo) + 1;
+        let off = p * self.map.page_size;
+        self.mem.store(off, c);
+        self.mem.store(off + 8, tag(p, c));
+        self.mark(p);
+        self.mem.store(lo, c);
+        self.mark(lo / self.map.page_size);
+    }
+
+    /// One guest disk write: a sequence-numbered block, then its ledger entry.
+    fn write_block_version(&self, b: u64) -> std::io::Result<()> {
+        let Some(disk) = self.disks.first() else {
+            return Ok(());
+        };
+        let lo = self.map.bledger(b);
+        let s = self.mem.load(lo) + 1;
+        let mut block = vec![0u8; disk.block_size() as usize];
+        let fill = tag(b, s);
+        for (i, w) in block.chunks_exact_mut(8).enumerate() {
+            let v = match i {
+                0 => BLOCK_MAGIC,
+                1 => b,
+                2 => s,
+                3 => tag(b, s),
+                _ => fill.rotate_left((i % 64) as u32),
+            };
+            w.copy_from_slice(&v.to_le_bytes());
+        }
+        disk.write(b, &block)?;
+        disk.log.set(b);
+        self.mem.store(lo, s);
+        self.mark(lo / self.map.page_size);
+        Ok(())
+    }
+
+    /// Checks data pages `[lo, hi)` against the ledger.
+    fn check_pages(&self, lo: u64, hi: u64) -> (u64, Vec<String>) {
+        let mut checked = 0;
+        let mut problems = Vec::new();
+        for p in lo..hi {
+            let c = self.mem.load(self.map.ledger(p));
+            if c == 0 {
+                continue;
+            }
+            checked += 1;
+            let off = p * self.map.page_size;
+            let (v, t) = (self.mem.load(off), self.mem.load(off + 8));
+            if (v != c || t != tag(p, c)) && problems.len() < MAX_PROBLEMS {
+                problems.push(format!(
+                    "page {p} holds version {v} but the guest last wrote version {c}"
+                ));
+            }
+        }
+        (checked, problems)
+    }
+
+    /// Checks every block of disk 0 against the block ledger.
+    fn check_blocks(&self) -> (u64, Vec<String>) {
+        let Some(disk) = self.disks.first() else {
+            return (0, Vec::new());
+        };
+        let mut checked = 0;
+        let mut problems = Vec::new();
+        let mut head = [0u8; 32];
+        for b in 0..self.map.blocks {
+            let s = self.mem.load(self.map.bledger(b));
+            if s == 0 {
+                continue;
+            }
+            checked += 1;
+            let ok = disk.read_head(b, &mut head).is_ok() && {
+                let w = |i: usize| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(&head[i * 8..i * 8 + 8]);
+                    u64::from_le_bytes(a)
+                };
+                w(0) == BLOCK_MAGIC && w(1) == b && w(2) == s && w(3) == tag(b, s)
+            };
+            if !ok && problems.len() < MAX_PROBLEMS {
+                problems.push(format!(
+                    "block {b} does not hold sequence {s}, the guest's last write"
+                ));
+            }
+        }
+        (checked, problems)
+    }
+
+    fn record_check(&self, slot: usize, r: (u64, Vec<String>)) {
+        let mut c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = c.get_mut(slot) {
+            *s = Some(r);
+        }
+        self.checks_cond.notify_all();
+    }
+
+    fn header_ok(&self) -> bool {
+        self.mem.load(0) == HEADER_MAGIC
+            && self.mem.load(8) == self.map.pages
+            && self.mem.load(16) == self.map.blocks
+    }
+}
+
+/// Workload progress for status output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Page writes since the guest was created (over all hosts it lived on).
+    pub page_writes: u64,
+    /// Block writes likewise.
+    pub block_writes: u64,
+    /// Whether the workload runs.
+    pub running: bool,
+}
+
+/// The sim guest.
+pub struct SimGuest {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    started: AtomicBool,
+    incoming: bool,
+    layout: GuestLayout,
+}
+
+fn gerr(what: &str) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
+    move |source| GuestError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl SimGuest {
+    fn build(
+        pages: u64,
+        page_size: u32,
+        disks: Vec<SimDisk>,
+        workload: WorkloadConfig,
+        incoming: bool,
+    ) -> Result<Self, SimError> {
+        let blocks = disks.first().map_or(0, SimDisk::blocks);
+        let map = MemMap::new(pages, u64::from(page_size), blocks).map_err(SimError::Config)?;
+        let mem = GuestMemory::new(pages, page_size as usize).map_err(|source| SimError::Io {
+            what: format!(
+                "mapping {} MiB of guest memory",
+                (pages * u64::from(page_size)) >> 20
+            ),
+            source,
+        })?;
+        let threads = usize::from(workload.threads.max(1));
+        if threads > MAX_THREADS {
+            return Err(SimError::Config(format!(
+                "{threads} workload threads (at most {MAX_THREADS})"
+            )));
+        }
+        let layout = GuestLayout {
+            backend: BACKEND.into(),
+            page_size,
+            pages,
+            disks: disks
+                .iter()
+                .map(|d| DiskLayout {
+                    name: d
+                        .path()
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "disk0.img".into()),
+                    block_size: d.block_size(),
+                    blocks: d.blocks(),
+                })
+                .collect(),
+        };
+        let inner = Inner {
+            mem,
+            disks,
+            map,
+            page_log: DirtyBitmap::new(pages),
+            ctl: RunControl::new(),
+            config: Mutex::new(workload),
+            regs: Mutex::new(
+                (0..=threads)
+                    .map(|t| Regs::seeded(workload.seed, t as u64))
+                    .collect(),
+            ),
+            live: LiveCounters {
+                page_writes: (0..MAX_THREADS).map(|_| AtomicU64::new(0)).collect(),
+                block_writes: AtomicU64::new(0),
+            },
+            checks: Mutex::new(Vec::new()),
+            checks_cond: Condvar::new(),
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+            threads: Mutex::new(Vec::new()),
+            started: AtomicBool::new(false),
+            incoming,
+            layout,
+        })
+    }
+
+    /// Creates a guest from `cfg`: maps and fills memory, opens (or creates and fills) the
+    /// disk image. The workload does not run until [`SimGuest::start`].
+    pub fn create(cfg: &SimConfig) -> Result<Self, SimError> {
+        let ps = u64::from(cfg.page_size);
+        if cfg.memory == 0 || cfg.memory % ps != 0 {
+            return Err(SimError::Config(format!(
+                "memory size {} is not a positive multiple of the page size {ps}",
+                cfg.memory
+            )));
+        }
+        let mut disks = Vec::new();
+        if let Some(path) = &cfg.disk_path {
+            let bs = u64::from(cfg.block_size);
+            if cfg.disk_size == 0 || cfg.disk_size % bs != 0 {
+                return Err(SimError::Config(format!(
+                    "disk size {} is not a positive multiple of the block size {bs}",
+                    cfg.disk_size
+                )));
+            }
+            let (disk, created) = SimDisk::open_or_create(path, cfg.block_size, cfg.disk_size / bs)
+                .map_err(|source| SimError::Io {
+                    what: format!("opening disk image {}", path.display()),
+                    source,
+                })?;
+            if created {
+                fill::prefill_disk(&disk, cfg.disk_used, cfg.workload.seed).map_err(|source| {
+                    SimError::Io {
+                        what: format!("filling disk image {}", path.display()),
+                        source,
+                    }
+                })?;
+            }
+            disks.push(disk);
+        }
+        let g = Self::build(cfg.memory / ps, cfg.page_size, disks, cfg.workload, false)?;
+        let map = g.inner.map;
+        fill::fill_memory(&g.inner.mem, map.data_start, &cfg.fill, cfg.workload.seed)
+            .map_err(|e| SimError::Config(format!("--fill: {e}")))?;
+        g.inner.mem.store(0, HEADER_MAGIC);
+        g.inner.mem.store(8, map.pages);
+        g.inner.mem.store(16, map.blocks);
+        Ok(g)
+    }
+
+    /// Builds an empty guest to receive `layout` into, with disk images in `dir`.
+    pub fn incoming(layout: &GuestLayout, dir: &Path) -> Result<Self, GuestError> {
+        if layout.backend != BACKEND {
+            return Err(GuestError::Unsupported(format!(
+                "backend {:?} (this destination runs {BACKEND:?} guests)",
+                layout.backend
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(gerr("creating the destination directory"))?;
+        let mut disks = Vec::new();
+        for d in &layout.disks {
+            let path = dir.join(&d.name);
+            disks.push(
+                SimDisk::create_fresh(&path, d.block_size, d.blocks)
+                    .map_err(gerr("creating a disk image"))?,
+            );
+        }
+        // The real workload settings arrive with the state; a placeholder until then.
+        Self::build(
+            layout.pages,
+            layout.page_size,
+            disks,
+            WorkloadConfig::default(),
+            true,
+        )
+        .map_err(|e| GuestError::Unsupported(e.to_string()))
+    }
+
+    /// Starts the workload threads (after creation, or on the destination after restore).
+    pub fn start(&self) {
+        if self.started.swap(true, Ordering::SeqCst) {
+            self.inner.ctl.resume();
+            return;
+        }
+        let cfg = self.inner.config();
+        let n = usize::from(cfg.threads.max(1));
+        let check = self.incoming;
+        {
+            let mut c = self.inner.checks.lock().unwrap_or_else(|p| p.into_inner());
+            *c = if check { vec![None; n + 1] } else { Vec::new() };
+        }
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.ctl.live.store(n as u64 + 1, Ordering::SeqCst);
+        for t in 0..n {
+            let inner = Arc::clone(&self.inner);
+            threads.push(std::thread::spawn(move || {
+                workload::memory_thread(&inner, t, check);
+            }));
+        }
+        let inner = Arc::clone(&self.inner);
+        threads.push(std::thread::spawn(move || {
+            workload::disk_thread(&inner, n, check);
+        }));
+    }
+
+    /// Stops the workload for good and joins its threads.
+    pub fn stop(&self) {
+        self.inner.ctl.stop();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Workload progress.
+    pub fn stats(&self) -> SimStats {
+        SimStats {
+            page_writes: self
+                .inner
+                .live
+                .page_writes
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .sum(),
+            block_writes: self.inner.live.block_writes.load(Ordering::Relaxed),
+            running: self.started.load(Ordering::SeqCst) && !self.inner.ctl.is_paused(),
+        }
+    }
+
+    /// The workload settings.
+    pub fn workload(&self) -> WorkloadConfig {
+        self.inner.config()
+    }
+
+    /// Memory map.
+    pub fn map(&self) -> MemMap {
+        self.inner.map
+    }
+
+    /// Pauses the workload, checks every page and block against the ledgers, resumes.
+    pub fn check_now(&self) -> Result<OracleReport, GuestError> {
+        let was_running = self.started.load(Ordering::SeqCst) && !self.inner.ctl.is_paused();
+        if was_running {
+            self.inner.ctl.pause().map_err(GuestError::InvalidState)?;
+        }
+        let (pc, mut problems) = self
+            .inner
+            .check_pages(self.inner.map.data_start, self.inner.map.pages);
+        let (bc, bp) = self.inner.check_blocks();
+        problems.extend(bp);
+        if was_running {
+            self.inner.ctl.resume();
+        }
+        Ok(OracleReport {
+            ok: problems.is_empty(),
+            pages_checked: pc,
+            blocks_checked: bc,
+            problems,
+        })
+    }
+
+    /// Disk images.
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        self.inner
+            .disks
+            .iter()
+            .map(|d| d.path().to_path_buf())
+            .collect()
+    }
+
+    /// Reads page `index` (tests).
+    pub fn peek_page(&self, index: u64, buf: &mut [u8]) -> bool {
+        self.inner.mem.read(index, buf)
+    }
+
+    fn disk(&self, d: usize) -> Result<&SimDisk, GuestError> {
+        self.inner.disks.get(d).ok_or(GuestError::OutOfRange {
+            what: "disk",
+            index: d as u64,
+            limit: self.inner.disks.len() as u64,
+        })
+    }
+
+    fn page_range(&self, index: u64) -> Result<(), GuestError> {
+        if index >= self.inner.map.pages {
+            return Err(GuestError::OutOfRange {
+                what: "page",
+                index,
+                limit: self.inner.map.pages,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SimGuest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl SourceGuest for SimGuest {
+    fn layout(&self) -> GuestLayout {
+        self.layout.clone()
+    }
+
+    fn start_dirty_log(&self) -> Result<(), GuestError> {
+        self.inner.page_log.clear();
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) {}
+
+    fn fetch_dirty_pages(&self) -> Result<Bitmap, GuestError> {
+        Ok(self.inner.page_log.take())
+    }
+
+    fn merge_dirty_pages(&self, pages: &Bitmap) {
+        self.inner.page_log.merge(pages);
+    }
+
+    fn start_block_log(&self) -> Result<(), GuestError> {
+        for d in &self.inner.disks {
+            d.log.clear();
+        }
+        Ok(())
+    }
+
+    fn stop_block_log(&self) {}
+
+    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
+        Ok(self.disk(disk)?.log.take())
+    }
+
+    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
+        if let Ok(d) = self.disk(disk) {
+            d.log.merge(blocks);
+        }
+    }
+
+    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
+        self.disk(disk)?
+            .allocated()
+            .map_err(gerr("finding allocated blocks"))
+    }
+
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.page_range(index)?;
+        self.inner.mem.read(index, buf);
+        Ok(())
+    }
+
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.disk(disk)?
+            .read(index, buf)
+            .map_err(gerr("reading a block"))
+    }
+
+    fn pause(&self) -> Result<(), GuestError> {
+        self.inner.ctl.pause().map_err(GuestError::InvalidState)
+    }
+
+    fn resume(&self) -> Result<(), GuestError> {
+        self.inner.ctl.resume();
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<StateBlob, GuestError> {
+        if self.started.load(Ordering::SeqCst) && !self.inner.ctl.is_paused() {
+            return Err(GuestError::InvalidState(
+                "save_state on a running guest".into(),
+            ));
+        }
+        let regs = self
+            .inner
+            .regs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(state::encode(&self.inner.config(), &regs))
+    }
+
+    fn handed_over(&self) {
+        self.stop();
+    }
+}
+
+impl DestGuest for SimGuest {
+    fn layout(&self) -> GuestLayout {
+        self.layout.clone()
+    }
+
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        SourceGuest::read_page(self, index, buf)
+    }
+
+    fn write_page(&self, index: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.page_range(index)?;
+        self.inner.mem.write(index, data);
+        Ok(())
+    }
+
+    fn zero_page(&self, index: u64) -> Result<(), GuestError> {
+        self.page_range(index)?;
+        self.inner.mem.zero(index);
+        Ok(())
+    }
+
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        SourceGuest::read_block(self, disk, index, buf)
+    }
+
+    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.disk(disk)?
+            .write(index, data)
+            .map_err(gerr("writing a block"))
+    }
+
+    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
+        self.disk(disk)?
+            .zero(index)
+            .map_err(gerr("zeroing a block"))
+    }
+
+    fn flush(&self) -> Result<(), GuestError> {
+        for d in &self.inner.disks {
+            d.flush().map_err(gerr("flushing a disk image"))?;
+        }
+        Ok(())
+    }
+
+    fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {
+        if self.started.load(Ordering::SeqCst) {
+            return Err(GuestError::InvalidState(
+                "restore into a started guest".into(),
+            ));
+        }
+        if !self.inner.header_ok() {
+            return Err(GuestError::BadState(
+                "guest memory does not hold a sim guest of this layout".into(),
+            ));
+        }
+        let (cfg, regs) = state::decode(blob).map_err(GuestError::BadState)?;
+        let n = usize::from(cfg.threads.max(1));
+        if regs.len() != n + 1 {
+            return Err(GuestError::BadState(format!(
+                "{} register sets for {n} threads",
+                regs.len()
+            )));
+        }
+        *self.inner.config.lock().unwrap_or_else(|p| p.into_inner()) = cfg;
+        *self.inner.regs.lock().unwrap_or_else(|p| p.into_inner()) = regs.clone();
+        for (i, w) in self.inner.live.page_writes.iter().enumerate() {
+            w.store(
+                regs.get(i).filter(|_| i < n).map_or(0, |r| r.writes),
+                Ordering::Relaxed,
+            );
+        }
+        self.inner
+            .live
+            .block_writes
+            .store(regs[n].writes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), GuestError> {
+        self.start();
+        Ok(())
+    }
+
+    fn self_check(&self) -> Option<OracleReport> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        let mut c = self.inner.checks.lock().unwrap_or_else(|p| p.into_inner());
+        while c.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Some(OracleReport {
+                    ok: false,
+                    problems: vec!["self-check did not finish".into()],
+                    ..Default::default()
+                });
+            }
+            c = self
+                .inner
+                .checks_cond
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let cfg = self.inner.config();
+        let n = usize::from(cfg.threads.max(1));
+        let mut r = OracleReport {
+            ok: true,
+            ..Default::default()
+        };
+        for (i, slot) in c.iter().enumerate() {
+            if let Some((checked, problems)) = slot {
+                if i < n {
+                    r.pages_checked += checked;
+                } else {
+                    r.blocks_checked += checked;
+                }
+                r.problems.extend(problems.iter().cloned());
+            }
+        }
+        r.ok = r.problems.is_empty();
+        Some(r)
+    }
+
+    fn discard(&self) {
+        self.stop();
+        for d in &self.inner.disks {
+            let _ = std::fs::remove_file(d.path());
+        }
+    }
+}

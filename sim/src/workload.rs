@@ -1,0 +1,400 @@
+//! The verifiable workload: threads that play the guest's vCPUs.
+//!
+//! Like QEMU's migration test guest, every write advances a counter: page `p` holds
+//! `(c, tag(p, c))` in its first 16 bytes, and a *ledger* in guest memory records the last
+//! `c` written to every page; disk block `b` holds `("FERRYBLK", b, s, tag(b, s))` and a
+//! second ledger records `s`. Both ledgers live in guest memory, so they migrate with it.
+//! After a migration the guest checks itself: every page and block must hold exactly the
+//! version its ledger names — a lost or stale page or block cannot pass.
+//!
+//! The threads' own registers (random state, cursor, write count) are the "vCPU state"
+//! saved at pause and restored on the destination.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_core::digest::mix_index;
+
+use crate::Inner;
+
+/// Where the workload writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Any data page, uniformly.
+    Uniform,
+    /// 90% of writes to the first 10% of each thread's pages.
+    Hotspot,
+    /// Every page in order, pass after pass.
+    Sequential,
+    /// No writes.
+    Idle,
+}
+
+impl Pattern {
+    /// Parses a pattern name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "uniform" => Ok(Pattern::Uniform),
+            "hotspot" => Ok(Pattern::Hotspot),
+            "sequential" => Ok(Pattern::Sequential),
+            "idle" => Ok(Pattern::Idle),
+            _ => Err(format!(
+                "unknown workload {s:?} (known: uniform, hotspot, sequential, idle)"
+            )),
+        }
+    }
+
+    /// The name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Uniform => "uniform",
+            Pattern::Hotspot => "hotspot",
+            Pattern::Sequential => "sequential",
+            Pattern::Idle => "idle",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Pattern::Uniform => 0,
+            Pattern::Hotspot => 1,
+            Pattern::Sequential => 2,
+            Pattern::Idle => 3,
+        }
+    }
+
+    pub(crate) fn from_code(c: u8) -> Option<Self> {
+        [
+            Pattern::Uniform,
+            Pattern::Hotspot,
+            Pattern::Sequential,
+            Pattern::Idle,
+        ]
+        .get(c as usize)
+        .copied()
+    }
+}
+
+/// Workload settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    /// Write pattern (memory and disk).
+    pub pattern: Pattern,
+    /// Page writes per second over all threads; 0 = as fast as possible.
+    pub dirty_rate: u64,
+    /// Block writes per second; 0 = no disk writes.
+    pub disk_rate: u64,
+    /// Memory-writing threads.
+    pub threads: u16,
+    /// Seed for the threads' random state.
+    pub seed: u64,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            pattern: Pattern::Hotspot,
+            dirty_rate: 25_000,
+            disk_rate: 500,
+            threads: 1,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// A thread's registers: what is saved at pause and restored on the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Regs {
+    /// xorshift state.
+    pub rng: u64,
+    /// Sequential cursor.
+    pub cursor: u64,
+    /// Writes done by this thread so far (over the guest's whole life).
+    pub writes: u64,
+}
+
+impl Regs {
+    pub(crate) fn seeded(seed: u64, thread: u64) -> Self {
+        Self {
+            rng: mix_index(seed, thread) | 1,
+            cursor: 0,
+            writes: 0,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+}
+
+/// The tag stored next to counter `c` in unit `i`.
+pub fn tag(i: u64, c: u64) -> u64 {
+    mix_index(c, i ^ 0xfe77_0000_0000_0000)
+}
+
+/// Block header magic.
+pub const BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"FERRYBLK");
+
+const RUN: u8 = 0;
+const PAUSE: u8 = 1;
+const STOP: u8 = 2;
+
+/// Run/pause/stop control shared by the threads.
+pub(crate) struct RunControl {
+    flag: AtomicU8,
+    parked: Mutex<usize>,
+    cond: Condvar,
+    pub(crate) live: AtomicU64,
+}
+
+impl RunControl {
+    pub(crate) fn new() -> Self {
+        Self {
+            flag: AtomicU8::new(RUN),
+            parked: Mutex::new(0),
+            cond: Condvar::new(),
+            live: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every thread to park after its current write and waits until all have.
+    pub(crate) fn pause(&self) -> Result<(), String> {
+        self.flag.store(PAUSE, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut g = self.lock();
+        self.cond.notify_all();
+        while (*g as u64) < self.live.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("workload threads did not park within 10 s".into());
+            }
+            g = self
+                .cond
+                .wait_timeout(g, left.min(Duration::from_millis(10)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn resume(&self) {
+        let _g = self.lock();
+        self.flag.store(RUN, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn stop(&self) {
+        let _g = self.lock();
+        self.flag.store(STOP, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.flag.load(Ordering::SeqCst) == PAUSE
+    }
+
+    /// Sleeps up to `d`, waking early on any state change.
+    fn nap(&self, d: Duration) {
+        let g = self.lock();
+        if self.flag.load(Ordering::SeqCst) == RUN {
+            let _ = self.cond.wait_timeout(g, d);
+        }
+    }
+
+    /// Parks while paused; returns false when told to stop.
+    fn checkpoint(&self, save: impl FnOnce()) -> bool {
+        match self.flag.load(Ordering::Acquire) {
+            RUN => true,
+            STOP => {
+                save();
+                false
+            }
+            _ => {
+                save();
+                let mut g = self.lock();
+                *g += 1;
+                self.cond.notify_all();
+                while self.flag.load(Ordering::SeqCst) == PAUSE {
+                    g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                *g -= 1;
+                self.flag.load(Ordering::SeqCst) != STOP
+            }
+        }
+    }
+}
+
+/// Per-thread live counters for status output.
+pub(crate) struct LiveCounters {
+    pub(crate) page_writes: Vec<AtomicU64>,
+    pub(crate) block_writes: AtomicU64,
+}
+
+/// Writes done between two pause checks: small, so a pause takes microseconds.
+const BURST: u64 = 64;
+
+/// Paces a thread at `rate` operations per second (0 = unpaced).
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    done: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            start: Instant::now(),
+            done: 0,
+        }
+    }
+
+    fn restart(&mut self) {
+        self.start = Instant::now();
+        self.done = 0;
+    }
+
+    /// Records `n` operations; returns how long to wait before the next burst.
+    fn wait_after(&mut self, n: u64) -> Duration {
+        self.done += n;
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        let due = Duration::from_secs_f64(self.done as f64 / self.rate as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
+}
+
+/// Body of memory thread `t`.
+pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
+    let (lo, hi) = inner.map.partition(t, inner.config().threads as usize);
+    if check_first {
+        let r = inner.check_pages(lo, hi);
+        inner.record_check(t, r);
+    }
+    let cfg = inner.config();
+    let mut regs = inner.regs(t);
+    let per_thread = cfg.dirty_rate / u64::from(cfg.threads.max(1));
+    let rate = if cfg.dirty_rate > 0 {
+        per_thread.max(1)
+    } else {
+        0
+    };
+    let mut pacer = Pacer::new(rate);
+    let len = hi - lo;
+    let hot = (len / 10).max(1);
+    loop {
+        let mut saved = false;
+        let go = inner.ctl.checkpoint(|| {
+            inner.save_regs(t, regs);
+            saved = true;
+        });
+        if !go {
+            return;
+        }
+        if saved {
+            pacer.restart();
+        }
+        if cfg.pattern == Pattern::Idle || len == 0 {
+            inner.ctl.nap(Duration::from_millis(50));
+            continue;
+        }
+        for _ in 0..BURST {
+            let off = match cfg.pattern {
+                Pattern::Uniform => regs.next() % len,
+                Pattern::Hotspot => {
+                    let r = regs.next();
+                    if r % 10 < 9 {
+                        (r >> 8) % hot
+                    } else {
+                        (r >> 8) % len
+                    }
+                }
+                Pattern::Sequential => {
+                    let c = regs.cursor;
+                    regs.cursor = (c + 1) % len;
+                    c
+                }
+                Pattern::Idle => 0,
+            };
+            inner.write_page_version(lo + off);
+            regs.writes += 1;
+        }
+        inner.live.page_writes[t].store(regs.writes, Ordering::Relaxed);
+        let wait = pacer.wait_after(BURST);
+        if !wait.is_zero() {
+            inner.ctl.nap(wait.min(Duration::from_millis(20)));
+        }
+    }
+}
+
+/// Body of the disk thread (writes disk 0).
+pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
+    if check_first {
+        let r = inner.check_blocks();
+        inner.record_check(slot, r);
+    }
+    let cfg = inner.config();
+    let mut regs = inner.regs(slot);
+    let mut pacer = Pacer::new(cfg.disk_rate.max(1));
+    let blocks = inner.map.blocks;
+    let hot = (blocks / 10).max(1);
+    let mut failed = false;
+    loop {
+        let mut saved = false;
+        let go = inner.ctl.checkpoint(|| {
+            inner.save_regs(slot, regs);
+            saved = true;
+        });
+        if !go {
+            return;
+        }
+        if saved {
+            pacer.restart();
+        }
+        if cfg.pattern == Pattern::Idle || cfg.disk_rate == 0 || blocks == 0 || failed {
+            inner.ctl.nap(Duration::from_millis(50));
+            continue;
+        }
+        let b = match cfg.pattern {
+            Pattern::Sequential => {
+                let c = regs.cursor;
+                regs.cursor = (c + 1) % blocks;
+                c
+            }
+            Pattern::Hotspot => {
+                let r = regs.next();
+                if r % 10 < 9 {
+                    (r >> 8) % hot
+                } else {
+                    (r >> 8) % blocks
+                }
+            }
+            _ => regs.next() % blocks,
+        };
+        if let Err(e) = inner.write_block_version(b) {
+            tracing::error!("sim disk write failed, disk writes stop: {e}");
+            failed = true;
+            continue;
+        }
+        regs.writes += 1;
+        inner
+            .live
+            .block_writes
+            .store(regs.writes, Ordering::Relaxed);
+        let wait = pacer.wait_after(1);
+        if !wait.is_zero() {
+            inner.ctl.nap(wait.min(Duration::from_millis(20)));
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The engine end to end with real sim guests (memory mapping, disk image files, workload
+//! threads) over the in-memory transport: happy paths and the safety rule under injected
+//! faults.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_core::bitmap::Bitmap;
+use ferry_core::engine::{self, DestConfig, DestOutcome, SourceConfig};
+use ferry_core::guest::{GuestError, GuestLayout, SourceGuest, StateBlob};
+use ferry_core::policy::ConvergencePolicy;
+use ferry_core::transport::Transport;
+use ferry_core::wire::VerifyMode;
+use ferry_core::{DestGuest, Report};
+use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
+use ferry_transports::{MemFault, MemTransport};
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn sim(dir: &std::path::Path, pattern: Pattern, fill: Fill) -> Arc<SimGuest> {
+    let g = SimGuest::create(&SimConfig {
+        memory: 48 << 20,
+        disk_path: Some(dir.join("disk0.img")),
+        disk_size: 16 << 20,
+        fill,
+        workload: WorkloadConfig {
+            pattern,
+            dirty_rate: 20_000,
+            disk_rate: 400,
+            threads: 2,
+            seed: 7,
+        },
+        ..SimConfig::default()
+    })
+    .unwrap();
+    g.start();
+    Arc::new(g)
+}
+
+struct Run {
+    report: Report,
+    outcome: DestOutcome,
+}
+
+fn migrate_with(
+    source: Arc<dyn SourceGuest>,
+    transport: MemTransport,
+    codec: &str,
+    channels: usize,
+    verify: VerifyMode,
+    dest_dir: &std::path::Path,
+) -> Run {
+    let name = format!("engine-test-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let mut listener = transport.listen(&name).unwrap();
+    let dest_dir = dest_dir.to_path_buf();
+    let dest = std::thread::spawn(move || {
+        let chans = listener.accept().unwrap();
+        engine::receive(
+            chans,
+            &|l: &GuestLayout| {
+                SimGuest::incoming(l, &dest_dir).map(|g| Arc::new(g) as Arc<dyn DestGuest>)
+            },
+            &ferry_codecs::resolve,
+            &DestConfig {
+                io_timeout: Duration::from_secs(2),
+            },
+        )
+    });
+    let cfg = SourceConfig {
+        addr: name,
+        channels,
+        policy: ConvergencePolicy {
+            downtime_target: Duration::from_millis(20),
+            ..Default::default()
+        },
+        verify,
+        io_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let report = engine::migrate(
+        source,
+        &transport,
+        ferry_codecs::resolve(codec).unwrap(),
+        &cfg,
+        &|_| {},
+    );
+    let outcome = dest.join().unwrap();
+    Run { report, outcome }
+}
+
+#[test]
+fn migrates_and_verifies_with_each_codec_and_channel_count() {
+    for (codec, channels, verify) in [
+        ("raw", 1, VerifyMode::Full),
+        ("lz4", 2, VerifyMode::Digest),
+        ("lz4", 3, VerifyMode::Full),
+    ] {
+        let src_dir = tempfile::tempdir().unwrap();
+        let dst_dir = tempfile::tempdir().unwrap();
+        let g = sim(src_dir.path(), Pattern::Hotspot, Fill::Random);
+        std::thread::sleep(Duration::from_millis(100));
+        let run = migrate_with(
+            g.clone(),
+            MemTransport::new(),
+            codec,
+            channels,
+            verify,
+            dst_dir.path(),
+        );
+        let r = &run.report;
+        assert!(r.ok && r.verified, "{codec}/{channels}: {:?}", r.error);
+        assert!(r.rounds.iter().any(|x| x.phase == "storage"));
+        assert!(r.rounds.iter().filter(|x| x.phase == "memory").count() >= 1);
+        assert!(r.blocks_sent > 0 && r.pages_sent >= 48 << 8);
+        let oracle = r.oracle.as_ref().unwrap();
+        assert!(
+            oracle.pages_checked > 0,
+            "workload wrote nothing before the move?"
+        );
+        let DestOutcome::Resumed { guest, report } = run.outcome else {
+            panic!("destination did not resume")
+        };
+        assert!(report.manifest_ok);
+        if verify == VerifyMode::Full {
+            assert_eq!(report.full_verify_ok, Some(true));
+        }
+        // The destination guest keeps running and stays consistent.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(guest);
+        // The source's workload is stopped for good (handed over).
+        let before = g.stats().page_writes;
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            g.stats().page_writes,
+            before,
+            "source kept running after hand-over"
+        );
+    }
+}
+
+#[test]
+fn idle_zero_guest_sends_flags_not_pages() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let g = sim(src_dir.path(), Pattern::Idle, Fill::Zero);
+    let run = migrate_with(
+        g,
+        MemTransport::new(),
+        "raw",
+        1,
+        VerifyMode::Digest,
+        dst_dir.path(),
+    );
+    let r = run.report;
+    assert!(r.ok && r.verified, "{:?}", r.error);
+    let pages = (48u64 << 20) / 4096;
+    // Everything but the header page is zero: flags only.
+    assert!(
+        r.zero_pages >= pages - 2,
+        "{} zero of {pages}",
+        r.zero_pages
+    );
+    let page_data = r.payload_bytes - r.blocks_sent.saturating_sub(r.zero_blocks) * 4096;
+    assert!(page_data <= 2 * 4096, "{page_data} bytes of page data");
+}
+
+fn check_failure_leaves_source_running(fault: MemFault, what: &str) {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let g = sim(src_dir.path(), Pattern::Uniform, Fill::Random);
+    std::thread::sleep(Duration::from_millis(50));
+    let run = migrate_with(
+        g.clone(),
+        MemTransport::with_fault(fault),
+        "lz4",
+        2,
+        VerifyMode::Digest,
+        dst_dir.path(),
+    );
+    let r = run.report;
+    assert!(!r.ok, "{what}: migration claimed success");
+    assert_eq!(r.source_resumed, Some(true), "{what}");
+    assert!(r.error.is_some());
+    assert!(
+        matches!(run.outcome, DestOutcome::Discarded { .. }),
+        "{what}: destination kept the guest"
+    );
+    // The destination's disk image is gone.
+    assert!(
+        !dst_dir.path().join("disk0.img").exists(),
+        "{what}: destination left files"
+    );
+    // The source keeps advancing and its own check still passes.
+    let before = g.stats().page_writes;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        g.stats().page_writes > before,
+        "{what}: source workload stalled"
+    );
+    let check = g.check_now().unwrap();
+    assert!(check.ok, "{what}: {:?}", check.problems);
+}
+
+#[test]
+fn peer_dying_mid_precopy_resumes_the_source() {
+    // 48 MiB guest: break after 20 MB, inside memory pre-copy.
+    check_failure_leaves_source_running(MemFault::BreakAfter(20 << 20), "peer died");
+}
+
+#[test]
+fn network_stopping_mid_precopy_resumes_the_source() {
+    check_failure_leaves_source_running(MemFault::StallAfter(30 << 20), "network stopped");
+}
+
+/// A source guest wrapper that records merge-backs, to prove no dirty bit is lost.
+struct Recording {
+    inner: Arc<SimGuest>,
+    merged_pages: Mutex<Bitmap>,
+    fetched_pages: Mutex<Bitmap>,
+    fail_reads_after: AtomicU64,
+    reads: AtomicU64,
+    paused: AtomicBool,
+}
+
+impl SourceGuest for Recording {
+    fn layout(&self) -> GuestLayout {
+        SourceGuest::layout(&*self.inner)
+    }
+    fn start_dirty_log(&self) -> Result<(), GuestError> {
+        self.inner.start_dirty_log()
+    }
+    fn stop_dirty_log(&self) {}
+    fn fetch_dirty_pages(&self) -> Result<Bitmap, GuestError> {
+        let b = self.inner.fetch_dirty_pages()?;
+        self.fetched_pages.lock().unwrap().merge(&b);
+        Ok(b)
+    }
+    fn merge_dirty_pages(&self, pages: &Bitmap) {
+        self.merged_pages.lock().unwrap().merge(pages);
+        self.inner.merge_dirty_pages(pages);
+    }
+    fn start_block_log(&self) -> Result<(), GuestError> {
+        self.inner.start_block_log()
+    }
+    fn stop_block_log(&self) {}
+    fn fetch_dirty_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
+        self.inner.fetch_dirty_blocks(d)
+    }
+    fn merge_dirty_blocks(&self, d: usize, b: &Bitmap) {
+        self.inner.merge_dirty_blocks(d, b)
+    }
+    fn allocated_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
+        self.inner.allocated_blocks(d)
+    }
+    fn read_page(&self, i: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let n = self.reads.fetch_add(1, Ordering::Relaxed);
+        if n >= self.fail_reads_after.load(Ordering::Relaxed) {
+            return Err(GuestError::InvalidState("injected read failure".into()));
+        }
+        SourceGuest::read_page(&*self.inner, i, buf)
+    }
+    fn read_block(&self, d: usize, i: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        SourceGuest::read_block(&*self.inner, d, i, buf)
+    }
+    fn pause(&self) -> Result<(), GuestError> {
+        self.paused.store(true, Ordering::SeqCst);
+        SourceGuest::pause(&*self.inner)
+    }
+    fn resume(&self) -> Result<(), GuestError> {
+        self.paused.store(false, Ordering::SeqCst);
+        SourceGuest::resume(&*self.inner)
+    }
+    fn save_state(&self) -> Result<StateBlob, GuestError> {
+        self.inner.save_state()
+    }
+}
+
+#[test]
+fn a_failed_round_merges_its_dirty_bits_back() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let inner = sim(src_dir.path(), Pattern::Uniform, Fill::Zero);
+    let pages = (48u64 << 20) / 4096;
+    // Fail inside the second memory round: after round 0's reads of every page.
+    let rec = Arc::new(Recording {
+        inner: inner.clone(),
+        merged_pages: Mutex::new(Bitmap::new(pages)),
+        fetched_pages: Mutex::new(Bitmap::new(pages)),
+        fail_reads_after: AtomicU64::new(pages + 50),
+        reads: AtomicU64::new(0),
+        paused: AtomicBool::new(false),
+    });
+    let run = migrate_with(
+        rec.clone(),
+        MemTransport::new(),
+        "raw",
+        1,
+        VerifyMode::Digest,
+        dst_dir.path(),
+    );
+    assert!(!run.report.ok);
+    assert_eq!(run.report.source_resumed, Some(true));
+    assert!(!rec.paused.load(Ordering::SeqCst));
+    let fetched = rec.fetched_pages.lock().unwrap().clone();
+    let merged = rec.merged_pages.lock().unwrap().clone();
+    assert!(fetched.count() > 0, "the failing round fetched nothing");
+    // Every bit fetched for the failed round went back into the guest's log.
+    assert_eq!(merged, fetched, "dirty bits lost by the failed round");
+    let live = inner.fetch_dirty_pages().unwrap();
+    let mut missing = merged.clone();
+    missing.subtract(&live);
+    assert!(
+        missing.none(),
+        "{} merged bits are not in the live log",
+        missing.count()
+    );
+}
+
+/// A source that "forgets" dirty data pages once paused: the classic missed-dirty-page bug.
+struct Forgetful {
+    inner: Arc<SimGuest>,
+    paused: AtomicBool,
+    forgot: AtomicU64,
+}
+
+impl SourceGuest for Forgetful {
+    fn layout(&self) -> GuestLayout {
+        SourceGuest::layout(&*self.inner)
+    }
+    fn start_dirty_log(&self) -> Result<(), GuestError> {
+        self.inner.start_dirty_log()
+    }
+    fn stop_dirty_log(&self) {}
+    fn fetch_dirty_pages(&self) -> Result<Bitmap, GuestError> {
+        let mut b = self.inner.fetch_dirty_pages()?;
+        if self.paused.load(Ordering::SeqCst) {
+            let data_start = self.inner.map().data_start;
+            let drop: Vec<u64> = b.iter_ones().filter(|i| *i >= data_start).collect();
+            for i in &drop {
+                b.clear(*i);
+            }
+            self.forgot.fetch_add(drop.len() as u64, Ordering::Relaxed);
+        }
+        Ok(b)
+    }
+    fn merge_dirty_pages(&self, pages: &Bitmap) {
+        self.inner.merge_dirty_pages(pages)
+    }
+    fn start_block_log(&self) -> Result<(), GuestError> {
+        self.inner.start_block_log()
+    }
+    fn stop_block_log(&self) {}
+    fn fetch_dirty_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
+        self.inner.fetch_dirty_blocks(d)
+    }
+    fn merge_dirty_blocks(&self, d: usize, b: &Bitmap) {
+        self.inner.merge_dirty_blocks(d, b)
+    }
+    fn allocated_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
+        self.inner.allocated_blocks(d)
+    }
+    fn read_page(&self, i: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        SourceGuest::read_page(&*self.inner, i, buf)
+    }
+    fn read_block(&self, d: usize, i: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        SourceGuest::read_block(&*self.inner, d, i, buf)
+    }
+    fn pause(&self) -> Result<(), GuestError> {
+        SourceGuest::pause(&*self.inner)?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), GuestError> {
+        self.paused.store(false, Ordering::SeqCst);
+        SourceGuest::resume(&*self.inner)
+    }
+    fn save_state(&self) -> Result<StateBlob, GuestError> {
+        self.inner.save_state()
+    }
+    fn handed_over(&self) {
+        self.inner.handed_over()
+    }
+}
+
+#[test]
+fn a_missed_dirty_page_is_caught_by_the_oracle_and_by_full_verify() {
+    for verify in [VerifyMode::Digest, VerifyMode::Full] {
+        let src_dir = tempfile::tempdir().unwrap();
+        let dst_dir = tempfile::tempdir().unwrap();
+        let inner = sim(src_dir.path(), Pattern::Hotspot, Fill::Zero);
+        let g = Arc::new(Forgetful {
+            inner: inner.clone(),
+            paused: AtomicBool::new(false),
+            forgot: AtomicU64::new(0),
+        });
+        let run = migrate_with(
+            g.clone(),
+            MemTransport::new(),
+            "raw",
+            1,
+            verify,
+            dst_dir.path(),
+        );
+        assert!(
+            g.forgot.load(Ordering::Relaxed) > 0,
+            "nothing was dirty at the pause"
+        );
+        let r = run.report;
+        assert!(!r.verified, "{verify:?}: a missed page went unnoticed");
+        match verify {
+            // The manifest cannot see a page that was never sent; the guest's oracle does.
+            VerifyMode::Digest => {
+                let o = r.oracle.unwrap();
+                assert!(!o.ok && o.detail.contains("holds version"), "{}", o.detail);
+            }
+            // Full verification refuses before the hand-over: the source keeps the guest.
+            VerifyMode::Full => {
+                assert!(!r.ok);
+                assert_eq!(r.source_resumed, Some(true));
+                assert!(r.error.unwrap().contains("full verification failed"));
+                assert!(matches!(run.outcome, DestOutcome::Discarded { .. }));
+            }
+        }
+    }
+}
