@@ -22,7 +22,7 @@ pub struct ConvergencePolicy {
 impl Default for ConvergencePolicy {
     fn default() -> Self {
         Self {
-            downtime_target: Duration::from_millis(50),
+            downtime_target: Duration::from_millis(10),
             max_rounds: 30,
             progress_ratio: 0.9,
             stall_rounds: 3,
@@ -41,7 +41,7 @@ pub struct RoundFigures {
 }
 
 /// Why pre-copy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     /// The estimated downtime fits the target.
@@ -162,7 +162,10 @@ mod tests {
 
     #[test]
     fn converges_when_the_estimate_fits() {
-        let p = ConvergencePolicy::default();
+        let p = ConvergencePolicy {
+            downtime_target: Duration::from_millis(50),
+            ..Default::default()
+        };
         // 100 MB/s, 10 MB pending = 100 ms > 50 ms: continue.
         assert_eq!(p.decide(&[r(10_000_000, 100.0 * MB)]), Decision::Continue);
         // 4 MB pending = 40 ms: stop.

@@ -1,9 +1,9 @@
 //! Per-round statistics, progress events and the final report (the `--json` contract).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One round as reported.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoundReport {
     /// "storage", "memory" or "stop-and-copy".
     pub phase: String,
@@ -23,7 +23,8 @@ pub struct RoundReport {
 }
 
 /// Where the downtime went (all in milliseconds).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct DowntimeBreakdown {
     /// Pausing the guest.
     pub pause_ms: f64,
@@ -40,7 +41,8 @@ pub struct DowntimeBreakdown {
 }
 
 /// The report of one migration; `--json` prints it as one object.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Report {
     /// The migration completed and the destination runs the guest.
     pub ok: bool,
@@ -101,7 +103,7 @@ pub struct Report {
 }
 
 /// The guest oracle's result as reported.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct OracleSummary {
     /// Passed.
     pub ok: bool,
@@ -114,7 +116,7 @@ pub struct OracleSummary {
 }
 
 /// Progress of a running migration, for progress bars.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Progress {
     /// A round started with this many units to send.

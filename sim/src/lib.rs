@@ -149,6 +149,9 @@ impl MemMap {
     }
 }
 
+/// Units checked and the problems found by one thread's self-check.
+type CheckResult = (u64, Vec<String>);
+
 /// Shared state of a sim guest (the threads hold an `Arc` of it).
 pub struct Inner {
     mem: GuestMemory,
@@ -160,7 +163,7 @@ pub struct Inner {
     /// Registers: one slot per memory thread, then one for the disk thread.
     regs: Mutex<Vec<Regs>>,
     live: LiveCounters,
-    checks: Mutex<Vec<Option<(u64, Vec<String>)>>>,
+    checks: Mutex<Vec<Option<CheckResult>>>,
     checks_cond: Condvar,
 }
 
@@ -232,7 +235,7 @@ impl Inner {
     }
 
     /// Checks data pages `[lo, hi)` against the ledger.
-    fn check_pages(&self, lo: u64, hi: u64) -> (u64, Vec<String>) {
+    fn check_pages(&self, lo: u64, hi: u64) -> CheckResult {
         let mut checked = 0;
         let mut problems = Vec::new();
         for p in lo..hi {
@@ -253,7 +256,7 @@ impl Inner {
     }
 
     /// Checks every block of disk 0 against the block ledger.
-    fn check_blocks(&self) -> (u64, Vec<String>) {
+    fn check_blocks(&self) -> CheckResult {
         let Some(disk) = self.disks.first() else {
             return (0, Vec::new());
         };
@@ -283,7 +286,7 @@ impl Inner {
         (checked, problems)
     }
 
-    fn record_check(&self, slot: usize, r: (u64, Vec<String>)) {
+    fn record_check(&self, slot: usize, r: CheckResult) {
         let mut c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = c.get_mut(slot) {
             *s = Some(r);
@@ -335,12 +338,14 @@ impl SimGuest {
     ) -> Result<Self, SimError> {
         let blocks = disks.first().map_or(0, SimDisk::blocks);
         let map = MemMap::new(pages, u64::from(page_size), blocks).map_err(SimError::Config)?;
-        let mem = GuestMemory::new(pages, page_size as usize).map_err(|source| SimError::Io {
-            what: format!(
-                "mapping {} MiB of guest memory",
-                (pages * u64::from(page_size)) >> 20
-            ),
-            source,
+        let mem = GuestMemory::new(pages, page_size as usize, incoming).map_err(|source| {
+            SimError::Io {
+                what: format!(
+                    "mapping {} MiB of guest memory",
+                    (pages * u64::from(page_size)) >> 20
+                ),
+                source,
+            }
         })?;
         let threads = usize::from(workload.threads.max(1));
         if threads > MAX_THREADS {
@@ -397,7 +402,7 @@ impl SimGuest {
     /// disk image. The workload does not run until [`SimGuest::start`].
     pub fn create(cfg: &SimConfig) -> Result<Self, SimError> {
         let ps = u64::from(cfg.page_size);
-        if cfg.memory == 0 || cfg.memory % ps != 0 {
+        if cfg.memory == 0 || !cfg.memory.is_multiple_of(ps) {
             return Err(SimError::Config(format!(
                 "memory size {} is not a positive multiple of the page size {ps}",
                 cfg.memory
@@ -406,7 +411,7 @@ impl SimGuest {
         let mut disks = Vec::new();
         if let Some(path) = &cfg.disk_path {
             let bs = u64::from(cfg.block_size);
-            if cfg.disk_size == 0 || cfg.disk_size % bs != 0 {
+            if cfg.disk_size == 0 || !cfg.disk_size.is_multiple_of(bs) {
                 return Err(SimError::Config(format!(
                     "disk size {} is not a positive multiple of the block size {bs}",
                     cfg.disk_size

@@ -24,13 +24,19 @@ unsafe impl Send for GuestMemory {}
 unsafe impl Sync for GuestMemory {}
 
 impl GuestMemory {
-    /// Maps `pages` zeroed pages.
-    pub fn new(pages: u64, page_size: usize) -> std::io::Result<Self> {
+    /// Maps `pages` zeroed pages; `populate` pre-faults them (a destination about to write
+    /// every page: one kernel pass is ~4x cheaper here than a fault per first touch).
+    pub fn new(pages: u64, page_size: usize, populate: bool) -> std::io::Result<Self> {
         let len = usize::try_from(pages)
             .ok()
             .and_then(|p| p.checked_mul(page_size))
             .ok_or_else(|| std::io::Error::other("memory size overflows"))?;
-        let mut map = MmapMut::map_anon(len)?;
+        let mut opts = memmap2::MmapOptions::new();
+        opts.len(len);
+        if populate {
+            opts.populate();
+        }
+        let mut map = opts.map_anon()?;
         let base = map.as_mut_ptr();
         Ok(Self {
             _map: map,
@@ -95,7 +101,7 @@ impl GuestMemory {
     /// other threads read while it writes them).
     pub fn word(&self, offset: u64) -> Option<&AtomicU64> {
         let end = offset.checked_add(8)?;
-        if offset % 8 != 0 || end > self.pages * self.page_size as u64 {
+        if !offset.is_multiple_of(8) || end > self.pages * self.page_size as u64 {
             return None;
         }
         // SAFETY: in bounds and 8-byte aligned (the mapping is page-aligned); the mapping

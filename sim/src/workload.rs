@@ -95,7 +95,7 @@ impl Default for WorkloadConfig {
     fn default() -> Self {
         Self {
             pattern: Pattern::Hotspot,
-            dirty_rate: 25_000,
+            dirty_rate: 100_000,
             disk_rate: 500,
             threads: 1,
             seed: 0x5eed,

@@ -127,6 +127,9 @@ struct ReceiverWorker {
     received: Arc<Received>,
     epoch: Instant,
     order: ChannelOrder,
+    /// Asks the background flusher to make what arrived so far durable (channel 0 asks at
+    /// every round barrier), so the final flush inside the downtime has little left.
+    flush: Option<Sender<()>>,
     page_delta: DigestDelta,
     disk_deltas: Vec<DigestDelta>,
     buf: Vec<u8>,
@@ -171,7 +174,12 @@ impl ReceiverWorker {
                         });
                         Ok(())
                     }
-                    Ok(false) => Ok(()),
+                    Ok(false) => {
+                        if let Some(f) = &self.flush {
+                            let _ = f.try_send(());
+                        }
+                        Ok(())
+                    }
                     Err(e) => Err(e.to_string()),
                 },
                 Ok(m) => match Control::from_message(m) {
@@ -436,6 +444,18 @@ pub fn receive(
         .max()
         .unwrap_or(4096);
     let (ev_tx, ev_rx) = unbounded();
+    let (flush_tx, flush_rx) = crossbeam_channel::bounded::<()>(1);
+    let flusher = {
+        let guest = Arc::clone(&guest);
+        std::thread::spawn(move || {
+            for () in flush_rx {
+                if let Err(e) = guest.flush() {
+                    // The final flush before the acknowledgement reports it for real.
+                    tracing::warn!("background flush failed: {e}");
+                }
+            }
+        })
+    };
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     let readers = std::iter::once(reader0).chain(rx_iter.map(FrameReader::new));
     for (ch, reader) in readers.enumerate() {
@@ -449,6 +469,7 @@ pub fn receive(
             received: Arc::clone(&received),
             epoch,
             order: ChannelOrder::default(),
+            flush: (ch == 0).then(|| flush_tx.clone()),
             page_delta: DigestDelta::default(),
             disk_deltas: vec![DigestDelta::default(); layout.disks.len()],
             buf: vec![0; max_unit],
@@ -458,6 +479,7 @@ pub fn receive(
         workers.push(std::thread::spawn(move || w.run(reader, out, stop)));
     }
     drop(ev_tx);
+    drop(flush_tx);
 
     let mut page_deltas = Vec::new();
     let mut disk_deltas: Vec<DigestDelta> = vec![DigestDelta::default(); layout.disks.len()];
@@ -666,6 +688,7 @@ pub fn receive(
     for w in workers {
         let _ = w.join();
     }
+    let _ = flusher.join();
     outcome
 }
 

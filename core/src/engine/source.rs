@@ -344,7 +344,7 @@ impl Session<'_> {
         if let Some(e) = self.shared.error() {
             return Err(Failure(e));
         }
-        while let Ok(m) = self.ctl.try_recv() {
+        if let Ok(m) = self.ctl.try_recv() {
             match m {
                 Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
                 Ok(other) => {

@@ -1,0 +1,378 @@
+//! A guest living in a process, as a VM lives in its VMM, steered through a control socket.
+//!
+//! The control protocol is JSON lines over a Unix socket: the client sends one request
+//! object, the host answers with zero or more `{"event":"progress",...}` lines and one
+//! final line (`status`, `report`, `check`, `ok` or `error`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::Context;
+use ferry_core::engine;
+use ferry_core::report::{Progress, Report};
+use ferry_sim::SimGuest;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::opts::MigrationArgs;
+
+/// Lifecycle of the hosted guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostState {
+    /// A destination waiting for (or receiving) a migration.
+    Listening,
+    /// The guest runs here.
+    Running,
+    /// A migration away is in progress.
+    Migrating,
+    /// The guest now runs elsewhere.
+    MigratedAway,
+    /// Received and verified, but the hand-over never came: paused, awaiting an operator.
+    InDoubt,
+    /// Stopped by request.
+    Stopped,
+}
+
+/// A control request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// State and counters.
+    Status,
+    /// Migrate the guest to `to`.
+    Migrate {
+        /// Destination address.
+        to: String,
+        /// How.
+        args: MigrationArgs,
+    },
+    /// Run the guest's self-check now.
+    Check,
+    /// Stop the guest and the process.
+    Stop,
+    /// Resume an in-doubt guest (the operator knows the source handed over).
+    Resume,
+    /// Discard an in-doubt guest (the operator knows the source kept it).
+    Discard,
+}
+
+/// The process-wide host.
+pub struct Host {
+    guest: Mutex<Option<Arc<SimGuest>>>,
+    state: Mutex<HostState>,
+    last_report: Mutex<Option<Value>>,
+    role: &'static str,
+    done: (Mutex<bool>, Condvar),
+}
+
+impl Host {
+    /// Hosts `guest` in `state`.
+    pub fn new(guest: Arc<SimGuest>, state: HostState, role: &'static str) -> Arc<Self> {
+        let h = Self::listening(role);
+        h.attach(guest, state);
+        h
+    }
+
+    /// A host without a guest yet (a destination before the migration arrives).
+    pub fn listening(role: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            guest: Mutex::new(None),
+            state: Mutex::new(HostState::Listening),
+            last_report: Mutex::new(None),
+            role,
+            done: (Mutex::new(false), Condvar::new()),
+        })
+    }
+
+    /// Installs the guest (a migration arrived) in `state`.
+    pub fn attach(&self, guest: Arc<SimGuest>, state: HostState) {
+        *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = Some(guest);
+        self.set_state(state);
+    }
+
+    fn state(&self) -> HostState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, s: HostState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    fn guest(&self) -> Option<Arc<SimGuest>> {
+        self.guest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a report for `status`.
+    pub fn set_last_report(&self, v: Value) {
+        *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+
+    /// Tells [`Host::wait_done`] to return.
+    pub fn finish(&self) {
+        let (m, c) = &self.done;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        c.notify_all();
+    }
+
+    /// Blocks until the guest left or was stopped.
+    pub fn wait_done(&self) {
+        let (m, c) = &self.done;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        while !*g {
+            g = c.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The state as reported by `status`.
+    pub fn status(&self) -> Value {
+        let guest = self.guest();
+        let (stats, workload, memory, disks) = match &guest {
+            Some(g) => {
+                let s = g.stats();
+                let w = g.workload();
+                let l = ferry_core::SourceGuest::layout(&**g);
+                (
+                    json!({"page_writes": s.page_writes, "block_writes": s.block_writes, "running": s.running}),
+                    json!({"pattern": w.pattern.name(), "dirty_rate": w.dirty_rate, "disk_rate": w.disk_rate, "threads": w.threads}),
+                    l.memory_bytes(),
+                    g.disk_paths()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>(),
+                )
+            }
+            None => (Value::Null, Value::Null, 0, Vec::new()),
+        };
+        json!({
+            "event": "status",
+            "state": self.state(),
+            "role": self.role,
+            "backend": ferry_sim::BACKEND,
+            "pid": std::process::id(),
+            "memory_bytes": memory,
+            "disks": disks,
+            "workload": workload,
+            "progress": stats,
+            "last_migration": self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        })
+    }
+
+    /// Migrates the hosted guest; `emit` gets progress events.
+    pub fn migrate(
+        &self,
+        to: &str,
+        args: &MigrationArgs,
+        emit: &(dyn Fn(Progress) + Sync),
+    ) -> Report {
+        let fail = |msg: String| Report {
+            ok: false,
+            error: Some(msg),
+            source_resumed: Some(true),
+            ..Report::default()
+        };
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if *st != HostState::Running {
+                return Report {
+                    source_resumed: None,
+                    ..fail(format!("cannot migrate a guest that is {:?}", *st))
+                };
+            }
+            *st = HostState::Migrating;
+        }
+        let Some(guest) = self.guest() else {
+            self.set_state(HostState::Running);
+            return fail("no guest".into());
+        };
+        let report = match run_source(guest, to, args, emit) {
+            Ok(r) => r,
+            Err(e) => fail(format!("{e:#}")),
+        };
+        if report.ok {
+            self.set_state(HostState::MigratedAway);
+            *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        } else {
+            self.set_state(HostState::Running);
+        }
+        self.set_last_report(serde_json::to_value(&report).unwrap_or(Value::Null));
+        report
+    }
+
+    fn handle(&self, req: Request, conn: &UnixStream) -> anyhow::Result<()> {
+        let send = |v: Value| -> anyhow::Result<()> {
+            let mut w = conn;
+            writeln!(w, "{v}")?;
+            w.flush()?;
+            Ok(())
+        };
+        match req {
+            Request::Status => send(self.status()),
+            Request::Migrate { to, args } => {
+                let report = self.migrate(&to, &args, &|p| {
+                    // A client that went away does not stop the migration.
+                    let _ = send(json!({"event": "progress", "progress": p}));
+                });
+                send(json!({"event": "report", "report": report}))?;
+                if report.ok {
+                    self.finish();
+                }
+                Ok(())
+            }
+            Request::Check => match self.guest() {
+                Some(g) if self.state() == HostState::Running => {
+                    let r = g.check_now()?;
+                    send(
+                        json!({"event": "check", "ok": r.ok, "pages_checked": r.pages_checked,
+                        "blocks_checked": r.blocks_checked, "problems": r.problems}),
+                    )
+                }
+                _ => send(
+                    json!({"event": "error", "message": format!("no running guest here (state {:?})", self.state())}),
+                ),
+            },
+            Request::Stop => {
+                if self.state() == HostState::Listening {
+                    send(json!({"event": "error", "message": "no guest here yet (listening)"}))?;
+                    return Ok(());
+                }
+                if let Some(g) = self.guest() {
+                    if self.state() == HostState::InDoubt {
+                        send(
+                            json!({"event": "error", "message": "the guest is in doubt: resume or discard it"}),
+                        )?;
+                        return Ok(());
+                    }
+                    g.stop();
+                }
+                self.set_state(HostState::Stopped);
+                send(json!({"event": "ok"}))?;
+                self.finish();
+                Ok(())
+            }
+            Request::Resume | Request::Discard => {
+                if self.state() != HostState::InDoubt {
+                    return send(
+                        json!({"event": "error", "message": "only an in-doubt guest can be resumed or discarded"}),
+                    );
+                }
+                let Some(g) = self.guest() else {
+                    return send(json!({"event": "error", "message": "no guest"}));
+                };
+                if matches!(req, Request::Resume) {
+                    g.start();
+                    self.set_state(HostState::Running);
+                } else {
+                    ferry_core::DestGuest::discard(&*g);
+                    *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.set_state(HostState::Stopped);
+                    self.finish();
+                }
+                send(json!({"event": "ok"}))
+            }
+        }
+    }
+
+    /// Serves the control socket at `path` on a background thread.
+    pub fn serve(self: &Arc<Self>, path: &Path) -> anyhow::Result<ControlSocket> {
+        if path.exists() {
+            // A stale socket from a dead process blocks bind; a live one answers.
+            if UnixStream::connect(path).is_ok() {
+                anyhow::bail!("--control: {} is in use by a running ferry", path.display());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("--control: removing stale {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("--control: binding {}", path.display()))?;
+        let host = Arc::clone(self);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let host = Arc::clone(&host);
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(&conn);
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let mut w = &conn;
+                    let r = match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => host.handle(req, &conn),
+                        Err(e) => writeln!(
+                            w,
+                            "{}",
+                            json!({"event": "error", "message": format!("bad request: {e}")})
+                        )
+                        .map_err(Into::into),
+                    };
+                    if let Err(e) = r {
+                        let _ = writeln!(
+                            w,
+                            "{}",
+                            json!({"event": "error", "message": format!("{e:#}")})
+                        );
+                    }
+                });
+            }
+        });
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Removes the socket file when dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Runs the source side of a migration of `guest` to `to`.
+pub fn run_source(
+    guest: Arc<SimGuest>,
+    to: &str,
+    args: &MigrationArgs,
+    emit: &(dyn Fn(Progress) + Sync),
+) -> anyhow::Result<Report> {
+    let cfg = args.source_config(to)?;
+    let transport = ferry_transports::by_name(&args.transport, cfg.io_timeout)
+        .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    let codec = ferry_codecs::resolve(&args.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+    Ok(engine::migrate(guest, &*transport, codec, &cfg, emit))
+}
+
+/// Sends `req` to the control socket at `path` and calls `on_line` for each answer line;
+/// returns the last one.
+pub fn request(
+    path: &Path,
+    req: &Request,
+    mut on_line: impl FnMut(&Value),
+) -> anyhow::Result<Value> {
+    let conn = UnixStream::connect(path)
+        .with_context(|| format!("--vm: cannot reach a ferry guest at {}", path.display()))?;
+    let mut w = &conn;
+    writeln!(w, "{}", serde_json::to_string(req)?)?;
+    let mut last = Value::Null;
+    for line in BufReader::new(&conn).lines() {
+        let line = line.context("reading the control socket")?;
+        let v: Value = serde_json::from_str(&line).context("bad answer on the control socket")?;
+        on_line(&v);
+        let fin = v.get("event").and_then(Value::as_str) != Some("progress");
+        last = v;
+        if fin {
+            break;
+        }
+    }
+    if last.is_null() {
+        anyhow::bail!("the guest process closed the control socket without answering");
+    }
+    Ok(last)
+}

@@ -1,0 +1,489 @@
+//! `ferry`: live-migrate a whole VM — memory, vCPU/device state and local disks — between
+//! hosts that share no storage.
+
+mod bench;
+mod child;
+mod host;
+mod opts;
+mod output;
+mod units;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_core::engine::{self, DestConfig, DestOutcome};
+use ferry_core::{DestGuest, GuestLayout};
+use ferry_sim::SimGuest;
+use serde_json::{json, Value};
+
+use host::{Host, HostState, Request};
+use opts::{GuestArgs, MigrationArgs};
+use output::{print_summary, ProgressView};
+use units::parse_duration;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live-migrate a whole VM — memory, vCPU/device state and local disks — between hosts that share no storage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a sim guest in this process until it is stopped or migrated away.
+    Run(RunArgs),
+    /// Receive a migration, verify it, resume the guest and keep running it.
+    Listen(ListenArgs),
+    /// Migrate a running guest (`--vm SOCKET`) or a new one started here.
+    Migrate(MigrateArgs),
+    /// Show a guest's state, workload progress and last migration.
+    Status(VmArgs),
+    /// Run a guest's self-check now (every page and block against its ledger).
+    Check(VmArgs),
+    /// Stop a guest and its process.
+    Stop(VmArgs),
+    /// Resume an in-doubt guest on a destination (the source is known to have handed over).
+    Resume(VmArgs),
+    /// Discard an in-doubt guest on a destination (the source is known to have kept it).
+    Discard(VmArgs),
+    /// Migrate a guest between two processes on this machine over loopback TCP and report.
+    Demo(DemoArgs),
+    /// Measurements: plain TCP baseline, engine throughput as a ratio of it.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Control socket path.
+    #[arg(long)]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen one is printed).
+    #[arg(long)]
+    bind: String,
+    /// Directory for the received disk images.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Control socket for the received guest.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Transport: tcp.
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Silence from the source longer than this aborts the receive.
+    #[arg(long, default_value = "10s")]
+    timeout: String,
+    /// Print the destination's report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// Control socket of the running guest to migrate; without it a guest is started here.
+    #[arg(long)]
+    vm: Option<PathBuf>,
+    /// Destination address.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    migration: MigrationArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// With a guest started here: let its workload run this long first.
+    #[arg(long, default_value = "1s")]
+    warmup: String,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VmArgs {
+    /// Control socket of the guest.
+    #[arg(long)]
+    vm: PathBuf,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    migration: MigrationArgs,
+    /// Let the workload run this long before migrating.
+    #[arg(long, default_value = "1s")]
+    warmup: String,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Listen(a) => listen(a),
+        Cmd::Migrate(a) => migrate(a),
+        Cmd::Status(a) => status(a),
+        Cmd::Check(a) => simple(a, Request::Check),
+        Cmd::Stop(a) => simple(a, Request::Stop),
+        Cmd::Resume(a) => simple(a, Request::Resume),
+        Cmd::Discard(a) => simple(a, Request::Discard),
+        Cmd::Demo(a) => demo(a),
+        Cmd::Bench(b) => bench::run(b),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn describe(g: &GuestArgs) -> String {
+    format!(
+        "{} memory, {}, workload {} at {} page writes/s{}",
+        units::human_bytes(g.memory),
+        if g.no_disk {
+            "no disk".to_string()
+        } else {
+            format!("{} disk", units::human_bytes(g.disk_size))
+        },
+        g.workload.name(),
+        g.dirty_rate,
+        if g.no_disk {
+            String::new()
+        } else {
+            format!(" and {} block writes/s", g.disk_rate)
+        }
+    )
+}
+
+fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let started = a.guest.start()?;
+    let host = Host::new(Arc::clone(&started.guest), HostState::Running, "source");
+    let _sock = host.serve(&a.control)?;
+    eprintln!(
+        "ferry: guest running ({}); control socket {}",
+        describe(&a.guest),
+        a.control.display()
+    );
+    host.wait_done();
+    // Let the last answer reach the client before the socket goes.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
+    let timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    let transport = ferry_transports::by_name(&a.transport, timeout)
+        .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    let mut listener = transport
+        .listen(&a.bind)
+        .map_err(|e| anyhow::anyhow!("--bind {}: {}", a.bind, engine::error_chain(&e)))?;
+    let host = Host::listening("destination");
+    let _sock = a.control.as_ref().map(|c| host.serve(c)).transpose()?;
+    // `ferry demo` and scripts read this line to learn the port.
+    eprintln!("ferry: listening on {}", listener.local_addr());
+    let channels = listener
+        .accept()
+        .map_err(|e| anyhow::anyhow!("accepting: {}", engine::error_chain(&e)))?;
+    let slot: Mutex<Option<Arc<SimGuest>>> = Mutex::new(None);
+    let dir = a.dir.clone();
+    let outcome = engine::receive(
+        channels,
+        &|layout: &GuestLayout| {
+            let g = Arc::new(SimGuest::incoming(layout, &dir)?);
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&g));
+            Ok(g as Arc<dyn DestGuest>)
+        },
+        &ferry_codecs::resolve,
+        &DestConfig {
+            io_timeout: timeout,
+        },
+    );
+    let guest = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match outcome {
+        DestOutcome::Discarded { error } => {
+            eprintln!("ferry: migration failed, nothing kept: {error}");
+            if a.json {
+                print_json(&json!({"ok": false, "error": error}))?;
+            }
+            Ok(ExitCode::from(1))
+        }
+        DestOutcome::InDoubt { error, report, .. } => {
+            eprintln!(
+                "ferry: WARNING: the guest was received and verified but the hand-over never came ({error}). \
+                 It is kept paused: the source may or may not have handed over. \
+                 Resume it here only if the source no longer runs it (`ferry resume --vm SOCKET`), otherwise discard it (`ferry discard --vm SOCKET`)."
+            );
+            if a.json {
+                print_json(
+                    &json!({"ok": false, "in_doubt": true, "error": error, "destination": report}),
+                )?;
+            }
+            let (Some(g), Some(_)) = (guest, a.control.as_ref()) else {
+                eprintln!(
+                    "ferry: no --control socket: terminate this process to discard the guest"
+                );
+                loop {
+                    std::thread::park();
+                }
+            };
+            host.attach(g, HostState::InDoubt);
+            host.wait_done();
+            Ok(ExitCode::from(1))
+        }
+        DestOutcome::Resumed { report, .. } => {
+            let verified = report.manifest_ok && report.oracle_ok != Some(false);
+            eprintln!(
+                "ferry: guest received and resumed ({} pages, {} blocks; manifest {}, self-check {})",
+                report.pages_received,
+                report.blocks_received,
+                if report.manifest_ok { "ok" } else { "MISMATCH" },
+                match report.oracle_ok {
+                    Some(true) => "passed".to_string(),
+                    Some(false) => format!("FAILED: {}", report.oracle_detail),
+                    None => "n/a".to_string(),
+                }
+            );
+            if a.json {
+                print_json(&json!({"ok": true, "verified": verified, "destination": report}))?;
+            }
+            let Some(g) = guest else {
+                anyhow::bail!("the received guest went missing");
+            };
+            if !verified {
+                g.stop();
+                return Ok(ExitCode::from(1));
+            }
+            host.set_last_report(serde_json::to_value(&report)?);
+            host.attach(g, HostState::Running);
+            match &a.control {
+                Some(ctl) => {
+                    eprintln!("ferry: guest running; control socket {}", ctl.display());
+                    host.wait_done();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                None => {
+                    eprintln!("ferry: guest running (no --control socket; terminate to stop it)");
+                    host.wait_done();
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn report_exit(r: &ferry_core::Report) -> ExitCode {
+    if r.ok && r.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    // Validate everything before touching a guest.
+    a.migration.source_config(&a.to)?;
+    let view = ProgressView::new(false);
+    let report = match &a.vm {
+        Some(vm) => {
+            let last = host::request(
+                vm,
+                &Request::Migrate {
+                    to: a.to.clone(),
+                    args: a.migration.clone(),
+                },
+                |v| {
+                    if let Some(p) = v.get("progress") {
+                        if let Ok(p) = serde_json::from_value(p.clone()) {
+                            view.on(&p);
+                        }
+                    }
+                },
+            )?;
+            match last.get("report") {
+                Some(r) => serde_json::from_value::<ferry_core::Report>(r.clone())?,
+                None => anyhow::bail!(
+                    "{}",
+                    last.get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the guest process answered without a report")
+                ),
+            }
+        }
+        None => {
+            let warmup = parse_duration(&a.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?;
+            let started = a.guest.start()?;
+            eprintln!("ferry: started a guest here ({})", describe(&a.guest));
+            std::thread::sleep(warmup);
+            host::run_source(Arc::clone(&started.guest), &a.to, &a.migration, &|p| {
+                view.on(&p)
+            })?
+        }
+    };
+    print_summary(&report);
+    if a.json {
+        print_json(&report)?;
+    }
+    Ok(report_exit(&report))
+}
+
+fn status(a: VmArgs) -> anyhow::Result<ExitCode> {
+    let v = host::request(&a.vm, &Request::Status, |_| {})?;
+    if a.json {
+        print_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let g = |p: &str| v.pointer(p).cloned().unwrap_or(Value::Null);
+    eprintln!(
+        "state {}  role {}  pid {}  memory {}",
+        g("/state"),
+        g("/role"),
+        g("/pid"),
+        units::human_bytes(g("/memory_bytes").as_u64().unwrap_or(0))
+    );
+    eprintln!(
+        "workload {} at {} page writes/s, {} block writes/s; done so far: {} page writes, {} block writes",
+        g("/workload/pattern"),
+        g("/workload/dirty_rate"),
+        g("/workload/disk_rate"),
+        g("/progress/page_writes"),
+        g("/progress/block_writes")
+    );
+    if let Some(r) = v.get("last_migration").filter(|r| !r.is_null()) {
+        eprintln!("last migration: {r}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn simple(a: VmArgs, req: Request) -> anyhow::Result<ExitCode> {
+    let v = host::request(&a.vm, &req, |_| {})?;
+    if a.json {
+        print_json(&v)?;
+    }
+    match v.get("event").and_then(Value::as_str) {
+        Some("error") => {
+            eprintln!(
+                "ferry: {}",
+                v.get("message").and_then(Value::as_str).unwrap_or("error")
+            );
+            Ok(ExitCode::from(1))
+        }
+        Some("check") => {
+            let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(false);
+            eprintln!(
+                "ferry: self-check {}: {} pages, {} blocks checked{}",
+                if ok { "passed" } else { "FAILED" },
+                v.get("pages_checked").cloned().unwrap_or(Value::Null),
+                v.get("blocks_checked").cloned().unwrap_or(Value::Null),
+                if ok {
+                    String::new()
+                } else {
+                    format!("; {}", v.get("problems").cloned().unwrap_or(Value::Null))
+                }
+            );
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    a.migration.source_config("127.0.0.1:1")?;
+    let warmup = parse_duration(&a.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?;
+    let mut dest = child::Destination::spawn(&a.migration.timeout)?;
+    eprintln!(
+        "ferry demo: destination process {} listening on {}",
+        dest.pid(),
+        dest.addr
+    );
+    let started = a.guest.start()?;
+    eprintln!(
+        "ferry demo: source guest in process {} ({}); workload warms up for {}",
+        std::process::id(),
+        describe(&a.guest),
+        a.warmup
+    );
+    std::thread::sleep(warmup);
+    let view = ProgressView::new(false);
+    let report = host::run_source(Arc::clone(&started.guest), &dest.addr, &a.migration, &|p| {
+        view.on(&p)
+    })?;
+    let mut after = json!(null);
+    let mut dest_ok = true;
+    if report.ok {
+        // The guest must keep running correctly on the destination.
+        let s1 = dest.wait_running()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let s2 = host::request(&dest.control, &Request::Status, |_| {})?;
+        let check = host::request(&dest.control, &Request::Check, |_| {})?;
+        let w = |s: &Value| {
+            s.pointer("/progress/page_writes")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        let advancing = w(&s2) > w(&s1) || a.guest.workload == ferry_sim::Pattern::Idle;
+        let check_ok = check.get("ok").and_then(Value::as_bool).unwrap_or(false);
+        dest_ok = advancing && check_ok;
+        eprintln!(
+            "ferry demo: destination workload {} ({} -> {} page writes in 1 s); self-check after 1 s {}",
+            if advancing { "keeps running" } else { "is NOT advancing" },
+            w(&s1),
+            w(&s2),
+            if check_ok { "passed" } else { "FAILED" }
+        );
+        after = json!({"page_writes_before": w(&s1), "page_writes_after_1s": w(&s2),
+            "advancing": advancing, "check": check});
+        let _ = host::request(&dest.control, &Request::Stop, |_| {});
+    }
+    dest.finish();
+    print_summary(&report);
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Value::Object(m) = &mut v {
+            m.insert("destination_after".into(), after);
+        }
+        print_json(&v)?;
+    }
+    Ok(if report.ok && report.verified && dest_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,207 @@
+//! Option groups shared by several commands, and their conversion into configs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ferry_core::engine::SourceConfig;
+use ferry_core::policy::ConvergencePolicy;
+use ferry_core::wire::VerifyMode;
+use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
+
+use crate::units::{parse_duration, parse_fraction, parse_rate, parse_size};
+
+/// The sim guest to start.
+#[derive(Args, Debug, Clone)]
+pub struct GuestArgs {
+    /// Guest memory size.
+    #[arg(long, value_parser = parse_size, default_value = "256MiB")]
+    pub memory: u64,
+    /// Disk image (created sparse when missing). Default: a temporary image removed at exit.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Disk size.
+    #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+    pub disk_size: u64,
+    /// Run without a disk.
+    #[arg(long, conflicts_with_all = ["disk"])]
+    pub no_disk: bool,
+    /// Share of a new disk image filled with data (0..1 or a percentage).
+    #[arg(long, value_parser = parse_fraction, default_value = "0.5")]
+    pub disk_used: f64,
+    /// Write pattern: uniform, hotspot, sequential, idle.
+    #[arg(long, value_parser = Pattern::parse, default_value = "hotspot")]
+    pub workload: Pattern,
+    /// Page writes per second (`100000`), or a byte rate (`400MiB/s`); 0 = unthrottled.
+    #[arg(long, default_value = "100000")]
+    pub dirty_rate: String,
+    /// Disk block writes per second (0 = none).
+    #[arg(long, default_value_t = 500)]
+    pub disk_rate: u64,
+    /// Workload threads ("vCPUs").
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// Initial memory content: zero (a fresh guest), random, or a file (a memory image,
+    /// repeated or cut to size; `.zst` is decompressed).
+    #[arg(long, default_value = "zero")]
+    pub fill: String,
+    /// Workload seed.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+}
+
+/// Parses `--dirty-rate` into page writes per second.
+pub fn dirty_rate_pages(s: &str, page_size: u64) -> anyhow::Result<u64> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(n);
+    }
+    let bytes = parse_rate(s).map_err(|e| anyhow::anyhow!("--dirty-rate: {e}"))?;
+    Ok((bytes / page_size).max(1))
+}
+
+/// A started guest plus the temporary directory holding its default disk.
+pub struct StartedGuest {
+    /// The guest.
+    pub guest: Arc<SimGuest>,
+    /// Keeps the temporary disk alive.
+    pub _tmp: Option<tempfile::TempDir>,
+}
+
+impl GuestArgs {
+    /// Builds the sim config; a default disk goes into a new temporary directory.
+    pub fn config(&self) -> anyhow::Result<(SimConfig, Option<tempfile::TempDir>)> {
+        let page_size = 4096u64;
+        let fill = Fill::parse(&self.fill);
+        if let Fill::File(p) = &fill {
+            if !p.exists() {
+                bail!(
+                    "--fill: {} does not exist (use zero, random or a file)",
+                    p.display()
+                );
+            }
+        }
+        let (disk_path, tmp) = if self.no_disk {
+            (None, None)
+        } else if let Some(p) = &self.disk {
+            (Some(p.clone()), None)
+        } else {
+            let t = tempfile::Builder::new()
+                .prefix("ferry-disk-")
+                .tempdir()
+                .context("creating a temporary directory for the disk image")?;
+            (Some(t.path().join("disk0.img")), Some(t))
+        };
+        if !self.memory.is_multiple_of(page_size) || self.memory == 0 {
+            bail!(
+                "--memory: {} is not a positive multiple of 4 KiB",
+                self.memory
+            );
+        }
+        if disk_path.is_some() && (!self.disk_size.is_multiple_of(4096) || self.disk_size == 0) {
+            bail!(
+                "--disk-size: {} is not a positive multiple of 4 KiB",
+                self.disk_size
+            );
+        }
+        Ok((
+            SimConfig {
+                memory: self.memory,
+                page_size: page_size as u32,
+                disk_path,
+                disk_size: self.disk_size,
+                block_size: 4096,
+                disk_used: self.disk_used,
+                fill,
+                workload: WorkloadConfig {
+                    pattern: self.workload,
+                    dirty_rate: dirty_rate_pages(&self.dirty_rate, page_size)?,
+                    disk_rate: self.disk_rate,
+                    threads: self.threads,
+                    seed: self.seed,
+                },
+            },
+            tmp,
+        ))
+    }
+
+    /// Creates and starts the guest.
+    pub fn start(&self) -> anyhow::Result<StartedGuest> {
+        let (cfg, tmp) = self.config()?;
+        let guest = SimGuest::create(&cfg).context("creating the sim guest")?;
+        guest.start();
+        Ok(StartedGuest {
+            guest: Arc::new(guest),
+            _tmp: tmp,
+        })
+    }
+}
+
+/// How to migrate.
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MigrationArgs {
+    /// Codec pipeline, e.g. `raw` or `lz4`.
+    #[arg(long, default_value = "raw")]
+    pub codec: String,
+    /// Transport: tcp.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// Parallel channels.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
+    /// Downtime target (pause once the rest is estimated to move within it).
+    #[arg(long, default_value = "10ms")]
+    pub downtime: String,
+    /// Memory pre-copy rounds at most.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Bandwidth cap, e.g. `100Mbit` or `50MiB/s`.
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// Verification: `digest` (free) or `full` (hash the whole guest during the pause).
+    #[arg(long, default_value = "digest")]
+    pub verify: String,
+    /// How long to wait for the peer before giving up (and resuming the source).
+    #[arg(long, default_value = "10s")]
+    pub timeout: String,
+}
+
+impl MigrationArgs {
+    /// Validates and converts into an engine config for `to`.
+    pub fn source_config(&self, to: &str) -> anyhow::Result<SourceConfig> {
+        let downtime =
+            parse_duration(&self.downtime).map_err(|e| anyhow::anyhow!("--downtime: {e}"))?;
+        let timeout =
+            parse_duration(&self.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+        let max_bandwidth = self
+            .max_bandwidth
+            .as_deref()
+            .map(parse_rate)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+        let verify = match self.verify.as_str() {
+            "digest" => VerifyMode::Digest,
+            "full" => VerifyMode::Full,
+            v => bail!("--verify: unknown mode {v:?} (use digest or full)"),
+        };
+        if self.max_rounds == 0 {
+            bail!("--max-rounds: must be at least 1");
+        }
+        ferry_codecs::parse(&self.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+        ferry_transports::by_name(&self.transport, timeout)
+            .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+        Ok(SourceConfig {
+            addr: to.to_string(),
+            channels: usize::from(self.channels),
+            policy: ConvergencePolicy {
+                downtime_target: downtime,
+                max_rounds: self.max_rounds,
+                ..Default::default()
+            },
+            max_bandwidth,
+            verify,
+            io_timeout: timeout,
+            ..Default::default()
+        })
+    }
+}
