@@ -264,13 +264,16 @@ impl Host {
                 if matches!(req, Request::Resume) {
                     g.start();
                     self.set_state(HostState::Running);
+                    send(json!({"event": "ok"}))
                 } else {
                     ferry_core::DestGuest::discard(&*g);
                     *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.set_state(HostState::Stopped);
+                    // Answer before the process is told to exit.
+                    let r = send(json!({"event": "ok"}));
                     self.finish();
+                    r
                 }
-                send(json!({"event": "ok"}))
             }
         }
     }

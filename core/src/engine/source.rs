@@ -919,7 +919,15 @@ fn run(
     };
     let t_verify = Instant::now();
     s.control(&Message::Manifest(manifest))?;
-    let verify_wait = cfg.io_timeout.max(Duration::from_secs(30));
+    // The destination answers after checking the manifest and flushing; with `--verify
+    // full` it also hashes the whole guest (allow ~200 MB/s for that on a slow disk).
+    let verify_wait = match cfg.verify {
+        VerifyMode::Digest => cfg.io_timeout,
+        VerifyMode::Full => {
+            cfg.io_timeout
+                + Duration::from_secs((layout.memory_bytes() + layout.disk_bytes()) / 200_000_000)
+        }
+    };
     match s.expect("verified", verify_wait)? {
         Control::Verified { .. } => {}
         other => return Err(Failure(format!("expected verified, got {}", other.name()))),

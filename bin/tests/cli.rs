@@ -1,0 +1,315 @@
+//! The `ferry` binary as a user runs it: real processes, real loopback sockets, real files.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `ferry run` with a 64 MiB guest and a 16 MiB disk in `dir`.
+fn run_guest(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
+    let ctl = dir.join("src.sock");
+    let child = ferry()
+        .args(["run", "--memory", "64MiB", "--disk-size", "16MiB", "--disk"])
+        .arg(dir.join("src.img"))
+        .arg("--control")
+        .arg(&ctl)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&ctl);
+    (Proc(child), ctl)
+}
+
+/// Starts `ferry listen`; returns the process, its address and its control socket.
+fn listen(dir: &Path, timeout: &str) -> (Proc, String, PathBuf) {
+    let ctl = dir.join("dst.sock");
+    let mut child = ferry()
+        .args(["listen", "--bind", "127.0.0.1:0", "--timeout", timeout, "--dir"])
+        .arg(dir.join("dst"))
+        .arg("--control")
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("ferry: listening on ") {
+                let _ = tx.send(a.to_string());
+            } else {
+                eprintln!("[listen] {line}");
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    (Proc(child), addr, ctl)
+}
+
+fn status(ctl: &Path) -> Value {
+    json_of(&ferry().args(["status", "--json", "--vm"]).arg(ctl).output().unwrap())
+}
+
+fn page_writes(ctl: &Path) -> u64 {
+    status(ctl)["progress"]["page_writes"].as_u64().unwrap()
+}
+
+fn assert_advancing(ctl: &Path, what: &str) {
+    let a = page_writes(ctl);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = page_writes(ctl);
+    assert!(b > a, "{what}: workload not advancing ({a} -> {b})");
+}
+
+fn assert_check_passes(ctl: &Path, what: &str) {
+    let out = ferry().args(["check", "--json", "--vm"]).arg(ctl).output().unwrap();
+    let v = json_of(&out);
+    assert!(out.status.success() && v["ok"] == true, "{what}: self-check failed: {v}");
+    assert!(v["pages_checked"].as_u64().unwrap() > 0, "{what}: nothing checked");
+}
+
+fn wait_exit(p: &mut Proc, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn two_process_migration_keeps_the_guest_running_correctly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, src_ctl) = run_guest(dir.path(), &[]);
+    let (mut dst, addr, dst_ctl) = listen(dir.path(), "10s");
+    assert_eq!(status(&dst_ctl)["state"], "listening");
+    assert_advancing(&src_ctl, "source before");
+    let out = ferry()
+        .args(["migrate", "--json", "--codec", "lz4", "--vm"])
+        .arg(&src_ctl)
+        .args(["--to", &addr])
+        .output()
+        .unwrap();
+    let r = json_of(&out);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["verified"], true);
+    for key in [
+        "transport", "channels", "codec", "memory_bytes", "disk_bytes", "total_ms", "downtime_ms",
+        "bytes_on_wire", "pages_sent", "blocks_sent", "rounds",
+    ] {
+        assert!(!r[key].is_null(), "report lacks {key}");
+    }
+    assert!(r["rounds"].as_array().unwrap().iter().any(|x| x["phase"] == "storage"));
+    // The source process is done; the destination runs the guest and stays correct.
+    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    assert_eq!(status(&dst_ctl)["state"], "running");
+    assert_advancing(&dst_ctl, "destination after");
+    assert_check_passes(&dst_ctl, "destination after");
+    let img = dir.path().join("dst").join("src.img");
+    assert_eq!(std::fs::metadata(img).unwrap().len(), 16 << 20);
+    ferry().args(["stop", "--vm"]).arg(&dst_ctl).output().unwrap();
+    assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn killing_the_destination_mid_precopy_resumes_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, src_ctl) = run_guest(dir.path(), &["--fill", "random"]);
+    let (mut dst, addr, _dst_ctl) = listen(dir.path(), "10s");
+    // 64 MiB at 16 MiB/s: pre-copy takes seconds, plenty of time to kill the peer in it.
+    let mig = ferry()
+        .args(["migrate", "--json", "--max-bandwidth", "16MiB/s", "--vm"])
+        .arg(&src_ctl)
+        .args(["--to", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(status(&src_ctl)["state"], "migrating");
+    dst.0.kill().unwrap();
+    let out = mig.wait_with_output().unwrap();
+    let r = json_of(&out);
+    assert!(!out.status.success());
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["source_resumed"], true);
+    assert!(r["error"].as_str().unwrap().len() > 5, "{r}");
+    assert_eq!(status(&src_ctl)["state"], "running");
+    assert_advancing(&src_ctl, "source after a failed migration");
+    assert_check_passes(&src_ctl, "source after a failed migration");
+}
+
+/// A TCP forwarder whose link can be frozen (nothing moves, nothing closes), like a
+/// network that stopped.
+struct FreezableLink {
+    addr: String,
+    frozen: Arc<AtomicBool>,
+}
+
+impl FreezableLink {
+    /// Forwards to `target`; freezes both directions when the destination has sent more
+    /// than `back_limit` bytes back, or the source more than `fwd_limit`.
+    fn start(target: String, fwd_limit: u64, back_limit: u64) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let d = TcpStream::connect(&target).unwrap();
+                let fwd = Arc::new(AtomicU64::new(0));
+                let back = Arc::new(AtomicU64::new(0));
+                for (mut from, mut to, count, limit) in [
+                    (c.try_clone().unwrap(), d.try_clone().unwrap(), fwd.clone(), fwd_limit),
+                    (d, c, back.clone(), back_limit),
+                ] {
+                    let f = f.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            if f.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(50));
+                                continue;
+                            }
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let total = count.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            // Re-check after the read: it may have blocked across the freeze.
+                            if total > limit || f.load(Ordering::SeqCst) {
+                                f.store(true, Ordering::SeqCst);
+                                continue; // drop what crossed the line: the network died
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, frozen }
+    }
+}
+
+#[test]
+fn network_stopping_mid_precopy_resumes_the_source_and_discards_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, src_ctl) = run_guest(dir.path(), &["--fill", "random"]);
+    let (mut dst, addr, _dst_ctl) = listen(dir.path(), "2s");
+    let link = FreezableLink::start(addr, 30 << 20, u64::MAX);
+    let out = ferry()
+        .args(["migrate", "--json", "--timeout", "2s", "--vm"])
+        .arg(&src_ctl)
+        .args(["--to", &link.addr])
+        .output()
+        .unwrap();
+    assert!(link.frozen.load(Ordering::SeqCst), "the link never froze");
+    let r = json_of(&out);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["source_resumed"], true);
+    assert_advancing(&src_ctl, "source");
+    assert_check_passes(&src_ctl, "source");
+    // The destination gave up on its own and kept nothing.
+    assert_eq!(wait_exit(&mut dst, Duration::from_secs(15)), Some(1));
+    assert!(!dir.path().join("dst").join("src.img").exists());
+}
+
+#[test]
+fn network_dying_right_after_verified_leaves_one_running_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, src_ctl) = run_guest(dir.path(), &[]);
+    let (_dst, addr, dst_ctl) = listen(dir.path(), "2s");
+    // The destination's first frame back is the 42-byte welcome; the next is `verified`.
+    let link = FreezableLink::start(addr, u64::MAX, 42);
+    let out = ferry()
+        .args(["migrate", "--json", "--timeout", "2s", "--vm"])
+        .arg(&src_ctl)
+        .args(["--to", &link.addr])
+        .output()
+        .unwrap();
+    let r = json_of(&out);
+    assert!(link.frozen.load(Ordering::SeqCst));
+    // The source never saw `verified`: it still owns the guest and runs it.
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["source_resumed"], true);
+    assert_advancing(&src_ctl, "source");
+    // The destination acknowledged, so it can neither run nor drop the guest on its own:
+    // it holds it paused, in doubt, for an operator.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&dst_ctl)["state"] != "in-doubt" {
+        assert!(Instant::now() < deadline, "destination never went in doubt: {}", status(&dst_ctl));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = page_writes(&dst_ctl);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(page_writes(&dst_ctl), a, "an in-doubt guest must not run");
+    let out = ferry().args(["discard", "--vm"]).arg(&dst_ctl).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_check_passes(&src_ctl, "source");
+}
+
+#[test]
+fn bad_input_names_the_flag() {
+    for (args, flag) in [
+        (&["demo", "--memory", "12parsecs"][..], "--memory"),
+        (&["demo", "--codec", "lz5"][..], "--codec"),
+        (&["demo", "--max-bandwidth", "fast"][..], "--max-bandwidth"),
+        (&["demo", "--workload", "busy"][..], "--workload"),
+        (&["demo", "--fill", "/no/such/file"][..], "--fill"),
+        (&["status", "--vm", "/no/such/socket"][..], "--vm"),
+    ] {
+        let out = ferry().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(flag), "{args:?}: error does not name {flag}: {err}");
+    }
+}
