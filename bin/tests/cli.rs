@@ -65,7 +65,14 @@ fn run_guest(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
 fn listen(dir: &Path, timeout: &str) -> (Proc, String, PathBuf) {
     let ctl = dir.join("dst.sock");
     let mut child = ferry()
-        .args(["listen", "--bind", "127.0.0.1:0", "--timeout", timeout, "--dir"])
+        .args([
+            "listen",
+            "--bind",
+            "127.0.0.1:0",
+            "--timeout",
+            timeout,
+            "--dir",
+        ])
         .arg(dir.join("dst"))
         .arg("--control")
         .arg(&ctl)
@@ -90,7 +97,13 @@ fn listen(dir: &Path, timeout: &str) -> (Proc, String, PathBuf) {
 }
 
 fn status(ctl: &Path) -> Value {
-    json_of(&ferry().args(["status", "--json", "--vm"]).arg(ctl).output().unwrap())
+    json_of(
+        &ferry()
+            .args(["status", "--json", "--vm"])
+            .arg(ctl)
+            .output()
+            .unwrap(),
+    )
 }
 
 fn page_writes(ctl: &Path) -> u64 {
@@ -105,10 +118,20 @@ fn assert_advancing(ctl: &Path, what: &str) {
 }
 
 fn assert_check_passes(ctl: &Path, what: &str) {
-    let out = ferry().args(["check", "--json", "--vm"]).arg(ctl).output().unwrap();
+    let out = ferry()
+        .args(["check", "--json", "--vm"])
+        .arg(ctl)
+        .output()
+        .unwrap();
     let v = json_of(&out);
-    assert!(out.status.success() && v["ok"] == true, "{what}: self-check failed: {v}");
-    assert!(v["pages_checked"].as_u64().unwrap() > 0, "{what}: nothing checked");
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "{what}: self-check failed: {v}"
+    );
+    assert!(
+        v["pages_checked"].as_u64().unwrap() > 0,
+        "{what}: nothing checked"
+    );
 }
 
 fn wait_exit(p: &mut Proc, within: Duration) -> Option<i32> {
@@ -136,16 +159,33 @@ fn two_process_migration_keeps_the_guest_running_correctly() {
         .output()
         .unwrap();
     let r = json_of(&out);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(r["ok"], true);
     assert_eq!(r["verified"], true);
     for key in [
-        "transport", "channels", "codec", "memory_bytes", "disk_bytes", "total_ms", "downtime_ms",
-        "bytes_on_wire", "pages_sent", "blocks_sent", "rounds",
+        "transport",
+        "channels",
+        "codec",
+        "memory_bytes",
+        "disk_bytes",
+        "total_ms",
+        "downtime_ms",
+        "bytes_on_wire",
+        "pages_sent",
+        "blocks_sent",
+        "rounds",
     ] {
         assert!(!r[key].is_null(), "report lacks {key}");
     }
-    assert!(r["rounds"].as_array().unwrap().iter().any(|x| x["phase"] == "storage"));
+    assert!(r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["phase"] == "storage"));
     // The source process is done; the destination runs the guest and stays correct.
     assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
     assert_eq!(status(&dst_ctl)["state"], "running");
@@ -153,7 +193,11 @@ fn two_process_migration_keeps_the_guest_running_correctly() {
     assert_check_passes(&dst_ctl, "destination after");
     let img = dir.path().join("dst").join("src.img");
     assert_eq!(std::fs::metadata(img).unwrap().len(), 16 << 20);
-    ferry().args(["stop", "--vm"]).arg(&dst_ctl).output().unwrap();
+    ferry()
+        .args(["stop", "--vm"])
+        .arg(&dst_ctl)
+        .output()
+        .unwrap();
     assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(0));
 }
 
@@ -207,7 +251,12 @@ impl FreezableLink {
                 let fwd = Arc::new(AtomicU64::new(0));
                 let back = Arc::new(AtomicU64::new(0));
                 for (mut from, mut to, count, limit) in [
-                    (c.try_clone().unwrap(), d.try_clone().unwrap(), fwd.clone(), fwd_limit),
+                    (
+                        c.try_clone().unwrap(),
+                        d.try_clone().unwrap(),
+                        fwd.clone(),
+                        fwd_limit,
+                    ),
                     (d, c, back.clone(), back_limit),
                 ] {
                     let f = f.clone();
@@ -286,14 +335,26 @@ fn network_dying_right_after_verified_leaves_one_running_copy() {
     // it holds it paused, in doubt, for an operator.
     let deadline = Instant::now() + Duration::from_secs(15);
     while status(&dst_ctl)["state"] != "in-doubt" {
-        assert!(Instant::now() < deadline, "destination never went in doubt: {}", status(&dst_ctl));
+        assert!(
+            Instant::now() < deadline,
+            "destination never went in doubt: {}",
+            status(&dst_ctl)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let a = page_writes(&dst_ctl);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(page_writes(&dst_ctl), a, "an in-doubt guest must not run");
-    let out = ferry().args(["discard", "--vm"]).arg(&dst_ctl).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ferry()
+        .args(["discard", "--vm"])
+        .arg(&dst_ctl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_check_passes(&src_ctl, "source");
 }
 
@@ -310,6 +371,9 @@ fn bad_input_names_the_flag() {
         let out = ferry().args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(err.contains(flag), "{args:?}: error does not name {flag}: {err}");
+        assert!(
+            err.contains(flag),
+            "{args:?}: error does not name {flag}: {err}"
+        );
     }
 }

@@ -143,8 +143,8 @@ impl ReceiverWorker {
         stop: Arc<AtomicBool>,
     ) {
         loop {
-            let ty = match read_frame_until(&mut reader, None, &stop) {
-                Ok(Some(ty)) => ty,
+            let h = match read_frame_until(&mut reader, None, &stop) {
+                Ok(Some(h)) => h,
                 Ok(None) => {
                     let _ = out.send(Event::Closed(self.channel));
                     return;
@@ -162,7 +162,8 @@ impl ReceiverWorker {
             self.received
                 .last_activity_ms
                 .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            let result = match Message::decode(ty, reader.body()) {
+            let ty = h.ty;
+            let result = match Message::decode_frame(&h, reader.body()) {
                 Err(e) => Err(e.to_string()),
                 Ok(Message::Batch(b)) => self.batch(&b),
                 Ok(Message::RoundEnd(end)) => match self.order.on_round_end(end) {
@@ -363,9 +364,9 @@ pub fn receive(
 
     // Handshake.
     let hello = match read_frame_until(&mut reader0, Some(Instant::now() + cfg.io_timeout), &stop) {
-        Ok(Some(ty)) => match Message::decode(ty, reader0.body()) {
+        Ok(Some(fh)) => match Message::decode_frame(&fh, reader0.body()) {
             Ok(Message::Hello(h)) => Ok(h),
-            Ok(_) => Err(format!("expected hello, got message type {ty}")),
+            Ok(_) => Err(format!("expected hello, got message type {}", fh.ty)),
             Err(e) => Err(format!("bad hello: {e}")),
         },
         Ok(None) => Err("source closed the connection before the handshake".into()),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub use dest::{receive, DestConfig, DestOutcome, DestReport};
 pub use source::{error_chain, fill_random, migrate, SourceConfig};
 
+use crate::wire::frame::FrameHeader;
 use crate::wire::{FrameError, FrameReader, Manifest, Message, ReadOutcome, Verdict, Welcome};
 
 /// Channel a page is pinned to.
@@ -79,15 +80,15 @@ impl Control {
 }
 
 /// Polls `reader` until a frame arrives, the stream closes, `stop` is set, or `deadline`
-/// passes. Returns the frame's type, or `None` on a clean close.
+/// passes. Returns the frame's header, or `None` on a clean close.
 pub(crate) fn read_frame_until<R: Read>(
     reader: &mut FrameReader<R>,
     deadline: Option<Instant>,
     stop: &AtomicBool,
-) -> Result<Option<u8>, ReadError> {
+) -> Result<Option<FrameHeader>, ReadError> {
     loop {
         match reader.poll().map_err(ReadError::Frame)? {
-            ReadOutcome::Frame(h) => return Ok(Some(h.ty)),
+            ReadOutcome::Frame(h) => return Ok(Some(h)),
             ReadOutcome::Closed => return Ok(None),
             ReadOutcome::Idle => {
                 if stop.load(Ordering::Relaxed) {

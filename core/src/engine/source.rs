@@ -22,9 +22,11 @@ use crate::pacer::Pacer;
 use crate::policy::{ConvergencePolicy, RoundFigures};
 use crate::report::{hex, OracleSummary, Progress, Report, RoundReport};
 use crate::transport::{Channel, CountingWriter, Transport};
+use crate::wire::frame::{FLAG_RECORD_DIGESTS, HEADER_LEN};
 use crate::wire::{
     frame::write_frame, BatchBuilder, FrameBuf, FrameReader, Hello, Manifest, Message, Phase,
-    RoundEnd, VerifyMode, CAPABILITIES, CODEC_SLACK, PROTOCOL_VERSION, REQUIRED_CAPABILITIES,
+    RoundEnd, VerifyMode, CAPABILITIES, CODEC_SLACK, PROTOCOL_VERSION, RECORD_HEADER,
+    REQUIRED_CAPABILITIES,
 };
 use crate::zero::is_zero;
 
@@ -136,7 +138,6 @@ struct SenderWorker {
     encoder: Box<dyn Encoder>,
     shared: Arc<Shared>,
     frame: FrameBuf,
-    unit: Vec<u8>,
     scratch: Vec<u8>,
     pages: DigestDelta,
     disks: Vec<DigestDelta>,
@@ -226,13 +227,20 @@ impl SenderWorker {
         let c = &shared.counters;
         let body = self.frame.start();
         let at = BatchBuilder::begin(body, disk, round);
+        // The frame CRC covers the prefix and the record headers; the data of each unit is
+        // covered by its digest (FLAG_RECORD_DIGESTS).
+        let mut crc = 0u32;
         let mut count = 0u32;
         let (mut payload, mut encoded, mut zeros, mut skipped) = (0u64, 0u64, 0u64, 0u64);
         for &i in indices {
-            let buf = &mut self.unit[..size];
+            // Read the unit straight into its place in the frame: a raw unit is never
+            // copied twice.
+            let rec = body.len();
+            let data_at = rec + RECORD_HEADER;
+            body.resize(data_at + size, 0);
             match disk {
-                None => shared.guest.read_page(i, buf),
-                Some(d) => shared.guest.read_block(d as usize, i, buf),
+                None => shared.guest.read_page(i, &mut body[data_at..]),
+                Some(d) => shared.guest.read_block(d as usize, i, &mut body[data_at..]),
             }
             .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
             let unit = Unit { kind, index: i };
@@ -240,8 +248,9 @@ impl SenderWorker {
                 None => &mut self.pages,
                 Some(d) => &mut self.disks[d as usize],
             };
-            if is_zero(buf) {
-                self.encoder.note_sent_plain(unit, buf);
+            if is_zero(&body[data_at..]) {
+                self.encoder.note_sent_plain(unit, &body[data_at..]);
+                body.truncate(rec);
                 if skip_zero {
                     skipped += 1;
                     continue;
@@ -250,31 +259,40 @@ impl SenderWorker {
                 table.record(i, d, delta);
                 BatchBuilder::record(body, i, true, 0, 0, d);
                 zeros += 1;
-                count += 1;
-                continue;
-            }
-            let digest = unit_digest(i, buf);
-            table.record(i, digest, delta);
-            self.scratch.clear();
-            let tag = self.encoder.encode(unit, buf, &mut self.scratch);
-            if tag != TAG_RAW && self.scratch.len() < size + CODEC_SLACK {
-                BatchBuilder::record(body, i, false, tag, self.scratch.len(), digest);
-                body.extend_from_slice(&self.scratch);
-                encoded += self.scratch.len() as u64;
             } else {
-                if tag != TAG_RAW {
-                    self.encoder.note_sent_plain(unit, buf);
+                let digest = unit_digest(i, &body[data_at..]);
+                table.record(i, digest, delta);
+                self.scratch.clear();
+                let tag = self
+                    .encoder
+                    .encode(unit, &body[data_at..], &mut self.scratch);
+                if tag != TAG_RAW && self.scratch.len() < size + CODEC_SLACK {
+                    body.truncate(rec);
+                    BatchBuilder::record(body, i, false, tag, self.scratch.len(), digest);
+                    body.extend_from_slice(&self.scratch);
+                    encoded += self.scratch.len() as u64;
+                } else {
+                    if tag != TAG_RAW {
+                        self.encoder.note_sent_plain(unit, &body[data_at..]);
+                    }
+                    body[rec..data_at]
+                        .copy_from_slice(&BatchBuilder::header(i, false, TAG_RAW, size, digest));
+                    encoded += size as u64;
                 }
-                BatchBuilder::record(body, i, false, TAG_RAW, size, digest);
-                body.extend_from_slice(buf);
-                encoded += size as u64;
+                payload += size as u64;
             }
-            payload += size as u64;
+            crc = crc32c::crc32c_append(crc, &body[rec..rec + RECORD_HEADER]);
             count += 1;
         }
         BatchBuilder::finish(body, at, count);
         if count > 0 {
-            let len = (self.frame.body_len() + crate::wire::frame::HEADER_LEN) as u64;
+            // CRC(prefix ‖ headers), the prefix taken after the count was patched in.
+            let crc = crc32c::crc32c_combine(
+                crc32c::crc32c(&body[HEADER_LEN..at + 4]),
+                crc,
+                count as usize * RECORD_HEADER,
+            );
+            let len = (self.frame.body_len() + HEADER_LEN) as u64;
             if let Some(p) = &shared.pacer {
                 let wait = p
                     .lock()
@@ -289,7 +307,7 @@ impl SenderWorker {
             } else {
                 crate::wire::ty::PAGES
             };
-            let frame = self.frame.finish(ty);
+            let frame = self.frame.finish_with(ty, FLAG_RECORD_DIGESTS, crc);
             self.tx
                 .write_all(frame)
                 .map_err(|e| format!("send failed: {e}"))?;
@@ -705,7 +723,6 @@ pub fn migrate(
             encoder: codec.encoder(),
             shared: Arc::clone(&shared),
             frame: FrameBuf::with_capacity(FRAME_DATA + 64 * 32),
-            unit: vec![0; max_unit],
             scratch: Vec::with_capacity(max_unit + CODEC_SLACK),
             pages: DigestDelta::default(),
             disks: vec![DigestDelta::default(); layout.disks.len()],
@@ -1041,8 +1058,9 @@ fn control_reader(
     let mut reader = FrameReader::new(rx);
     loop {
         match read_frame_until(&mut reader, None, &stop) {
-            Ok(Some(ty)) => {
-                let msg = match Message::decode(ty, reader.body()) {
+            Ok(Some(h)) => {
+                let ty = h.ty;
+                let msg = match Message::decode_frame(&h, reader.body()) {
                     Ok(m) => match Control::from_message(m) {
                         Some(c) => Ok(c),
                         None => Err(format!("unexpected message type {ty} from the destination")),
