@@ -22,8 +22,10 @@ use crate::opts::MigrationArgs;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HostState {
-    /// A destination waiting for (or receiving) a migration.
+    /// A destination waiting for a migration.
     Listening,
+    /// A destination receiving a migration.
+    Receiving,
     /// The guest runs here.
     Running,
     /// A migration away is in progress.
@@ -93,11 +95,13 @@ impl Host {
         self.set_state(state);
     }
 
-    fn state(&self) -> HostState {
+    /// The current state.
+    pub fn state(&self) -> HostState {
         *self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_state(&self, s: HostState) {
+    /// Sets the state.
+    pub fn set_state(&self, s: HostState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
@@ -234,8 +238,8 @@ impl Host {
                 ),
             },
             Request::Stop => {
-                if self.state() == HostState::Listening {
-                    send(json!({"event": "error", "message": "no guest here yet (listening)"}))?;
+                if matches!(self.state(), HostState::Listening | HostState::Receiving) {
+                    send(json!({"event": "error", "message": "no guest here yet"}))?;
                     return Ok(());
                 }
                 if let Some(g) = self.guest() {

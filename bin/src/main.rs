@@ -225,16 +225,24 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
         &|layout: &GuestLayout| {
             let g = Arc::new(SimGuest::incoming(layout, &dir)?);
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&g));
+            host.set_state(HostState::Receiving);
             Ok(g as Arc<dyn DestGuest>)
         },
         &ferry_codecs::resolve,
         &DestConfig {
             io_timeout: timeout,
         },
+        // Publish the running guest before the source hears that it runs here.
+        &|| {
+            if let Some(g) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                host.attach(g, HostState::Running);
+            }
+        },
     );
     let guest = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     match outcome {
         DestOutcome::Discarded { error } => {
+            host.set_state(HostState::Stopped);
             eprintln!("ferry: migration failed, nothing kept: {error}");
             if a.json {
                 print_json(&json!({"ok": false, "error": error}))?;
@@ -285,10 +293,10 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             };
             if !verified {
                 g.stop();
+                host.set_state(HostState::Stopped);
                 return Ok(ExitCode::from(1));
             }
             host.set_last_report(serde_json::to_value(&report)?);
-            host.attach(g, HostState::Running);
             match &a.control {
                 Some(ctl) => {
                     eprintln!("ferry: guest running; control socket {}", ctl.display());

@@ -93,7 +93,7 @@ pub struct Report {
     /// Why pre-copy ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<crate::policy::StopReason>,
-    /// Effective throughput of the full memory pass, MB/s (10^6).
+    /// Guest memory moved per second in the full memory pass, MB/s (10^6 bytes).
     pub first_pass_mbps: f64,
     /// Every round.
     pub rounds: Vec<RoundReport>,

@@ -71,6 +71,7 @@ fn migrate_with(
             &DestConfig {
                 io_timeout: Duration::from_secs(2),
             },
+            &|| {},
         )
     });
     let cfg = SourceConfig {

@@ -1,0 +1,121 @@
+//! Codec throughput and ratio on real guest memory, next to the library baseline.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ferry_benches::{memory_pages, PAGE};
+use ferry_core::codec::{Unit, UnitKind, TAG_RAW};
+use ferry_core::digest::unit_digest;
+use ferry_core::zero::is_zero;
+
+const PAGES: usize = 8192; // 32 MiB
+
+fn codecs(c: &mut Criterion) {
+    let (mem, source) = memory_pages(PAGES);
+    let bytes = mem.len() as u64;
+    let mut g = c.benchmark_group(format!("codec-encode/{source}"));
+    g.throughput(Throughput::Bytes(bytes));
+    for spec in ["raw", "lz4"] {
+        let factory = ferry_codecs::parse(spec).unwrap();
+        // Report the ratio once, outside the timing.
+        let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
+        let mut out = Vec::new();
+        let mut wire = 0usize;
+        for (i, p) in mem.chunks(PAGE).enumerate() {
+            out.clear();
+            let unit = Unit {
+                kind: UnitKind::Page,
+                index: i as u64,
+            };
+            wire += if is_zero(p) {
+                0
+            } else if enc.encode(unit, p, &mut out) == TAG_RAW {
+                PAGE
+            } else {
+                out.len()
+            };
+        }
+        eprintln!(
+            "{spec}: ratio {:.2} on {source} pages (zero pages as flags)",
+            bytes as f64 / wire.max(1) as f64
+        );
+        g.bench_function(BenchmarkId::new("ferry", spec), |b| {
+            let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
+            let mut out = Vec::with_capacity(2 * PAGE);
+            b.iter(|| {
+                let mut n = 0usize;
+                for (i, p) in mem.chunks(PAGE).enumerate() {
+                    out.clear();
+                    let unit = Unit {
+                        kind: UnitKind::Page,
+                        index: i as u64,
+                    };
+                    enc.encode(unit, p, &mut out);
+                    n += out.len();
+                }
+                n
+            })
+        });
+    }
+    // The library itself, page by page, as the baseline for Ferry's lz4 stage.
+    g.bench_function(BenchmarkId::new("lz4_flex-block", "lz4"), |b| {
+        let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE)];
+        b.iter(|| {
+            let mut n = 0usize;
+            for p in mem.chunks(PAGE) {
+                n += lz4_flex::block::compress_into(p, &mut out).unwrap();
+            }
+            n
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("codec-decode/{source}"));
+    g.throughput(Throughput::Bytes(bytes));
+    let factory = ferry_codecs::parse("lz4").unwrap();
+    let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
+    let encoded: Vec<(u8, Vec<u8>)> = mem
+        .chunks(PAGE)
+        .enumerate()
+        .map(|(i, p)| {
+            let mut out = Vec::new();
+            let unit = Unit {
+                kind: UnitKind::Page,
+                index: i as u64,
+            };
+            (enc.encode(unit, p, &mut out), out)
+        })
+        .collect();
+    g.bench_function("lz4", |b| {
+        let mut dec = ferry_core::codec::CodecFactory::decoder(&factory);
+        let mut target = vec![0u8; PAGE];
+        b.iter(|| {
+            for (i, (tag, data)) in encoded.iter().enumerate() {
+                if *tag != TAG_RAW {
+                    let unit = Unit {
+                        kind: UnitKind::Page,
+                        index: i as u64,
+                    };
+                    dec.decode(unit, *tag, data, &mut target).unwrap();
+                }
+            }
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("per-page-checks/{source}"));
+    g.throughput(Throughput::Bytes(bytes));
+    g.bench_function("is_zero", |b| {
+        b.iter(|| mem.chunks(PAGE).filter(|p| is_zero(p)).count())
+    });
+    g.bench_function("unit_digest", |b| {
+        b.iter(|| {
+            mem.chunks(PAGE)
+                .enumerate()
+                .fold(0u64, |s, (i, p)| s.wrapping_add(unit_digest(i as u64, p)))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codecs);
+criterion_main!(benches);
