@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::child::Destination;
 use crate::opts::{GuestArgs, MigrationArgs};
@@ -19,10 +19,11 @@ use crate::units::{human_bytes, parse_size};
 /// Bench commands.
 #[derive(Subcommand)]
 pub enum BenchCmd {
-    /// Plain loopback TCP throughput: one connection, 256 KiB writes, nothing else.
+    /// Plain loopback TCP throughput: one connection, 256 KiB writes, from a hot buffer and
+    /// memory-to-memory.
     TcpBaseline(BaselineArgs),
     /// Engine throughput (first full memory pass, two processes over loopback TCP) as a
-    /// ratio of the plain TCP baseline measured in the same run.
+    /// ratio of plain TCP moving the same memory, and of hot-buffer TCP, in the same run.
     Throughput(ThroughputArgs),
 }
 
@@ -60,37 +61,87 @@ pub struct ThroughputArgs {
     json: bool,
 }
 
-/// One plain TCP transfer of `size` bytes over loopback; bytes per second.
-pub fn tcp_once(size: u64) -> anyhow::Result<f64> {
-    let l = TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
-    let addr = l.local_addr()?;
-    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 256 << 10];
-        let mut got = 0u64;
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(got);
-            }
-            got += n as u64;
-        }
-    });
-    let mut buf = vec![0u8; 256 << 10];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+/// What a plain TCP baseline sends from and receives into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Baseline {
+    /// One 256 KiB buffer sent over and over, received into one 256 KiB buffer: the
+    /// socket's best case, everything in cache.
+    Hot,
+    /// A `size`-byte buffer sent once and received into another `size`-byte buffer: plain
+    /// TCP moving memory from one process to another, as a migration must.
+    Memory,
+}
+
+fn random_fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
     for w in buf.chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
+        let b = x.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
     }
+}
+
+/// One plain TCP transfer of `size` bytes over loopback; bytes per second. Buffers are
+/// allocated and touched before the clock starts.
+pub fn tcp_once(size: u64, mode: Baseline) -> anyhow::Result<f64> {
+    const CHUNK: usize = 256 << 10;
+    let size_usize = usize::try_from(size)?;
+    let l = TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
+    let addr = l.local_addr()?;
+    let mut sink = vec![
+        0u8;
+        if mode == Baseline::Memory {
+            size_usize
+        } else {
+            CHUNK
+        }
+    ];
+    sink.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
+        let _ = ready_tx.send(());
+        let (mut s, _) = l.accept()?;
+        let mut got = 0usize;
+        loop {
+            let len = sink.len();
+            let n = match mode {
+                Baseline::Memory => s.read(&mut sink[got..(got + CHUNK).min(len)])?,
+                Baseline::Hot => s.read(&mut sink)?,
+            };
+            if n == 0 {
+                return Ok(got as u64);
+            }
+            got += n;
+            if mode == Baseline::Memory && got == sink.len() {
+                let mut probe = [0u8; 1];
+                let end = s.read(&mut probe)?;
+                return Ok((got + end) as u64);
+            }
+        }
+    });
+    let mut src = vec![
+        0u8;
+        if mode == Baseline::Memory {
+            size_usize
+        } else {
+            CHUNK
+        }
+    ];
+    random_fill(&mut src, 0x9e37_79b9_7f4a_7c15);
+    let _ = ready_rx.recv();
     let start = Instant::now();
     let mut s = TcpStream::connect(addr).context("connecting over loopback")?;
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n])?;
-        left -= n as u64;
+    s.set_nodelay(true)?;
+    let mut sent = 0usize;
+    while sent < size_usize {
+        let n = (size_usize - sent).min(CHUNK);
+        match mode {
+            Baseline::Memory => s.write_all(&src[sent..sent + n])?,
+            Baseline::Hot => s.write_all(&src[..n])?,
+        }
+        sent += n;
     }
     s.shutdown(std::net::Shutdown::Write)?;
     let got = rx
@@ -110,22 +161,28 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::TcpBaseline(a) => {
-            let runs = (0..a.repeat.max(1))
-                .map(|_| tcp_once(a.size))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let m = median(runs.clone());
-            eprintln!(
-                "plain loopback TCP: {:.0} MB/s median over {} runs of {} ({:?} MB/s)",
-                m / 1e6,
-                runs.len(),
-                human_bytes(a.size),
-                runs.iter().map(|r| (r / 1e6).round()).collect::<Vec<_>>()
-            );
-            if a.json {
-                println!(
-                    "{}",
-                    json!({"tcp_mbps": m / 1e6, "runs_mbps": runs.iter().map(|r| r / 1e6).collect::<Vec<_>>(), "bytes": a.size})
+            let mut out = serde_json::Map::new();
+            for (name, mode) in [("hot", Baseline::Hot), ("memory", Baseline::Memory)] {
+                let runs = (0..a.repeat.max(1))
+                    .map(|_| tcp_once(a.size, mode))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let m = median(runs.clone());
+                eprintln!(
+                    "plain loopback TCP ({name}): {:.0} MB/s median over {} runs of {} ({:?} MB/s)",
+                    m / 1e6,
+                    runs.len(),
+                    human_bytes(a.size),
+                    runs.iter().map(|r| (r / 1e6).round()).collect::<Vec<_>>()
                 );
+                let runs_mbps: Vec<f64> = runs.iter().map(|r| r / 1e6).collect();
+                out.insert(
+                    name.into(),
+                    json!({"mbps": m / 1e6, "runs_mbps": runs_mbps}),
+                );
+            }
+            if a.json {
+                out.insert("bytes".into(), json!(a.size));
+                println!("{}", Value::Object(out));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -158,11 +215,13 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         timeout: "30s".into(),
     };
     mig.source_config("127.0.0.1:1")?;
+    let mut hot = Vec::new();
     let mut tcp = Vec::new();
     let mut engine = Vec::new();
     for i in 0..a.repeat.max(1) {
-        // Alternate so both see the same machine conditions.
-        tcp.push(tcp_once(a.memory)?);
+        // Interleave so all three see the same machine conditions.
+        hot.push(tcp_once(a.memory, Baseline::Hot)?);
+        tcp.push(tcp_once(a.memory, Baseline::Memory)?);
         let started = guest.start()?;
         let mut dest = Destination::spawn("30s")?;
         let r = crate::host::run_source(Arc::clone(&started.guest), &dest.addr, &mig, &|_| {})?;
@@ -170,31 +229,44 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         dest.finish();
         anyhow::ensure!(r.ok && r.verified, "migration {i} failed: {:?}", r.error);
         engine.push(r.first_pass_mbps * 1e6);
+        let k = i as usize;
         eprintln!(
-            "run {i}: plain TCP {:.0} MB/s, ferry first pass {:.0} MB/s ({:.2}x)",
-            tcp[i as usize] / 1e6,
+            "run {i}: plain TCP memory-to-memory {:.0} MB/s (hot buffer {:.0}), ferry first pass {:.0} MB/s: {:.2}x ({:.2}x of hot)",
+            tcp[k] / 1e6,
+            hot[k] / 1e6,
             r.first_pass_mbps,
-            r.first_pass_mbps * 1e6 / tcp[i as usize]
+            engine[k] / tcp[k],
+            engine[k] / hot[k]
         );
     }
-    let (t, e) = (median(tcp.clone()), median(engine.clone()));
+    let (h, t, e) = (
+        median(hot.clone()),
+        median(tcp.clone()),
+        median(engine.clone()),
+    );
     eprintln!(
-        "ferry {} x{}: {:.0} MB/s vs plain loopback TCP {:.0} MB/s: ratio {:.2} (medians of {} runs, {} random guest)",
+        "ferry {} x{}: {:.0} MB/s; plain loopback TCP memory-to-memory {:.0} MB/s: ratio {:.2}; \
+         hot-buffer TCP {:.0} MB/s: ratio {:.2} (medians of {} runs, {} random guest)",
         a.codec,
         a.channels,
         e / 1e6,
         t / 1e6,
         e / t,
+        h / 1e6,
+        e / h,
         tcp.len(),
         human_bytes(a.memory)
     );
     if a.json {
+        let mbps = |v: &[f64]| v.iter().map(|x| x / 1e6).collect::<Vec<_>>();
         println!(
             "{}",
             json!({"codec": a.codec, "channels": a.channels, "memory_bytes": a.memory,
-                "tcp_mbps": t / 1e6, "ferry_mbps": e / 1e6, "ratio": e / t,
-                "tcp_runs_mbps": tcp.iter().map(|x| x / 1e6).collect::<Vec<_>>(),
-                "ferry_runs_mbps": engine.iter().map(|x| x / 1e6).collect::<Vec<_>>()})
+                "ferry_mbps": e / 1e6,
+                "tcp_memory_mbps": t / 1e6, "ratio": e / t,
+                "tcp_hot_mbps": h / 1e6, "ratio_hot": e / h,
+                "ferry_runs_mbps": mbps(&engine), "tcp_memory_runs_mbps": mbps(&tcp),
+                "tcp_hot_runs_mbps": mbps(&hot)})
         );
     }
     Ok(ExitCode::SUCCESS)

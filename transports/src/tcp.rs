@@ -14,8 +14,6 @@ const PREAMBLE_MAGIC: &[u8; 8] = b"FERRYCH1";
 const PREAMBLE_LEN: usize = 20;
 /// Read timeout used as a poll interval, so readers can notice cancellation.
 const POLL: Duration = Duration::from_millis(200);
-/// Socket buffers: large enough for a bandwidth-delay product of a fast WAN.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// TCP with 1..N connections.
 #[derive(Debug, Clone)]
@@ -37,10 +35,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TransportError 
 
 fn tune(stream: &TcpStream, io_timeout: Duration) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let sock = socket2::SockRef::from(stream);
-    // Best effort: the kernel caps these at its own limits.
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    // Socket buffers are left to the kernel's autotuning: an explicit SO_SNDBUF/SO_RCVBUF
+    // turns autotuning off and is capped by net.core.[rw]mem_max, which can be far below
+    // a WAN's bandwidth-delay product; on loopback, oversized buffers push data out of
+    // the cache before the receiver copies it.
     stream.set_read_timeout(Some(POLL))?;
     stream.set_write_timeout(Some(io_timeout))?;
     Ok(())
