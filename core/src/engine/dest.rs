@@ -141,6 +141,8 @@ struct ReceiverWorker {
     page_delta: DigestDelta,
     disk_deltas: Vec<DigestDelta>,
     buf: Vec<u8>,
+    /// An all-zero unit, for telling codecs a zero unit arrived.
+    zeros: Vec<u8>,
 }
 
 impl ReceiverWorker {
@@ -248,8 +250,7 @@ impl ReceiverWorker {
                     Some(d) => guest.zero_block(d as usize, i),
                 }
                 .map_err(|e| format!("writing {what} {i}: {e}"))?;
-                let zero = vec![0u8; 0];
-                self.decoder.note_received_plain(unit, &zero);
+                self.decoder.note_received_plain(unit, &self.zeros[..size]);
                 table.zero_digest(i)
             } else if rec.tag == TAG_RAW {
                 let d = unit_digest(i, rec.data);
@@ -493,6 +494,7 @@ pub fn receive(
             page_delta: DigestDelta::default(),
             disk_deltas: vec![DigestDelta::default(); layout.disks.len()],
             buf: vec![0; max_unit],
+            zeros: vec![0; max_unit],
         };
         let out = ev_tx.clone();
         let stop = Arc::clone(&stop);

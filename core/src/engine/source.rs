@@ -346,6 +346,14 @@ struct Session<'a> {
     progress: &'a (dyn Fn(Progress) + Sync),
     report: Report,
     last_deltas: (DigestDelta, Vec<DigestDelta>),
+    /// Dirty sets fetched but not yet sent: merged back into the guest if we fail.
+    pending: Pending,
+}
+
+#[derive(Default)]
+struct Pending {
+    pages: Option<Bitmap>,
+    blocks: Option<Vec<Bitmap>>,
 }
 
 struct RoundResult {
@@ -551,12 +559,47 @@ impl Session<'_> {
             .collect()
     }
 
-    fn block_bytes(&self, blocks: &[Bitmap]) -> u64 {
-        blocks
-            .iter()
-            .zip(&self.shared.layout.disks)
-            .map(|(b, d)| b.count() * u64::from(d.block_size))
-            .sum()
+    /// Bytes of the pending dirty blocks.
+    fn pending_block_bytes(&self) -> u64 {
+        self.pending.blocks.as_deref().map_or(0, |blocks| {
+            blocks
+                .iter()
+                .zip(&self.shared.layout.disks)
+                .map(|(b, d)| b.count() * u64::from(d.block_size))
+                .sum()
+        })
+    }
+
+    /// The pending dirty pages plus whatever was dirtied since they were fetched.
+    fn take_pending_pages(&mut self) -> Result<Bitmap, Failure> {
+        let mut now = self.shared.guest.fetch_dirty_pages()?;
+        if let Some(p) = self.pending.pages.take() {
+            now.merge(&p);
+        }
+        Ok(now)
+    }
+
+    /// The pending dirty blocks plus whatever was written since they were fetched.
+    fn take_pending_blocks(&mut self) -> Result<Vec<Bitmap>, Failure> {
+        let mut now = self.fetch_blocks()?;
+        if let Some(p) = self.pending.blocks.take() {
+            for (n, o) in now.iter_mut().zip(&p) {
+                n.merge(o);
+            }
+        }
+        Ok(now)
+    }
+
+    /// Gives fetched-but-unsent dirty bits back to the guest (on failure).
+    fn merge_back_pending(&mut self) {
+        if let Some(p) = self.pending.pages.take() {
+            self.shared.guest.merge_dirty_pages(&p);
+        }
+        if let Some(b) = self.pending.blocks.take() {
+            for (d, bm) in b.iter().enumerate() {
+                self.shared.guest.merge_dirty_blocks(d, bm);
+            }
+        }
     }
 
     /// Sends a control message on channel 0 after everything queued there, and waits
@@ -740,11 +783,15 @@ pub fn migrate(
         progress,
         report,
         last_deltas: (DigestDelta::default(), Vec::new()),
+        pending: Pending::default(),
     };
     let mut paused_at: Option<Instant> = None;
     let mut committed = false;
     let result = run(&mut s, cfg, &mut paused_at, &mut committed, t0);
 
+    if result.is_err() && !committed {
+        s.merge_back_pending();
+    }
     let mut report = std::mem::take(&mut s.report);
     if let Err(Failure(msg)) = &result {
         report.ok = false;
@@ -836,6 +883,8 @@ fn run(
     if !layout.disks.is_empty() {
         guest.start_block_log()?;
     }
+    // The dirty sets fetched after a round are what the policy decides on, and what the
+    // next round (or the stop-and-copy) sends: the logs are read once per round.
     loop {
         s.check_abort()?;
         match step {
@@ -843,21 +892,30 @@ fn run(
                 let alloc = (0..layout.disks.len())
                     .map(|d| guest.allocated_blocks(d))
                     .collect::<Result<Vec<_>, _>>()?;
+                let holes: u64 = alloc
+                    .iter()
+                    .zip(&layout.disks)
+                    .map(|(a, d)| d.blocks - a.count())
+                    .sum();
+                s.shared
+                    .counters
+                    .skipped_blocks
+                    .fetch_add(holes, Ordering::Relaxed);
                 let r = plan.next_round();
                 let rr = s.guarded_round(Phase::Storage, r, None, alloc, true, false)?;
                 bandwidth = rate(rr.bytes, rr.elapsed).max(bandwidth);
-                let pending = s.block_bytes(&dirty_peek(&*guest, &layout));
-                step = plan.after_storage(pending, bandwidth);
+                s.pending.blocks = Some(s.fetch_blocks()?);
+                step = plan.after_storage(s.pending_block_bytes(), bandwidth);
             }
             SourceStep::StorageDirtyRound => {
-                let blocks = s.fetch_blocks()?;
+                let blocks = s.take_pending_blocks()?;
                 let r = plan.next_round();
                 let rr = s.guarded_round(Phase::Storage, r, None, blocks, false, true)?;
                 if rr.sent > 64 {
                     bandwidth = rate(rr.bytes, rr.elapsed).max(bandwidth);
                 }
-                let pending = s.block_bytes(&dirty_peek(&*guest, &layout));
-                step = plan.after_storage(pending, bandwidth);
+                s.pending.blocks = Some(s.fetch_blocks()?);
+                step = plan.after_storage(s.pending_block_bytes(), bandwidth);
             }
             SourceStep::MemoryFullPass | SourceStep::MemoryDirtyRound => {
                 let full = step == SourceStep::MemoryFullPass;
@@ -865,9 +923,9 @@ fn run(
                     guest.start_dirty_log()?;
                     Bitmap::full(layout.pages)
                 } else {
-                    guest.fetch_dirty_pages()?
+                    s.take_pending_pages()?
                 };
-                let blocks = s.fetch_blocks()?;
+                let blocks = s.take_pending_blocks()?;
                 let r = plan.next_round();
                 let rr = s.guarded_round(Phase::Memory, r, Some(pages), blocks, false, !full)?;
                 let bw = rate(rr.bytes, rr.elapsed);
@@ -879,9 +937,11 @@ fn run(
                 if rr.sent > 256 || bandwidth == 0.0 {
                     bandwidth = if full { bw } else { bw.max(bandwidth * 0.5) };
                 }
-                let pending_pages = guest_dirty_pages(&*guest);
-                let pending = pending_pages * u64::from(layout.page_size)
-                    + s.block_bytes(&dirty_peek(&*guest, &layout));
+                s.pending.pages = Some(guest.fetch_dirty_pages()?);
+                s.pending.blocks = Some(s.fetch_blocks()?);
+                let pending = s.pending.pages.as_ref().map_or(0, Bitmap::count)
+                    * u64::from(layout.page_size)
+                    + s.pending_block_bytes();
                 step = plan.after_memory(RoundFigures {
                     pending_bytes: pending,
                     bandwidth,
@@ -894,7 +954,7 @@ fn run(
         }
     }
 
-    // Stop-and-copy.
+    // Stop-and-copy: what was pending plus what was dirtied until the pause.
     (s.progress)(Progress::Note {
         text: "pausing the guest".into(),
     });
@@ -903,8 +963,8 @@ fn run(
     *paused_at = Some(t_pause);
     s.report.downtime_breakdown.pause_ms = ms(t_pause.elapsed());
     let t_copy = Instant::now();
-    let pages = guest.fetch_dirty_pages()?;
-    let blocks = s.fetch_blocks()?;
+    let pages = s.take_pending_pages()?;
+    let blocks = s.take_pending_blocks()?;
     let r = plan.next_round();
     s.guarded_round(Phase::Final, r, Some(pages), blocks, false, true)?;
     s.report.downtime_breakdown.final_copy_ms = ms(t_copy.elapsed());
@@ -997,28 +1057,6 @@ fn run(
         }
     }
     Ok(())
-}
-
-fn guest_dirty_pages(guest: &dyn SourceGuest) -> u64 {
-    // Peek by fetching and merging back: the trait has no separate peek.
-    match guest.fetch_dirty_pages() {
-        Ok(b) => {
-            let n = b.count();
-            guest.merge_dirty_pages(&b);
-            n
-        }
-        Err(_) => 0,
-    }
-}
-
-fn dirty_peek(guest: &dyn SourceGuest, layout: &GuestLayout) -> Vec<Bitmap> {
-    (0..layout.disks.len())
-        .filter_map(|d| {
-            let b = guest.fetch_dirty_blocks(d).ok()?;
-            guest.merge_dirty_blocks(d, &b);
-            Some(b)
-        })
-        .collect()
 }
 
 fn full_sums_source(guest: &dyn SourceGuest, layout: &GuestLayout) -> (u64, Vec<u64>) {
