@@ -72,17 +72,6 @@ pub enum Baseline {
     Memory,
 }
 
-fn random_fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    for w in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        w.copy_from_slice(&b[..w.len()]);
-    }
-}
-
 /// One plain TCP transfer of `size` bytes over loopback; bytes per second. Buffers are
 /// allocated and touched before the clock starts.
 pub fn tcp_once(size: u64, mode: Baseline) -> anyhow::Result<f64> {
@@ -129,7 +118,7 @@ pub fn tcp_once(size: u64, mode: Baseline) -> anyhow::Result<f64> {
             CHUNK
         }
     ];
-    random_fill(&mut src, 0x9e37_79b9_7f4a_7c15);
+    ferry_sim::random_bytes(0x9e37_79b9_7f4a_7c15, &mut src);
     let _ = ready_rx.recv();
     let start = Instant::now();
     let mut s = TcpStream::connect(addr).context("connecting over loopback")?;

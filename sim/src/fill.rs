@@ -28,7 +28,8 @@ impl Fill {
     }
 }
 
-fn xorshift_fill(seed: u64, buf: &mut [u8]) {
+/// Fills `buf` with incompressible pseudo-random bytes from `seed` (xorshift64).
+pub fn random_bytes(seed: u64, buf: &mut [u8]) {
     let mut x = seed | 1;
     for w in buf.chunks_mut(8) {
         x ^= x << 13;
@@ -74,7 +75,7 @@ pub fn fill_memory(
         Fill::Zero => Ok(()),
         Fill::Random => {
             mem.fill_pages_parallel(first_data_page, mem.pages(), |i, page| {
-                xorshift_fill(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15), page);
+                random_bytes(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15), page);
             });
             Ok(())
         }
@@ -107,7 +108,7 @@ pub fn prefill_disk(disk: &SimDisk, fraction: f64, seed: u64) -> std::io::Result
         if (h >> 11) as f64 / (1u64 << 53) as f64 >= fraction {
             continue;
         }
-        xorshift_fill(h, &mut buf);
+        random_bytes(h, &mut buf);
         let first = e * EXTENT_BLOCKS;
         let n = EXTENT_BLOCKS.min(disk.blocks() - first) as usize;
         for (k, block) in buf.chunks(bs).take(n).enumerate() {

@@ -27,7 +27,7 @@ use ferry_core::guest::{
 };
 
 pub use disk::SimDisk;
-pub use fill::Fill;
+pub use fill::{random_bytes, Fill};
 pub use memory::GuestMemory;
 pub use workload::{Pattern, Regs, WorkloadConfig};
 
