@@ -236,10 +236,51 @@ struct FreezableLink {
     frozen: Arc<AtomicBool>,
 }
 
+/// When a direction of the link freezes.
+#[derive(Clone, Copy)]
+enum Limit {
+    Never,
+    /// After this many bytes.
+    Bytes(u64),
+    /// After this many whole frames (16-byte headers with the body length at 4..8).
+    Frames(usize),
+}
+
+/// Bytes of `buf` (continuing a stream at `state`) that belong to the first `frames`
+/// frames; `state` is (frames done, bytes left in the current frame, header bytes seen).
+fn frame_cut(buf: &[u8], state: &mut (usize, usize, Vec<u8>), frames: usize) -> usize {
+    let mut i = 0;
+    while i < buf.len() {
+        if state.0 >= frames {
+            return i;
+        }
+        if state.1 > 0 {
+            let n = state.1.min(buf.len() - i);
+            state.1 -= n;
+            i += n;
+            if state.1 == 0 {
+                state.0 += 1;
+            }
+            continue;
+        }
+        state.2.push(buf[i]);
+        i += 1;
+        if state.2.len() == 16 {
+            let len = u32::from_le_bytes([state.2[4], state.2[5], state.2[6], state.2[7]]) as usize;
+            state.2.clear();
+            if len == 0 {
+                state.0 += 1;
+            } else {
+                state.1 = len;
+            }
+        }
+    }
+    i
+}
+
 impl FreezableLink {
-    /// Forwards to `target`; freezes both directions when the destination has sent more
-    /// than `back_limit` bytes back, or the source more than `fwd_limit`.
-    fn start(target: String, fwd_limit: u64, back_limit: u64) -> Self {
+    /// Forwards to `target`; freezes both directions when either direction passes its limit.
+    fn start(target: String, fwd: Limit, back: Limit) -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let frozen = Arc::new(AtomicBool::new(false));
@@ -248,20 +289,15 @@ impl FreezableLink {
             for c in l.incoming() {
                 let Ok(c) = c else { return };
                 let d = TcpStream::connect(&target).unwrap();
-                let fwd = Arc::new(AtomicU64::new(0));
-                let back = Arc::new(AtomicU64::new(0));
-                for (mut from, mut to, count, limit) in [
-                    (
-                        c.try_clone().unwrap(),
-                        d.try_clone().unwrap(),
-                        fwd.clone(),
-                        fwd_limit,
-                    ),
-                    (d, c, back.clone(), back_limit),
+                for (mut from, mut to, limit) in [
+                    (c.try_clone().unwrap(), d.try_clone().unwrap(), fwd),
+                    (d, c, back),
                 ] {
                     let f = f.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 16 << 10];
+                        let mut total = 0u64;
+                        let mut frames = (0usize, 0usize, Vec::new());
                         loop {
                             if f.load(Ordering::SeqCst) {
                                 std::thread::sleep(Duration::from_millis(50));
@@ -271,14 +307,21 @@ impl FreezableLink {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
-                            let total = count.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                             // Re-check after the read: it may have blocked across the freeze.
-                            if total > limit || f.load(Ordering::SeqCst) {
-                                f.store(true, Ordering::SeqCst);
-                                continue; // drop what crossed the line: the network died
+                            if f.load(Ordering::SeqCst) {
+                                continue; // what crossed the line is lost: the network died
                             }
-                            if to.write_all(&buf[..n]).is_err() {
+                            let pass = match limit {
+                                Limit::Never => n,
+                                Limit::Bytes(max) => (max.saturating_sub(total) as usize).min(n),
+                                Limit::Frames(k) => frame_cut(&buf[..n], &mut frames, k),
+                            };
+                            total += n as u64;
+                            if to.write_all(&buf[..pass]).is_err() {
                                 return;
+                            }
+                            if pass < n {
+                                f.store(true, Ordering::SeqCst);
                             }
                         }
                     });
@@ -294,7 +337,7 @@ fn network_stopping_mid_precopy_resumes_the_source_and_discards_the_destination(
     let dir = tempfile::tempdir().unwrap();
     let (_src, src_ctl) = run_guest(dir.path(), &["--fill", "random"]);
     let (mut dst, addr, _dst_ctl) = listen(dir.path(), "2s");
-    let link = FreezableLink::start(addr, 30 << 20, u64::MAX);
+    let link = FreezableLink::start(addr, Limit::Bytes(30 << 20), Limit::Never);
     let out = ferry()
         .args(["migrate", "--json", "--timeout", "2s", "--vm"])
         .arg(&src_ctl)
@@ -317,8 +360,8 @@ fn network_dying_right_after_verified_leaves_one_running_copy() {
     let dir = tempfile::tempdir().unwrap();
     let (_src, src_ctl) = run_guest(dir.path(), &[]);
     let (_dst, addr, dst_ctl) = listen(dir.path(), "2s");
-    // The destination's first frame back is the 42-byte welcome; the next is `verified`.
-    let link = FreezableLink::start(addr, u64::MAX, 42);
+    // The destination's first frame back is `welcome`; the next is `verified`.
+    let link = FreezableLink::start(addr, Limit::Never, Limit::Frames(1));
     let out = ferry()
         .args(["migrate", "--json", "--timeout", "2s", "--vm"])
         .arg(&src_ctl)

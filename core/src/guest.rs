@@ -5,6 +5,7 @@
 //! guest that arrived must be able to leave again.
 
 use crate::bitmap::Bitmap;
+use crate::image::ImageIdentity;
 
 /// One disk of a guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub struct DiskLayout {
     pub block_size: u32,
     /// Number of blocks.
     pub blocks: u64,
+    /// The image's identity and current generation, when the image is managed.
+    pub identity: Option<ImageIdentity>,
 }
 
 impl DiskLayout {
@@ -141,7 +144,32 @@ pub trait SourceGuest: Send + Sync {
     /// Saves vCPU and device state; the guest must be paused.
     fn save_state(&self) -> Result<StateBlob, GuestError>;
     /// Called once the destination owns the guest: the source never resumes after this.
+    /// A backend with managed images marks its copies as the state the next generation
+    /// starts from (a base for incremental migration back).
     fn handed_over(&self) {}
+    /// Blocks of `disk` written since `generation` began, if this image's history covers
+    /// that generation (same identity, complete record).
+    fn written_since(&self, _disk: usize, _generation: u64) -> Option<Bitmap> {
+        None
+    }
+}
+
+/// What the destination already holds for a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// Nothing usable: the disk is copied in full.
+    None,
+    /// An untouched copy of this image at this generation.
+    Identity(ImageIdentity),
+}
+
+/// What the source decided for a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskPlan {
+    /// Full copy into a fresh (sparse, zero) image.
+    Full,
+    /// Only the blocks written since the base's generation: the base is kept.
+    Incremental,
 }
 
 /// A guest being received.
@@ -173,4 +201,13 @@ pub trait DestGuest: Send + Sync {
     }
     /// Throws the received guest away (the source stays the owner).
     fn discard(&self);
+    /// What this destination already holds for `disk` (announced in the handshake).
+    fn base(&self, _disk: usize) -> Base {
+        Base::None
+    }
+    /// Prepares `disk` for the plan before any block arrives: `Full` starts from a fresh
+    /// zero image; `Incremental` keeps the base (which stops being a trusted base now).
+    fn prepare_disk(&self, _disk: usize, _plan: DiskPlan) -> Result<(), GuestError> {
+        Ok(())
+    }
 }

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod digest;
 pub mod engine;
 pub mod guest;
+pub mod image;
 pub mod machine;
 pub mod pacer;
 pub mod policy;

@@ -86,6 +86,12 @@ pub struct Report {
     pub zero_blocks: u64,
     /// Blocks never sent because they are holes or zero on the first pass.
     pub blocks_skipped_zero: u64,
+    /// Blocks never sent because the destination's base already holds them.
+    pub blocks_skipped_base: u64,
+    /// Storage mode: "precopy".
+    pub storage_mode: String,
+    /// Per disk: "full" or "incremental".
+    pub disk_plans: Vec<String>,
     /// Page and block payload bytes before encoding (non-zero units).
     pub payload_bytes: u64,
     /// Payload bytes after encoding.

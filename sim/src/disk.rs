@@ -5,7 +5,11 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
 use ferry_core::bitmap::{Bitmap, DirtyBitmap};
+use ferry_core::guest::{Base, DiskPlan};
+use ferry_core::image::{sidecar_path, ImageIdentity, Sidecar, SidecarState, SidecarStatus};
 
 /// One disk image.
 pub struct SimDisk {
@@ -13,13 +17,39 @@ pub struct SimDisk {
     path: PathBuf,
     block_size: u32,
     blocks: u64,
-    /// Blocks written since block logging (re)started.
+    /// Blocks written since block logging (re)started (for the migration in progress).
     pub log: DirtyBitmap,
+    /// Blocks the guest wrote since this process opened the image (for the generation).
+    pub gen_log: DirtyBitmap,
+    meta: Mutex<DiskMeta>,
+}
+
+/// The image's generation bookkeeping.
+#[derive(Debug, Clone)]
+struct DiskMeta {
+    identity: ImageIdentity,
+    /// Whether `written` plus `gen_log` is every block written since the generation began.
+    complete: bool,
+    /// Blocks written since the generation began, before this process opened the image.
+    written: Bitmap,
+    /// What this image can serve as when a migration arrives here.
+    base: Base,
+    /// Set when the image stopped changing here for good (handed over or discarded).
+    retired: bool,
+}
+
+fn new_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    ferry_core::engine::fill_random(&mut id);
+    id
 }
 
 impl SimDisk {
     /// Opens `path`, creating it sparse with `blocks` blocks when missing; an existing
-    /// image must have exactly that size.
+    /// image must have exactly that size. Reads its sidecar: a valid, closed one continues
+    /// the image's generation; an open one (a crash), a corrupt one or none leaves the
+    /// history incomplete (no incremental migration from it). Returns whether the file
+    /// was created.
     pub fn open_or_create(
         path: &Path,
         block_size: u32,
@@ -44,6 +74,55 @@ impl SimDisk {
                 ));
             }
         }
+        let fresh = |complete| DiskMeta {
+            identity: ImageIdentity {
+                id: new_id(),
+                generation: 1,
+            },
+            complete,
+            written: Bitmap::new(blocks),
+            base: Base::None,
+            retired: false,
+        };
+        let meta = match Sidecar::load(path, block_size, blocks) {
+            SidecarStatus::Missing => fresh(created),
+            SidecarStatus::Valid(sc) => match sc.state {
+                SidecarState::Closed => DiskMeta {
+                    identity: sc.identity,
+                    complete: true,
+                    written: sc.written,
+                    base: Base::None,
+                    retired: false,
+                },
+                SidecarState::Base => DiskMeta {
+                    identity: sc.identity,
+                    complete: true,
+                    written: Bitmap::new(blocks),
+                    base: Base::Identity(sc.identity),
+                    retired: false,
+                },
+                SidecarState::Open => {
+                    tracing::warn!(
+                        "{}: the image was not closed cleanly; its write history is incomplete",
+                        path.display()
+                    );
+                    DiskMeta {
+                        identity: sc.identity,
+                        complete: false,
+                        written: Bitmap::new(blocks),
+                        base: Base::None,
+                        retired: false,
+                    }
+                }
+            },
+            SidecarStatus::Corrupt(why) => {
+                tracing::warn!(
+                    "{}: ignoring its metadata ({why}); treating every block as written",
+                    sidecar_path(path).display()
+                );
+                fresh(false)
+            }
+        };
         Ok((
             Self {
                 file,
@@ -51,17 +130,151 @@ impl SimDisk {
                 block_size,
                 blocks,
                 log: DirtyBitmap::new(blocks),
+                gen_log: DirtyBitmap::new(blocks),
+                meta: Mutex::new(meta),
             },
             created,
         ))
     }
 
-    /// Creates `path` fresh (replacing an existing file), sparse.
-    pub fn create_fresh(path: &Path, block_size: u32, blocks: u64) -> std::io::Result<Self> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
+    fn meta(&self) -> std::sync::MutexGuard<'_, DiskMeta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The image's identity and generation.
+    pub fn identity(&self) -> ImageIdentity {
+        self.meta().identity
+    }
+
+    /// What this image offers as a base to an incoming migration.
+    pub fn base(&self) -> Base {
+        self.meta().base
+    }
+
+    /// Whether the write history since the generation began is complete.
+    pub fn history_complete(&self) -> bool {
+        self.meta().complete
+    }
+
+    /// Blocks written since `generation` began, if the history covers it.
+    pub fn written_since(&self, generation: u64) -> Option<Bitmap> {
+        let m = self.meta();
+        if !m.complete || m.identity.generation != generation {
+            return None;
         }
-        Ok(Self::open_or_create(path, block_size, blocks)?.0)
+        let mut w = m.written.clone();
+        w.merge(&self.gen_log.peek());
+        Some(w)
+    }
+
+    /// Writes the sidecar: `Open` while a guest uses the image, `Closed` at a clean stop.
+    /// An incomplete history is always written `Open`: it must never be trusted later.
+    pub fn persist(&self, state: SidecarState) -> Result<(), ferry_core::image::SidecarError> {
+        let m = self.meta();
+        if m.retired {
+            return Ok(());
+        }
+        let mut written = m.written.clone();
+        written.merge(&self.gen_log.peek());
+        let state = if m.complete {
+            state
+        } else {
+            SidecarState::Open
+        };
+        Sidecar {
+            state,
+            identity: m.identity,
+            block_size: self.block_size,
+            written,
+        }
+        .store(&self.path)
+    }
+
+    /// The guest moved away: this copy is now the state the next generation starts from.
+    pub fn hand_over(&self) -> Result<(), ferry_core::image::SidecarError> {
+        let mut m = self.meta();
+        if m.retired {
+            return Ok(());
+        }
+        m.identity.generation += 1;
+        m.written = Bitmap::new(self.blocks);
+        m.complete = true;
+        m.retired = true;
+        Sidecar {
+            state: SidecarState::Base,
+            identity: m.identity,
+            block_size: self.block_size,
+            written: m.written.clone(),
+        }
+        .store(&self.path)
+    }
+
+    /// A migration arrived here: this image now continues `source`'s image in the
+    /// generation after `source.generation`, with nothing written yet.
+    pub fn adopt(&self, source: ImageIdentity) -> Result<(), ferry_core::image::SidecarError> {
+        {
+            let mut m = self.meta();
+            m.identity = ImageIdentity {
+                id: source.id,
+                generation: source.generation + 1,
+            };
+            m.written = Bitmap::new(self.blocks);
+            m.complete = true;
+            m.base = Base::None;
+            m.retired = false;
+        }
+        self.gen_log.clear();
+        self.persist(SidecarState::Open)
+    }
+
+    /// Prepares for an incoming migration: `Full` empties the image (sparse zeros);
+    /// `Incremental` keeps the content, which stops being a trusted base now.
+    pub fn prepare(&self, plan: DiskPlan) -> std::io::Result<()> {
+        match std::fs::remove_file(sidecar_path(&self.path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        {
+            // Until the migration completes the content is neither the base nor the
+            // source's: never trust it (an interrupted receive leaves an open sidecar).
+            let mut m = self.meta();
+            m.base = Base::None;
+            m.complete = false;
+        }
+        if plan == DiskPlan::Full {
+            let size = self.blocks * u64::from(self.block_size);
+            self.file.set_len(0)?;
+            self.file.set_len(size)?;
+        }
+        Ok(())
+    }
+
+    /// The image stops being managed here (discarded): no sidecar is written any more.
+    pub fn retire(&self) {
+        self.meta().retired = true;
+    }
+
+    /// A guest is about to run this image: a base left by a hand-over forks a new
+    /// identity (it diverges from the copy that moved on), and the sidecar is marked open.
+    pub fn start_live(&self) -> Result<(), ferry_core::image::SidecarError> {
+        {
+            let mut m = self.meta();
+            if m.base != Base::None {
+                tracing::warn!(
+                    "{}: running a copy that was handed over; it gets a new identity",
+                    self.path.display()
+                );
+                m.identity = ImageIdentity {
+                    id: new_id(),
+                    generation: 1,
+                };
+                m.base = Base::None;
+                m.written = Bitmap::new(self.blocks);
+                m.complete = true;
+            }
+        }
+        self.persist(SidecarState::Open)
     }
 
     /// The image path.

@@ -229,6 +229,7 @@ impl Inner {
         }
         disk.write(b, &block)?;
         disk.log.set(b);
+        disk.gen_log.set(b);
         self.mem.store(lo, s);
         self.mark(lo / self.map.page_size);
         Ok(())
@@ -318,6 +319,8 @@ pub struct SimGuest {
     threads: Mutex<Vec<JoinHandle<()>>>,
     started: AtomicBool,
     incoming: bool,
+    /// For a received guest: each disk's source identity, and whether we created the file.
+    incoming_disks: Vec<(Option<ferry_core::image::ImageIdentity>, bool)>,
     layout: GuestLayout,
 }
 
@@ -367,6 +370,7 @@ impl SimGuest {
                         .unwrap_or_else(|| "disk0.img".into()),
                     block_size: d.block_size(),
                     blocks: d.blocks(),
+                    identity: Some(d.identity()),
                 })
                 .collect(),
         };
@@ -394,6 +398,7 @@ impl SimGuest {
             threads: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
             incoming,
+            incoming_disks: Vec::new(),
             layout,
         })
     }
@@ -429,7 +434,17 @@ impl SimGuest {
                         source,
                     }
                 })?;
+                // Generation 1 began with the empty image: the fill is written since.
+                if let Ok(a) = disk.allocated() {
+                    for b in a.iter_ones() {
+                        disk.gen_log.set(b);
+                    }
+                }
             }
+            disk.start_live().map_err(|e| SimError::Io {
+                what: format!("writing metadata for {}", path.display()),
+                source: std::io::Error::other(ferry_core::engine::error_chain(&e)),
+            })?;
             disks.push(disk);
         }
         let g = Self::build(cfg.memory / ps, cfg.page_size, disks, cfg.workload, false)?;
@@ -452,22 +467,40 @@ impl SimGuest {
         }
         std::fs::create_dir_all(dir).map_err(gerr("creating the destination directory"))?;
         let mut disks = Vec::new();
+        let mut created = Vec::new();
         for d in &layout.disks {
             let path = dir.join(&d.name);
-            disks.push(
-                SimDisk::create_fresh(&path, d.block_size, d.blocks)
-                    .map_err(gerr("creating a disk image"))?,
-            );
+            // An image of the right size already here is kept: it may be a base for an
+            // incremental migration (the source decides; `prepare_disk` applies it).
+            let (disk, new) = match SimDisk::open_or_create(&path, d.block_size, d.blocks) {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    tracing::warn!("replacing {}: {e}", path.display());
+                    std::fs::remove_file(&path).map_err(gerr("replacing a disk image"))?;
+                    SimDisk::open_or_create(&path, d.block_size, d.blocks)
+                        .map_err(gerr("creating a disk image"))?
+                }
+                Err(e) => return Err(gerr("opening a disk image")(e)),
+            };
+            disks.push(disk);
+            created.push(new);
         }
         // The real workload settings arrive with the state; a placeholder until then.
-        Self::build(
+        let mut g = Self::build(
             layout.pages,
             layout.page_size,
             disks,
             WorkloadConfig::default(),
             true,
         )
-        .map_err(|e| GuestError::Unsupported(e.to_string()))
+        .map_err(|e| GuestError::Unsupported(e.to_string()))?;
+        g.incoming_disks = layout
+            .disks
+            .iter()
+            .zip(created)
+            .map(|(d, c)| (d.identity, c))
+            .collect();
+        Ok(g)
     }
 
     /// Starts the workload threads (after creation, or on the destination after restore).
@@ -497,13 +530,25 @@ impl SimGuest {
         }));
     }
 
-    /// Stops the workload for good and joins its threads.
+    /// Stops the workload for good, joins its threads and closes the images' metadata.
     pub fn stop(&self) {
         self.inner.ctl.stop();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
+        if self.started.load(Ordering::SeqCst) {
+            for d in &self.inner.disks {
+                if let Err(e) = d.persist(ferry_core::image::SidecarState::Closed) {
+                    tracing::warn!("{}", ferry_core::engine::error_chain(&e));
+                }
+            }
+        }
+    }
+
+    /// The disks (for inspection).
+    pub fn disks(&self) -> &[SimDisk] {
+        &self.inner.disks
     }
 
     /// Workload progress.
@@ -593,9 +638,23 @@ impl Drop for SimGuest {
     }
 }
 
+impl SimGuest {
+    fn current_layout(&self) -> GuestLayout {
+        let mut l = self.layout.clone();
+        for (dl, d) in l.disks.iter_mut().zip(&self.inner.disks) {
+            dl.identity = Some(d.identity());
+        }
+        l
+    }
+}
+
 impl SourceGuest for SimGuest {
     fn layout(&self) -> GuestLayout {
-        self.layout.clone()
+        self.current_layout()
+    }
+
+    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
+        self.inner.disks.get(disk)?.written_since(generation)
     }
 
     fn start_dirty_log(&self) -> Result<(), GuestError> {
@@ -675,13 +734,36 @@ impl SourceGuest for SimGuest {
     }
 
     fn handed_over(&self) {
+        // Copies left here become the base the next generation starts from.
+        for d in &self.inner.disks {
+            if let Err(e) = d.hand_over() {
+                tracing::warn!("{}", ferry_core::engine::error_chain(&e));
+            }
+        }
         self.stop();
     }
 }
 
 impl DestGuest for SimGuest {
     fn layout(&self) -> GuestLayout {
-        self.layout.clone()
+        self.current_layout()
+    }
+
+    fn base(&self, disk: usize) -> ferry_core::guest::Base {
+        self.inner
+            .disks
+            .get(disk)
+            .map_or(ferry_core::guest::Base::None, SimDisk::base)
+    }
+
+    fn prepare_disk(
+        &self,
+        disk: usize,
+        plan: ferry_core::guest::DiskPlan,
+    ) -> Result<(), GuestError> {
+        self.disk(disk)?
+            .prepare(plan)
+            .map_err(gerr("preparing a disk image"))
     }
 
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
@@ -758,6 +840,17 @@ impl DestGuest for SimGuest {
     }
 
     fn resume(&self) -> Result<(), GuestError> {
+        if self.incoming && !self.started.load(Ordering::SeqCst) {
+            // The images continue the source's, one generation on.
+            for (d, (id, _)) in self.inner.disks.iter().zip(&self.incoming_disks) {
+                if let Some(id) = id {
+                    d.adopt(*id).map_err(|e| GuestError::Io {
+                        what: "writing image metadata".into(),
+                        source: std::io::Error::other(ferry_core::engine::error_chain(&e)),
+                    })?;
+                }
+            }
+        }
         self.start();
         Ok(())
     }
@@ -803,8 +896,15 @@ impl DestGuest for SimGuest {
 
     fn discard(&self) {
         self.stop();
-        for d in &self.inner.disks {
-            let _ = std::fs::remove_file(d.path());
+        for (i, d) in self.inner.disks.iter().enumerate() {
+            d.retire();
+            // Images created for this migration go; a pre-existing one (a base) stays,
+            // its metadata already removed by `prepare_disk`, so it is never trusted.
+            let created = self.incoming_disks.get(i).is_none_or(|(_, c)| *c);
+            if created {
+                let _ = std::fs::remove_file(d.path());
+                let _ = std::fs::remove_file(ferry_core::image::sidecar_path(d.path()));
+            }
         }
     }
 }

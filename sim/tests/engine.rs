@@ -8,93 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_core::bitmap::Bitmap;
-use ferry_core::engine::{self, DestConfig, DestOutcome, SourceConfig};
+use ferry_core::engine::DestOutcome;
 use ferry_core::guest::{GuestError, GuestLayout, SourceGuest, StateBlob};
-use ferry_core::policy::ConvergencePolicy;
-use ferry_core::transport::Transport;
 use ferry_core::wire::VerifyMode;
-use ferry_core::{DestGuest, Report};
-use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
+use ferry_sim::{Fill, Pattern, SimGuest};
 use ferry_transports::{MemFault, MemTransport};
 
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-fn sim(dir: &std::path::Path, pattern: Pattern, fill: Fill) -> Arc<SimGuest> {
-    sim_at(dir, pattern, fill, 20_000)
-}
-
-/// A guest whose workload writes `dirty_rate` pages per second (0 = as fast as it can).
-fn sim_at(dir: &std::path::Path, pattern: Pattern, fill: Fill, dirty_rate: u64) -> Arc<SimGuest> {
-    let g = SimGuest::create(&SimConfig {
-        memory: 48 << 20,
-        disk_path: Some(dir.join("disk0.img")),
-        disk_size: 16 << 20,
-        fill,
-        workload: WorkloadConfig {
-            pattern,
-            dirty_rate,
-            disk_rate: 400,
-            threads: 2,
-            seed: 7,
-        },
-        ..SimConfig::default()
-    })
-    .unwrap();
-    g.start();
-    Arc::new(g)
-}
-
-struct Run {
-    report: Report,
-    outcome: DestOutcome,
-}
-
-fn migrate_with(
-    source: Arc<dyn SourceGuest>,
-    transport: MemTransport,
-    codec: &str,
-    channels: usize,
-    verify: VerifyMode,
-    dest_dir: &std::path::Path,
-) -> Run {
-    let name = format!("engine-test-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let mut listener = transport.listen(&name).unwrap();
-    let dest_dir = dest_dir.to_path_buf();
-    let dest = std::thread::spawn(move || {
-        let chans = listener.accept().unwrap();
-        engine::receive(
-            chans,
-            &|l: &GuestLayout| {
-                SimGuest::incoming(l, &dest_dir).map(|g| Arc::new(g) as Arc<dyn DestGuest>)
-            },
-            &ferry_codecs::resolve,
-            &DestConfig {
-                io_timeout: Duration::from_secs(2),
-            },
-            &|| {},
-        )
-    });
-    let cfg = SourceConfig {
-        addr: name,
-        channels,
-        policy: ConvergencePolicy {
-            downtime_target: Duration::from_millis(20),
-            ..Default::default()
-        },
-        verify,
-        io_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let report = engine::migrate(
-        source,
-        &transport,
-        ferry_codecs::resolve(codec).unwrap(),
-        &cfg,
-        &|_| {},
-    );
-    let outcome = dest.join().unwrap();
-    Run { report, outcome }
-}
+mod common;
+use common::{migrate_with, sim, sim_at};
 
 #[test]
 fn migrates_and_verifies_with_each_codec_and_channel_count() {

@@ -16,7 +16,7 @@ use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
 use super::{micros, ms, read_frame_until, Control, ReadError};
 use crate::codec::{CodecFactory, Decoder, Unit, UnitKind, TAG_RAW};
 use crate::digest::{full_sum, unit_digest, DigestDelta, DigestTable};
-use crate::guest::{DestGuest, GuestError, GuestLayout, StateBlob};
+use crate::guest::{Base, DestGuest, DiskPlan, GuestError, GuestLayout, StateBlob};
 use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState};
 use crate::report::hex;
 use crate::transport::Channel;
@@ -419,12 +419,16 @@ pub fn receive(
         channels: n,
         ..DestReport::default()
     };
+    let bases: Vec<Base> = (0..hello.layout.disks.len())
+        .map(|d| guest.base(d))
+        .collect();
     if let Err(e) = send(
         txs[0].as_mut(),
         &Message::Welcome(Welcome {
             version: hello.version,
             capabilities: CAPABILITIES,
             migration_id: hello.migration_id,
+            bases: bases.clone(),
         }),
     ) {
         guest.discard();
@@ -438,6 +442,14 @@ pub fn receive(
         return DestOutcome::Discarded {
             error: e.to_string(),
         };
+    }
+    // The storage plan comes before any data: apply it before any receiver runs, so no
+    // block can land in a base that is about to be replaced.
+    if let Err(e) = apply_storage_plan(&mut reader0, &*guest, &bases, cfg, &stop) {
+        let _ = send(txs[0].as_mut(), &Message::Abort(e.clone()));
+        guest.discard();
+        close_all(&closers);
+        return DestOutcome::Discarded { error: e };
     }
 
     // Receivers.
@@ -726,6 +738,48 @@ pub fn receive(
     }
     let _ = flusher.join();
     outcome
+}
+
+fn apply_storage_plan(
+    reader: &mut FrameReader<Box<dyn std::io::Read + Send>>,
+    guest: &dyn DestGuest,
+    bases: &[Base],
+    cfg: &DestConfig,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let plans = match read_frame_until(reader, Some(Instant::now() + cfg.io_timeout), stop) {
+        Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
+            Ok(Message::StoragePlan(p)) => p,
+            Ok(Message::Abort(r)) => return Err(format!("source aborted: {r}")),
+            Ok(_) => {
+                return Err(format!(
+                    "expected the storage plan, got message type {}",
+                    h.ty
+                ))
+            }
+            Err(e) => return Err(format!("bad storage plan: {e}")),
+        },
+        Ok(None) => return Err("source closed the connection before the storage plan".into()),
+        Err(e) => return Err(format!("storage plan: {}", super::source::error_chain(&e))),
+    };
+    if plans.len() != bases.len() {
+        return Err(format!(
+            "storage plan for {} disks, the guest has {}",
+            plans.len(),
+            bases.len()
+        ));
+    }
+    for (d, (plan, base)) in plans.iter().zip(bases).enumerate() {
+        if *plan == DiskPlan::Incremental && *base == Base::None {
+            return Err(format!(
+                "incremental plan for disk {d}, which has no base here"
+            ));
+        }
+        guest
+            .prepare_disk(d, *plan)
+            .map_err(|e| format!("preparing disk {d}: {e}"))?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

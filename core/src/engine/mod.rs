@@ -42,6 +42,7 @@ pub(crate) enum Control {
     Resumed { resume_us: u64 },
     Verdict(Verdict),
     Abort(String),
+    StoragePlan(Vec<crate::guest::DiskPlan>),
 }
 
 impl Control {
@@ -60,6 +61,7 @@ impl Control {
             Message::Resumed { resume_us } => Control::Resumed { resume_us },
             Message::Verdict(v) => Control::Verdict(v),
             Message::Abort(s) => Control::Abort(s),
+            Message::StoragePlan(p) => Control::StoragePlan(p),
             Message::Hello(_) | Message::Batch(_) | Message::RoundEnd(_) => return None,
         })
     }
@@ -75,6 +77,7 @@ impl Control {
             Control::Resumed { .. } => "resumed",
             Control::Verdict(_) => "verdict",
             Control::Abort(_) => "abort",
+            Control::StoragePlan(_) => "storage-plan",
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{block_channel, ms, page_channel, read_frame_until, Control, ReadErro
 use crate::bitmap::Bitmap;
 use crate::codec::{CodecFactory, Encoder, Unit, UnitKind, TAG_RAW};
 use crate::digest::{full_sum, unit_digest, DigestDelta, DigestTable};
-use crate::guest::{GuestLayout, SourceGuest};
+use crate::guest::{Base, DiskPlan, GuestLayout, SourceGuest};
 use crate::machine::{SourcePlan, SourceStep};
 use crate::pacer::Pacer;
 use crate::policy::{ConvergencePolicy, RoundFigures};
@@ -392,7 +392,7 @@ impl Session<'_> {
         round: u32,
         pages: Option<&Bitmap>,
         blocks: &[Bitmap],
-        skip_zero: bool,
+        skip_zero: &[bool],
     ) -> Result<RoundResult, Failure> {
         let start = Instant::now();
         let bytes0 = self.shared.wire_bytes.load(Ordering::Relaxed);
@@ -408,12 +408,13 @@ impl Session<'_> {
         });
         let page_size = self.shared.layout.page_size as usize;
         if let Some(p) = pages {
-            self.dispatch(p, None, page_size, round, skip_zero, |i| page_channel(i, n))?;
+            self.dispatch(p, None, page_size, round, false, |i| page_channel(i, n))?;
         }
         for (d, b) in blocks.iter().enumerate() {
             let bs = self.shared.layout.disks[d].block_size as usize;
             let disk = d as u16;
-            self.dispatch(b, Some(disk), bs, round, skip_zero, |i| {
+            let skip = skip_zero.get(d).copied().unwrap_or(false);
+            self.dispatch(b, Some(disk), bs, round, skip, |i| {
                 block_channel(disk, i, n)
             })?;
             self.check_abort()?;
@@ -533,7 +534,7 @@ impl Session<'_> {
         round: u32,
         pages: Option<Bitmap>,
         blocks: Vec<Bitmap>,
-        skip_zero: bool,
+        skip_zero: &[bool],
         merge_back: bool,
     ) -> Result<RoundResult, Failure> {
         let r = self.round(phase, round, pages.as_ref(), &blocks, skip_zero);
@@ -679,6 +680,7 @@ pub fn migrate(
         transport: transport.name(),
         channels: cfg.channels,
         codec: codec.spec(),
+        storage_mode: "precopy".into(),
         verify_mode: match cfg.verify {
             VerifyMode::Digest => "digest",
             VerifyMode::Full => "full",
@@ -865,7 +867,7 @@ fn run(
 ) -> Result<(), Failure> {
     let guest = Arc::clone(&s.shared.guest);
     let layout = s.shared.layout.clone();
-    match s.expect("welcome", cfg.io_timeout)? {
+    let bases = match s.expect("welcome", cfg.io_timeout)? {
         Control::Welcome(w) => {
             if w.capabilities & REQUIRED_CAPABILITIES != REQUIRED_CAPABILITIES {
                 return Err(Failure("destination lacks required capabilities".into()));
@@ -873,36 +875,81 @@ fn run(
             if hex(&w.migration_id) != s.report.migration_id {
                 return Err(Failure("destination answered for another migration".into()));
             }
+            if w.bases.len() != layout.disks.len() {
+                return Err(Failure(format!(
+                    "destination described {} disks, the guest has {}",
+                    w.bases.len(),
+                    layout.disks.len()
+                )));
+            }
+            w.bases
         }
         Control::Refuse(r) => return Err(Failure(format!("destination refused: {r}"))),
         other => return Err(Failure(format!("expected welcome, got {}", other.name()))),
-    }
-    let mut plan = SourcePlan::new(cfg.policy.clone(), !layout.disks.is_empty());
-    let mut step = plan.first();
-    let mut bandwidth = 0.0f64;
+    };
+    // Per disk: incremental when the destination holds this image at a generation our
+    // history covers, else a full copy.
     if !layout.disks.is_empty() {
         guest.start_block_log()?;
     }
+    let mut first_pass: Vec<Option<Bitmap>> = Vec::with_capacity(layout.disks.len());
+    let mut plans = Vec::with_capacity(layout.disks.len());
+    for (d, (disk, base)) in layout.disks.iter().zip(&bases).enumerate() {
+        let since = match (disk.identity, base) {
+            (Some(mine), Base::Identity(theirs)) if mine.id == theirs.id => {
+                guest.written_since(d, theirs.generation)
+            }
+            _ => None,
+        };
+        plans.push(if since.is_some() {
+            DiskPlan::Incremental
+        } else {
+            DiskPlan::Full
+        });
+        first_pass.push(since);
+    }
+    s.control(&Message::StoragePlan(plans.clone()))?;
+    s.report.disk_plans = plans
+        .iter()
+        .map(|p| match p {
+            DiskPlan::Full => "full".to_string(),
+            DiskPlan::Incremental => "incremental".to_string(),
+        })
+        .collect();
+    let full_disks: Vec<bool> = plans.iter().map(|p| *p == DiskPlan::Full).collect();
+    let mut plan = SourcePlan::new(cfg.policy.clone(), !layout.disks.is_empty());
+    let mut step = plan.first();
+    let mut bandwidth = 0.0f64;
     // The dirty sets fetched after a round are what the policy decides on, and what the
     // next round (or the stop-and-copy) sends: the logs are read once per round.
     loop {
         s.check_abort()?;
         match step {
             SourceStep::StorageFullPass => {
-                let alloc = (0..layout.disks.len())
-                    .map(|d| guest.allocated_blocks(d))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let holes: u64 = alloc
-                    .iter()
-                    .zip(&layout.disks)
-                    .map(|(a, d)| d.blocks - a.count())
-                    .sum();
-                s.shared
-                    .counters
-                    .skipped_blocks
-                    .fetch_add(holes, Ordering::Relaxed);
+                // Full disks: every allocated block (holes and zero blocks skipped, the
+                // destination starts from a zero image). Incremental disks: the blocks
+                // written since the destination's generation, zero ones included.
+                let mut sets = Vec::with_capacity(layout.disks.len());
+                for (d, since) in first_pass.iter_mut().enumerate() {
+                    let total = layout.disks[d].blocks;
+                    let set = match since.take() {
+                        Some(w) => {
+                            s.report.blocks_skipped_base += total - w.count();
+                            w
+                        }
+                        None => {
+                            let a = guest.allocated_blocks(d)?;
+                            s.shared
+                                .counters
+                                .skipped_blocks
+                                .fetch_add(total - a.count(), Ordering::Relaxed);
+                            a
+                        }
+                    };
+                    sets.push(set);
+                }
                 let r = plan.next_round();
-                let rr = s.guarded_round(Phase::Storage, r, None, alloc, true, false)?;
+                let rr = s.guarded_round(Phase::Storage, r, None, sets, &full_disks, false)?;
                 bandwidth = rate(rr.bytes, rr.elapsed).max(bandwidth);
                 s.pending.blocks = Some(s.fetch_blocks()?);
                 step = plan.after_storage(s.pending_block_bytes(), bandwidth);
@@ -910,7 +957,7 @@ fn run(
             SourceStep::StorageDirtyRound => {
                 let blocks = s.take_pending_blocks()?;
                 let r = plan.next_round();
-                let rr = s.guarded_round(Phase::Storage, r, None, blocks, false, true)?;
+                let rr = s.guarded_round(Phase::Storage, r, None, blocks, &[], true)?;
                 if rr.sent > 64 {
                     bandwidth = rate(rr.bytes, rr.elapsed).max(bandwidth);
                 }
@@ -927,7 +974,7 @@ fn run(
                 };
                 let blocks = s.take_pending_blocks()?;
                 let r = plan.next_round();
-                let rr = s.guarded_round(Phase::Memory, r, Some(pages), blocks, false, !full)?;
+                let rr = s.guarded_round(Phase::Memory, r, Some(pages), blocks, &[], !full)?;
                 let bw = rate(rr.bytes, rr.elapsed);
                 if full {
                     // Guest memory moved per second (wire bytes differ with a codec).
@@ -966,7 +1013,7 @@ fn run(
     let pages = s.take_pending_pages()?;
     let blocks = s.take_pending_blocks()?;
     let r = plan.next_round();
-    s.guarded_round(Phase::Final, r, Some(pages), blocks, false, true)?;
+    s.guarded_round(Phase::Final, r, Some(pages), blocks, &[], true)?;
     s.report.downtime_breakdown.final_copy_ms = ms(t_copy.elapsed());
     let t_state = Instant::now();
     let state = guest.save_state()?;

@@ -1,7 +1,8 @@
 //! Message bodies. Every decoder bounds-checks and returns [`DecodeError`], never panics.
 //! The layout of each message is documented in `docs/protocol.md`.
 
-use crate::guest::{DiskLayout, GuestLayout};
+use crate::guest::{Base, DiskLayout, DiskPlan, GuestLayout};
+use crate::image::ImageIdentity;
 use crate::wire::frame::{FrameHeader, FLAG_RECORD_DIGESTS};
 
 /// Protocol version spoken by this build.
@@ -57,6 +58,8 @@ pub mod ty {
     pub const VERDICT: u8 = 12;
     /// Either way: the migration is abandoned.
     pub const ABORT: u8 = 13;
+    /// Source → destination, after `welcome`: what to do with each disk's base.
+    pub const STORAGE_PLAN: u8 = 14;
 }
 
 /// A decoding error: the peer's bytes are malformed.
@@ -212,6 +215,30 @@ pub struct Welcome {
     pub capabilities: u64,
     /// Echo of the migration id.
     pub migration_id: [u8; 16],
+    /// What the destination already holds, per disk of the hello's layout.
+    pub bases: Vec<Base>,
+}
+
+fn put_identity(out: &mut Vec<u8>, id: &Option<ImageIdentity>) {
+    match id {
+        None => out.push(0),
+        Some(i) => {
+            out.push(1);
+            out.extend_from_slice(&i.id);
+            out.extend_from_slice(&i.generation.to_le_bytes());
+        }
+    }
+}
+
+fn get_identity(c: &mut Cursor<'_>) -> Result<Option<ImageIdentity>, DecodeError> {
+    match c.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(ImageIdentity {
+            id: c.array()?,
+            generation: c.u64()?,
+        })),
+        f => Err(c.invalid(format!("identity flag {f}"))),
+    }
 }
 
 /// A unit record inside a batch.
@@ -498,6 +525,8 @@ pub enum Message<'a> {
     Verdict(Verdict),
     /// Abandoned, with the reason.
     Abort(String),
+    /// Per-disk plan.
+    StoragePlan(Vec<DiskPlan>),
 }
 
 const MAX_NAME: usize = 255;
@@ -538,10 +567,26 @@ impl Message<'_> {
             HELLO => decode_hello(body).map(Message::Hello),
             WELCOME => {
                 let mut c = Cursor::new(body, "welcome");
+                let version = c.u16()?;
+                let capabilities = c.u64()?;
+                let migration_id = c.array()?;
+                let n = c.u16()? as usize;
+                if n > MAX_DISKS {
+                    return Err(c.invalid(format!("{n} disks")));
+                }
+                let bases = (0..n)
+                    .map(|_| {
+                        Ok(match get_identity(&mut c)? {
+                            None => Base::None,
+                            Some(i) => Base::Identity(i),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, DecodeError>>()?;
                 let m = Welcome {
-                    version: c.u16()?,
-                    capabilities: c.u64()?,
-                    migration_id: c.array()?,
+                    version,
+                    capabilities,
+                    migration_id,
+                    bases,
                 };
                 c.end()?;
                 Ok(Message::Welcome(m))
@@ -625,6 +670,22 @@ impl Message<'_> {
                 Cursor::new(body, "commit").end()?;
                 Ok(Message::Commit)
             }
+            STORAGE_PLAN => {
+                let mut c = Cursor::new(body, "storage-plan");
+                let n = c.u16()? as usize;
+                if n > MAX_DISKS {
+                    return Err(c.invalid(format!("{n} disks")));
+                }
+                let plans = (0..n)
+                    .map(|_| match c.u8()? {
+                        0 => Ok(DiskPlan::Full),
+                        1 => Ok(DiskPlan::Incremental),
+                        m => Err(c.invalid(format!("disk plan {m}"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                c.end()?;
+                Ok(Message::StoragePlan(plans))
+            }
             VERDICT => {
                 let mut c = Cursor::new(body, "verdict");
                 let ok = match c.u8()? {
@@ -657,7 +718,27 @@ impl Message<'_> {
                 out.extend_from_slice(&w.version.to_le_bytes());
                 out.extend_from_slice(&w.capabilities.to_le_bytes());
                 out.extend_from_slice(&w.migration_id);
+                out.extend_from_slice(&(w.bases.len() as u16).to_le_bytes());
+                for b in &w.bases {
+                    put_identity(
+                        out,
+                        &match b {
+                            Base::None => None,
+                            Base::Identity(i) => Some(*i),
+                        },
+                    );
+                }
                 WELCOME
+            }
+            Message::StoragePlan(plans) => {
+                out.extend_from_slice(&(plans.len() as u16).to_le_bytes());
+                for p in plans {
+                    out.push(match p {
+                        DiskPlan::Full => 0,
+                        DiskPlan::Incremental => 1,
+                    });
+                }
+                STORAGE_PLAN
             }
             Message::Refuse(s) => {
                 put_str(out, s, MAX_TEXT);
@@ -746,6 +827,7 @@ fn encode_hello(h: &Hello, out: &mut Vec<u8>) {
         put_str(out, &d.name, MAX_NAME);
         out.extend_from_slice(&d.block_size.to_le_bytes());
         out.extend_from_slice(&d.blocks.to_le_bytes());
+        put_identity(out, &d.identity);
     }
 }
 
@@ -798,10 +880,12 @@ fn decode_hello(body: &[u8]) -> Result<Hello, DecodeError> {
         if blocks > (1 << 40) {
             return Err(c.invalid(format!("{blocks} blocks")));
         }
+        let identity = get_identity(&mut c)?;
         disks.push(DiskLayout {
             name,
             block_size,
             blocks,
+            identity,
         });
     }
     c.end()?;
@@ -841,6 +925,10 @@ mod tests {
                     name: "disk0.img".into(),
                     block_size: 4096,
                     blocks: 10,
+                    identity: Some(ImageIdentity {
+                        id: [3; 16],
+                        generation: 7,
+                    }),
                 }],
             },
         }
@@ -853,7 +941,15 @@ mod tests {
                 version: 1,
                 capabilities: 3,
                 migration_id: [1; 16],
+                bases: vec![
+                    Base::None,
+                    Base::Identity(ImageIdentity {
+                        id: [2; 16],
+                        generation: 5,
+                    }),
+                ],
             }),
+            Message::StoragePlan(vec![DiskPlan::Full, DiskPlan::Incremental]),
             Message::Refuse("no".into()),
             Message::RoundEnd(RoundEnd {
                 phase: Phase::Memory,

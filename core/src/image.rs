@@ -1,0 +1,287 @@
+//! Disk image identity and generations: the sidecar file `<image>.ferry`.
+//!
+//! A generation `g` of image `id` names a disk state: the content at the moment generation
+//! `g` began. The sidecar records the blocks written since then. A holder of an untouched
+//! copy of that state can announce `(id, g)`, and a source whose current generation is `g`
+//! sends only the blocks written since (incremental migration back).
+//!
+//! ```text
+//! "FERRYIMG" version:u32 state:u8 (0 closed, 1 open, 2 base) id:[16] generation:u64
+//! block_size:u32 blocks:u64
+//! written-since-generation bitmap (ceil(blocks/64) u64 words)   crc32c:u32
+//! ```
+//!
+//! The file is replaced crash-safely (write a temporary file, fsync, rename, fsync the
+//! directory). `state` is `open` while a guest writes the image, so a crash leaves a
+//! sidecar whose bitmap is known to be incomplete; an open, torn or corrupt sidecar is
+//! never trusted for incremental migration.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::bitmap::Bitmap;
+
+const MAGIC: &[u8; 8] = b"FERRYIMG";
+/// Sidecar format version.
+pub const VERSION: u32 = 1;
+const HEAD: usize = 8 + 4 + 1 + 16 + 8 + 4 + 8;
+
+/// An image's identity at a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageIdentity {
+    /// Random id given when the image was first managed.
+    pub id: [u8; 16],
+    /// Current generation.
+    pub generation: u64,
+}
+
+/// What the image is, and whether its bitmap may be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarState {
+    /// A live image stopped cleanly: the bitmap is complete.
+    Closed,
+    /// A guest was writing the image: the bitmap may miss writes.
+    Open,
+    /// A copy left behind by a hand-over: exactly the state the generation began with.
+    /// It is a base for incremental migration back; running it forks a new identity.
+    Base,
+}
+
+/// The decoded sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sidecar {
+    /// Open or closed.
+    pub state: SidecarState,
+    /// Identity and generation.
+    pub identity: ImageIdentity,
+    /// Block size.
+    pub block_size: u32,
+    /// Blocks written since the generation began.
+    pub written: Bitmap,
+}
+
+/// What was found next to an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SidecarStatus {
+    /// No sidecar.
+    Missing,
+    /// A valid sidecar.
+    Valid(Sidecar),
+    /// Unreadable, torn, corrupt or for another geometry: not trusted.
+    Corrupt(String),
+}
+
+/// A sidecar error on write.
+#[derive(Debug, thiserror::Error)]
+#[error("writing image metadata {path}")]
+pub struct SidecarError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// The sidecar path of an image.
+pub fn sidecar_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".ferry");
+    PathBuf::from(p)
+}
+
+impl Sidecar {
+    /// Encodes the sidecar.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEAD + self.written.words().len() * 8 + 4);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.push(match self.state {
+            SidecarState::Closed => 0,
+            SidecarState::Open => 1,
+            SidecarState::Base => 2,
+        });
+        b.extend_from_slice(&self.identity.id);
+        b.extend_from_slice(&self.identity.generation.to_le_bytes());
+        b.extend_from_slice(&self.block_size.to_le_bytes());
+        b.extend_from_slice(&self.written.len().to_le_bytes());
+        for w in self.written.words() {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a sidecar for an image of `blocks` blocks of `block_size`.
+    pub fn decode(bytes: &[u8], block_size: u32, blocks: u64) -> Result<Sidecar, String> {
+        if bytes.len() < HEAD + 4 {
+            return Err(format!("{} bytes: truncated", bytes.len()));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        let mut c = [0u8; 4];
+        c.copy_from_slice(crc);
+        if crc32c::crc32c(body) != u32::from_le_bytes(c) {
+            return Err("checksum mismatch (torn or corrupt)".into());
+        }
+        if &body[..8] != MAGIC {
+            return Err("not a ferry image sidecar".into());
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&body[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(format!(
+                "format version {version} (this build reads {VERSION})"
+            ));
+        }
+        let state = match body[12] {
+            0 => SidecarState::Closed,
+            1 => SidecarState::Open,
+            2 => SidecarState::Base,
+            s => return Err(format!("unknown state {s}")),
+        };
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&body[13..29]);
+        let generation = u64_at(29);
+        let bs = u32_at(37);
+        let n = u64_at(41);
+        if bs != block_size || n != blocks {
+            return Err(format!(
+                "describes {n} blocks of {bs} bytes, the image has {blocks} of {block_size}"
+            ));
+        }
+        let words = &body[HEAD..];
+        if words.len() % 8 != 0 {
+            return Err("bitmap is not whole words".into());
+        }
+        let words: Vec<u64> = words
+            .chunks_exact(8)
+            .map(|w| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(w);
+                u64::from_le_bytes(a)
+            })
+            .collect();
+        let written = Bitmap::from_words(words, blocks).map_err(|e| e.to_string())?;
+        Ok(Sidecar {
+            state,
+            identity: ImageIdentity { id, generation },
+            block_size,
+            written,
+        })
+    }
+
+    /// Reads the sidecar of `image`.
+    pub fn load(image: &Path, block_size: u32, blocks: u64) -> SidecarStatus {
+        match std::fs::read(sidecar_path(image)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SidecarStatus::Missing,
+            Err(e) => SidecarStatus::Corrupt(format!("unreadable: {e}")),
+            Ok(bytes) => match Self::decode(&bytes, block_size, blocks) {
+                Ok(s) => SidecarStatus::Valid(s),
+                Err(e) => SidecarStatus::Corrupt(e),
+            },
+        }
+    }
+
+    /// Replaces the sidecar of `image` crash-safely.
+    pub fn store(&self, image: &Path) -> Result<(), SidecarError> {
+        let path = sidecar_path(image);
+        let err = |source| SidecarError {
+            path: path.clone(),
+            source,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(&self.encode()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Make the rename itself durable.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Hex of an image id.
+pub fn id_hex(id: &[u8; 16]) -> String {
+    crate::report::hex(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Sidecar {
+        let mut written = Bitmap::new(100);
+        written.set(3);
+        written.set(99);
+        Sidecar {
+            state: SidecarState::Closed,
+            identity: ImageIdentity {
+                id: [9; 16],
+                generation: 4,
+            },
+            block_size: 4096,
+            written,
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_every_corruption_or_truncation_is_refused() {
+        let s = sample();
+        let b = s.encode();
+        assert_eq!(Sidecar::decode(&b, 4096, 100).unwrap(), s);
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x20;
+            assert!(Sidecar::decode(&c, 4096, 100).is_err(), "flip at {i}");
+        }
+        for cut in 0..b.len() {
+            assert!(Sidecar::decode(&b[..cut], 4096, 100).is_err(), "cut {cut}");
+        }
+        assert!(Sidecar::decode(&b, 4096, 101).is_err(), "wrong geometry");
+    }
+
+    #[test]
+    fn store_replaces_atomically_and_load_reports_status() {
+        let dir = tempfile_dir();
+        let img = dir.join("disk.img");
+        assert_eq!(Sidecar::load(&img, 4096, 100), SidecarStatus::Missing);
+        let mut s = sample();
+        s.store(&img).unwrap();
+        assert_eq!(
+            Sidecar::load(&img, 4096, 100),
+            SidecarStatus::Valid(s.clone())
+        );
+        s.identity.generation = 5;
+        s.store(&img).unwrap();
+        assert_eq!(Sidecar::load(&img, 4096, 100), SidecarStatus::Valid(s));
+        std::fs::write(sidecar_path(&img), b"FERRYIMG garbage").unwrap();
+        assert!(matches!(
+            Sidecar::load(&img, 4096, 100),
+            SidecarStatus::Corrupt(_)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let mut id = [0u8; 8];
+        crate::engine::fill_random(&mut id);
+        let d = std::env::temp_dir().join(format!("ferry-sidecar-{}", crate::report::hex(&id)));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,124 @@
+//! Helpers shared by the engine and storage tests: real sim guests migrated over the
+//! in-memory transport.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_core::engine::{self, DestConfig, DestOutcome, SourceConfig};
+use ferry_core::guest::{GuestLayout, SourceGuest};
+use ferry_core::policy::ConvergencePolicy;
+use ferry_core::transport::Transport;
+use ferry_core::wire::VerifyMode;
+use ferry_core::{DestGuest, Report};
+use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
+use ferry_transports::MemTransport;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A started 48 MiB guest with a 16 MiB `disk0.img` in `dir`.
+pub fn sim(dir: &Path, pattern: Pattern, fill: Fill) -> Arc<SimGuest> {
+    sim_at(dir, pattern, fill, 20_000)
+}
+
+/// Like [`sim`], with the workload writing `dirty_rate` pages per second (0 = flat out).
+pub fn sim_at(dir: &Path, pattern: Pattern, fill: Fill, dirty_rate: u64) -> Arc<SimGuest> {
+    sim_with(dir, 16 << 20, 400, pattern, fill, dirty_rate)
+}
+
+/// A started guest with a `disk_size` disk written at `disk_rate` blocks per second.
+pub fn sim_with(
+    dir: &Path,
+    disk_size: u64,
+    disk_rate: u64,
+    pattern: Pattern,
+    fill: Fill,
+    dirty_rate: u64,
+) -> Arc<SimGuest> {
+    let g = SimGuest::create(&SimConfig {
+        memory: 48 << 20,
+        disk_path: Some(dir.join("disk0.img")),
+        disk_size,
+        fill,
+        workload: WorkloadConfig {
+            pattern,
+            dirty_rate,
+            disk_rate,
+            threads: 2,
+            seed: 7,
+        },
+        ..SimConfig::default()
+    })
+    .unwrap();
+    g.start();
+    Arc::new(g)
+}
+
+/// A finished migration.
+pub struct Run {
+    /// The source's report.
+    pub report: Report,
+    /// The destination's outcome.
+    pub outcome: DestOutcome,
+    /// The destination guest, if one was built.
+    pub dest: Option<Arc<SimGuest>>,
+}
+
+/// Migrates `source` into a destination whose images live in `dest_dir`.
+pub fn migrate_with(
+    source: Arc<dyn SourceGuest>,
+    transport: MemTransport,
+    codec: &str,
+    channels: usize,
+    verify: VerifyMode,
+    dest_dir: &Path,
+) -> Run {
+    let name = format!("engine-test-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let mut listener = transport.listen(&name).unwrap();
+    let dest_dir = dest_dir.to_path_buf();
+    let slot: Arc<Mutex<Option<Arc<SimGuest>>>> = Arc::default();
+    let slot2 = Arc::clone(&slot);
+    let dest = std::thread::spawn(move || {
+        let chans = listener.accept().unwrap();
+        engine::receive(
+            chans,
+            &|l: &GuestLayout| {
+                let g = Arc::new(SimGuest::incoming(l, &dest_dir)?);
+                *slot2.lock().unwrap() = Some(Arc::clone(&g));
+                Ok(g as Arc<dyn DestGuest>)
+            },
+            &ferry_codecs::resolve,
+            &DestConfig {
+                io_timeout: Duration::from_secs(2),
+            },
+            &|| {},
+        )
+    });
+    let cfg = SourceConfig {
+        addr: name,
+        channels,
+        policy: ConvergencePolicy {
+            downtime_target: Duration::from_millis(20),
+            ..Default::default()
+        },
+        verify,
+        io_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let report = engine::migrate(
+        source,
+        &transport,
+        ferry_codecs::resolve(codec).unwrap(),
+        &cfg,
+        &|_| {},
+    );
+    let outcome = dest.join().unwrap();
+    let dest = slot.lock().unwrap().take();
+    Run {
+        report,
+        outcome,
+        dest,
+    }
+}

@@ -1,0 +1,173 @@
+//! Local storage: image identity and generations, incremental migration back, and the
+//! fall-back to a full copy when the metadata cannot be trusted.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{migrate_with, sim_with};
+use ferry_core::image::{sidecar_path, Sidecar, SidecarState, SidecarStatus};
+use ferry_core::wire::VerifyMode;
+use ferry_core::engine::DestOutcome;
+use ferry_sim::{Fill, Pattern};
+use ferry_transports::MemTransport;
+
+const DISK: u64 = 64 << 20;
+const BLOCKS: u64 = DISK / 4096;
+
+#[test]
+fn a_to_b_to_a_sends_only_what_b_wrote() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    // 64 MiB disk, half filled; the workload writes ~150 blocks/s (uniform).
+    let a = sim_with(dir_a.path(), DISK, 150, Pattern::Uniform, Fill::Zero, 5_000);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A -> B: B holds nothing, so a full copy.
+    let out = migrate_with(
+        a.clone(),
+        MemTransport::new(),
+        "lz4",
+        2,
+        VerifyMode::Full,
+        dir_b.path(),
+    );
+    assert!(
+        out.report.ok && out.report.verified,
+        "{:?}",
+        out.report.error
+    );
+    assert_eq!(out.report.disk_plans, vec!["full"]);
+    // A's copy is now the base of the next generation.
+    let img_a = dir_a.path().join("disk0.img");
+    let SidecarStatus::Valid(base) = Sidecar::load(&img_a, 4096, BLOCKS) else {
+        panic!("no base sidecar on A")
+    };
+    assert_eq!(base.state, SidecarState::Base);
+    let b = out.dest.unwrap();
+    assert!(matches!(out.outcome, DestOutcome::Resumed { .. }));
+    assert_eq!(
+        b.disks()[0].identity(),
+        base.identity,
+        "B continues A's image"
+    );
+
+    // B runs for a while, writing about 2% of the blocks.
+    std::thread::sleep(Duration::from_millis(1200));
+    let written_on_b = b.disks()[0]
+        .written_since(base.identity.generation)
+        .unwrap()
+        .count();
+    assert!(written_on_b > 50, "B wrote only {written_on_b} blocks");
+
+    // B -> A: A holds the base, so only B's writes move; full verification proves A's
+    // image ends up equal to B's.
+    let back = migrate_with(
+        b.clone(),
+        MemTransport::new(),
+        "lz4",
+        2,
+        VerifyMode::Full,
+        dir_a.path(),
+    );
+    let r = &back.report;
+    assert!(r.ok && r.verified, "{:?}", r.error);
+    assert_eq!(r.disk_plans, vec!["incremental"]);
+    let first = &r.rounds[0];
+    assert_eq!(first.phase, "storage");
+    assert!(
+        first.sent as f64 <= written_on_b as f64 * 1.05 + 20.0,
+        "first pass sent {} blocks for {written_on_b} written on B",
+        first.sent
+    );
+    assert!(r.blocks_skipped_base >= BLOCKS - first.sent - 1);
+    eprintln!(
+        "return leg: {} blocks sent in all ({} in the first pass) for {written_on_b} written on B; {} bytes on the wire",
+        r.blocks_sent, first.sent, r.bytes_on_wire
+    );
+    let a2 = back.dest.unwrap();
+    assert_eq!(
+        a2.disks()[0].identity().generation,
+        base.identity.generation + 1
+    );
+}
+
+#[test]
+fn a_corrupt_or_truncated_sidecar_falls_back_to_a_full_copy() {
+    for damage in ["truncate", "flip"] {
+        let dir_a = tempfile::tempdir().unwrap();
+        let dir_b = tempfile::tempdir().unwrap();
+        let a = sim_with(dir_a.path(), DISK, 150, Pattern::Uniform, Fill::Zero, 5_000);
+        std::thread::sleep(Duration::from_millis(100));
+        let out = migrate_with(
+            a,
+            MemTransport::new(),
+            "raw",
+            1,
+            VerifyMode::Digest,
+            dir_b.path(),
+        );
+        assert!(out.report.ok && out.report.verified);
+        let b = out.dest.unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Damage A's base metadata.
+        let sc = sidecar_path(&dir_a.path().join("disk0.img"));
+        let mut bytes = std::fs::read(&sc).unwrap();
+        match damage {
+            "truncate" => bytes.truncate(bytes.len() / 2),
+            _ => bytes[40] ^= 0x55,
+        }
+        std::fs::write(&sc, &bytes).unwrap();
+        let back = migrate_with(
+            b,
+            MemTransport::new(),
+            "raw",
+            1,
+            VerifyMode::Full,
+            dir_a.path(),
+        );
+        let r = back.report;
+        assert!(r.ok && r.verified, "{damage}: {:?}", r.error);
+        assert_eq!(
+            r.disk_plans,
+            vec!["full"],
+            "{damage}: trusted a damaged sidecar"
+        );
+    }
+}
+
+#[test]
+fn an_unclean_stop_is_never_trusted_for_incremental_migration() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = sim_with(dir_a.path(), DISK, 150, Pattern::Uniform, Fill::Zero, 5_000);
+    std::thread::sleep(Duration::from_millis(100));
+    // While A runs, its sidecar says "open": a crash now leaves an untrusted history.
+    let img = dir_a.path().join("disk0.img");
+    let SidecarStatus::Valid(sc) = Sidecar::load(&img, 4096, BLOCKS) else {
+        panic!("no sidecar while running")
+    };
+    assert_eq!(sc.state, SidecarState::Open);
+    // A copy of that crashed state in B's directory is not a base.
+    std::fs::copy(&img, dir_b.path().join("disk0.img")).unwrap();
+    std::fs::copy(
+        sidecar_path(&img),
+        sidecar_path(&dir_b.path().join("disk0.img")),
+    )
+    .unwrap();
+    let out = migrate_with(
+        a,
+        MemTransport::new(),
+        "raw",
+        1,
+        VerifyMode::Full,
+        dir_b.path(),
+    );
+    assert!(
+        out.report.ok && out.report.verified,
+        "{:?}",
+        out.report.error
+    );
+    assert_eq!(out.report.disk_plans, vec!["full"]);
+}
