@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{migrate_with, sim_with};
+use ferry_core::engine::DestOutcome;
 use ferry_core::image::{sidecar_path, Sidecar, SidecarState, SidecarStatus};
 use ferry_core::wire::VerifyMode;
-use ferry_core::engine::DestOutcome;
 use ferry_sim::{Fill, Pattern};
 use ferry_transports::MemTransport;
 
