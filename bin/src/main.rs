@@ -58,6 +58,24 @@ enum Cmd {
     /// Measurements: plain TCP baseline, engine throughput as a ratio of it.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Disk image metadata.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Identity, generation and blocks written since the generation began.
+    Info {
+        /// The disk image (its metadata is `PATH.ferry`).
+        path: PathBuf,
+        /// Block size of the image.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -155,6 +173,11 @@ fn main() -> ExitCode {
         Cmd::Discard(a) => simple(a, Request::Discard),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Image(ImageCmd::Info {
+            path,
+            block_size,
+            json,
+        }) => image_info(&path, block_size, json),
     };
     match r {
         Ok(code) => code,
@@ -494,4 +517,67 @@ fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn image_info(path: &std::path::Path, block_size: u32, json: bool) -> anyhow::Result<ExitCode> {
+    use ferry_core::image::{id_hex, sidecar_path, Sidecar, SidecarState, SidecarStatus};
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if block_size == 0 || meta.len() % u64::from(block_size) != 0 {
+        anyhow::bail!(
+            "--block-size: {} is not a multiple of {block_size}",
+            meta.len()
+        );
+    }
+    let blocks = meta.len() / u64::from(block_size);
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        meta.blocks() * 512
+    };
+    let status = Sidecar::load(path, block_size, blocks);
+    let v = match &status {
+        SidecarStatus::Missing => {
+            json!({"image": path, "bytes": meta.len(), "allocated_bytes": allocated,
+            "managed": false, "metadata": sidecar_path(path)})
+        }
+        SidecarStatus::Corrupt(why) => {
+            json!({"image": path, "bytes": meta.len(), "allocated_bytes": allocated,
+            "managed": false, "metadata_error": why})
+        }
+        SidecarStatus::Valid(sc) => json!({
+            "image": path, "bytes": meta.len(), "allocated_bytes": allocated, "managed": true,
+            "id": id_hex(&sc.identity.id), "generation": sc.identity.generation,
+            "state": match sc.state { SidecarState::Closed => "closed", SidecarState::Open => "open (in use, or not closed cleanly)", SidecarState::Base => "base (left by a hand-over)" },
+            "blocks": blocks, "written_since_generation": sc.written.count(),
+            "history_trusted": sc.state != SidecarState::Open,
+        }),
+    };
+    if json {
+        print_json(&v)?;
+    } else {
+        match &status {
+            SidecarStatus::Missing => eprintln!(
+                "{}: {} ({} allocated), not managed by ferry (no {})",
+                path.display(),
+                units::human_bytes(meta.len()),
+                units::human_bytes(allocated),
+                sidecar_path(path).display()
+            ),
+            SidecarStatus::Corrupt(why) => eprintln!(
+                "{}: metadata not trusted: {why}",
+                sidecar_path(path).display()
+            ),
+            SidecarStatus::Valid(sc) => eprintln!(
+                "{}: id {}  generation {}  state {}  {} of {} blocks written since the generation began  ({} allocated of {})",
+                path.display(),
+                id_hex(&sc.identity.id),
+                sc.identity.generation,
+                v["state"].as_str().unwrap_or(""),
+                sc.written.count(),
+                blocks,
+                units::human_bytes(allocated),
+                units::human_bytes(meta.len())
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -125,9 +125,16 @@ pub fn print_summary(r: &Report) {
         r.first_pass_mbps
     );
     eprintln!(
-        "  pages sent {} ({} zero, flag only); blocks sent {} ({} zero), {} skipped as holes/zero",
-        r.pages_sent, r.zero_pages, r.blocks_sent, r.zero_blocks, r.blocks_skipped_zero
+        "  pages sent {} ({} zero, flag only); blocks sent {} ({} zero), {} skipped as holes/zero, {} already at the destination",
+        r.pages_sent, r.zero_pages, r.blocks_sent, r.zero_blocks, r.blocks_skipped_zero, r.blocks_skipped_base
     );
+    if !r.disk_plans.is_empty() {
+        eprintln!(
+            "  storage {}: disks {}",
+            r.storage_mode,
+            r.disk_plans.join(", ")
+        );
+    }
     if let Some(s) = r.stop_reason {
         eprintln!(
             "  pre-copy ended: {} after {} rounds",
