@@ -161,6 +161,8 @@ pub enum Base {
     None,
     /// An untouched copy of this image at this generation.
     Identity(ImageIdentity),
+    /// An image of the right size whose history is unknown: compared block by block.
+    Raw,
 }
 
 /// What the source decided for a disk.
@@ -170,6 +172,8 @@ pub enum DiskPlan {
     Full,
     /// Only the blocks written since the base's generation: the base is kept.
     Incremental,
+    /// Only the blocks whose digests differ from the base's: the base is kept.
+    HashCompared,
 }
 
 /// A guest being received.
@@ -206,7 +210,7 @@ pub trait DestGuest: Send + Sync {
         Base::None
     }
     /// Prepares `disk` for the plan before any block arrives: `Full` starts from a fresh
-    /// zero image; `Incremental` keeps the base (which stops being a trusted base now).
+    /// zero image; the others keep the base (which stops being a trusted base now).
     fn prepare_disk(&self, _disk: usize, _plan: DiskPlan) -> Result<(), GuestError> {
         Ok(())
     }

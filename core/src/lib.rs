@@ -9,6 +9,7 @@
 //! - [`engine`]: the threaded drivers around the machines.
 //! - [`codec`], [`transport`]: the seams codecs and transports plug into.
 
+pub mod basecmp;
 pub mod bitmap;
 pub mod codec;
 pub mod digest;

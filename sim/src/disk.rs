@@ -74,6 +74,9 @@ impl SimDisk {
                 ));
             }
         }
+        // A pre-existing image whose history is not trusted can still be compared block
+        // by block with a source's image (hash-compared copy).
+        let untrusted = if created { Base::None } else { Base::Raw };
         let fresh = |complete| DiskMeta {
             identity: ImageIdentity {
                 id: new_id(),
@@ -81,7 +84,7 @@ impl SimDisk {
             },
             complete,
             written: Bitmap::new(blocks),
-            base: Base::None,
+            base: untrusted,
             retired: false,
         };
         let meta = match Sidecar::load(path, block_size, blocks) {
@@ -91,7 +94,7 @@ impl SimDisk {
                     identity: sc.identity,
                     complete: true,
                     written: sc.written,
-                    base: Base::None,
+                    base: untrusted,
                     retired: false,
                 },
                 SidecarState::Base => DiskMeta {
@@ -110,7 +113,7 @@ impl SimDisk {
                         identity: sc.identity,
                         complete: false,
                         written: Bitmap::new(blocks),
-                        base: Base::None,
+                        base: untrusted,
                         retired: false,
                     }
                 }
@@ -227,8 +230,8 @@ impl SimDisk {
         self.persist(SidecarState::Open)
     }
 
-    /// Prepares for an incoming migration: `Full` empties the image (sparse zeros);
-    /// `Incremental` keeps the content, which stops being a trusted base now.
+    /// Prepares for an incoming migration: `Full` empties the image (sparse zeros); the
+    /// other plans keep the content, which stops being a trusted base now.
     pub fn prepare(&self, plan: DiskPlan) -> std::io::Result<()> {
         match std::fs::remove_file(sidecar_path(&self.path)) {
             Ok(()) => {}

@@ -94,7 +94,7 @@ fn a_to_b_to_a_sends_only_what_b_wrote() {
 }
 
 #[test]
-fn a_corrupt_or_truncated_sidecar_falls_back_to_a_full_copy() {
+fn a_corrupt_or_truncated_sidecar_falls_back_to_a_hash_compared_copy() {
     for damage in ["truncate", "flip"] {
         let dir_a = tempfile::tempdir().unwrap();
         let dir_b = tempfile::tempdir().unwrap();
@@ -131,7 +131,7 @@ fn a_corrupt_or_truncated_sidecar_falls_back_to_a_full_copy() {
         assert!(r.ok && r.verified, "{damage}: {:?}", r.error);
         assert_eq!(
             r.disk_plans,
-            vec!["full"],
+            vec!["hash-compared"],
             "{damage}: trusted a damaged sidecar"
         );
     }
@@ -169,5 +169,53 @@ fn an_unclean_stop_is_never_trusted_for_incremental_migration() {
         "{:?}",
         out.report.error
     );
-    assert_eq!(out.report.disk_plans, vec!["full"]);
+    assert_eq!(out.report.disk_plans, vec!["hash-compared"]);
+}
+
+#[test]
+fn hash_compared_copy_sends_only_the_blocks_that_differ() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    // No disk writes during the migration, so the first pass is exactly the difference.
+    let a = sim_with(dir_a.path(), DISK, 0, Pattern::Idle, Fill::Zero, 0);
+    // B holds an unmanaged copy of A's image in which 5% of the blocks differ.
+    let img_a = dir_a.path().join("disk0.img");
+    let img_b = dir_b.path().join("disk0.img");
+    std::fs::copy(&img_a, &img_b).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img_b)
+        .unwrap();
+    let mut changed = 0u64;
+    for b in (0..BLOCKS).filter(|b| b % 20 == 7) {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0xa5; 4096], b * 4096).unwrap();
+        changed += 1;
+    }
+    drop(f);
+    let out = migrate_with(
+        a,
+        MemTransport::new(),
+        "raw",
+        1,
+        VerifyMode::Full,
+        dir_b.path(),
+    );
+    let r = out.report;
+    assert!(r.ok && r.verified, "{:?}", r.error);
+    assert_eq!(r.disk_plans, vec!["hash-compared"]);
+    let first = &r.rounds[0];
+    assert_eq!(first.phase, "storage");
+    assert_eq!(
+        first.sent, changed,
+        "sent {} blocks for {changed} that differ",
+        first.sent
+    );
+    assert_eq!(r.blocks_skipped_base, BLOCKS - changed);
+    eprintln!(
+        "hash-compared: {} of {BLOCKS} blocks sent ({:.1}%), {} storage bytes on the wire",
+        first.sent,
+        100.0 * first.sent as f64 / BLOCKS as f64,
+        first.bytes
+    );
 }

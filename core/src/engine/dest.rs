@@ -445,7 +445,21 @@ pub fn receive(
     }
     // The storage plan comes before any data: apply it before any receiver runs, so no
     // block can land in a base that is about to be replaced.
-    if let Err(e) = apply_storage_plan(&mut reader0, &*guest, &bases, cfg, &stop) {
+    let digest_key = crate::basecmp::key_for(&hello.migration_id);
+    if let Err(e) =
+        apply_storage_plan(&mut reader0, &*guest, &bases, cfg, &stop).and_then(|plans| {
+            answer_hash_compare(
+                &mut reader0,
+                txs[0].as_mut(),
+                &*guest,
+                &hello.layout,
+                &plans,
+                &digest_key,
+                cfg,
+                &stop,
+            )
+        })
+    {
         let _ = send(txs[0].as_mut(), &Message::Abort(e.clone()));
         guest.discard();
         close_all(&closers);
@@ -746,7 +760,7 @@ fn apply_storage_plan(
     bases: &[Base],
     cfg: &DestConfig,
     stop: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<Vec<DiskPlan>, String> {
     let plans = match read_frame_until(reader, Some(Instant::now() + cfg.io_timeout), stop) {
         Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
             Ok(Message::StoragePlan(p)) => p,
@@ -770,14 +784,100 @@ fn apply_storage_plan(
         ));
     }
     for (d, (plan, base)) in plans.iter().zip(bases).enumerate() {
-        if *plan == DiskPlan::Incremental && *base == Base::None {
+        let needs_base = *plan != DiskPlan::Full;
+        if needs_base && *base == Base::None {
             return Err(format!(
-                "incremental plan for disk {d}, which has no base here"
+                "{plan:?} plan for disk {d}, which has no base here"
+            ));
+        }
+        if *plan == DiskPlan::Incremental && !matches!(base, Base::Identity(_)) {
+            return Err(format!(
+                "incremental plan for disk {d} without an identified base"
             ));
         }
         guest
             .prepare_disk(d, *plan)
             .map_err(|e| format!("preparing disk {d}: {e}"))?;
+    }
+    Ok(plans)
+}
+
+/// For each hash-compared disk: send the base's chunk digests, then the block digests of
+/// the chunks the source asks for.
+#[allow(clippy::too_many_arguments)]
+fn answer_hash_compare(
+    reader: &mut FrameReader<Box<dyn std::io::Read + Send>>,
+    tx: &mut (dyn Write + Send),
+    guest: &dyn DestGuest,
+    layout: &GuestLayout,
+    plans: &[DiskPlan],
+    key: &[u8; 32],
+    cfg: &DestConfig,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    use crate::basecmp::{block_digests, chunk_digests, CHUNK_BLOCKS};
+    use crate::wire::CHUNKS_PER_FRAME;
+    for (d, plan) in plans.iter().enumerate() {
+        if *plan != DiskPlan::HashCompared {
+            continue;
+        }
+        let dl = &layout.disks[d];
+        let blocks = block_digests(key, dl.blocks, dl.block_size as usize, |b, buf| {
+            guest.read_block(d, b, buf).is_ok()
+        });
+        send(
+            tx,
+            &Message::BaseDigests {
+                disk: d as u16,
+                digests: chunk_digests(key, &blocks),
+            },
+        )?;
+        let deadline = Some(Instant::now() + cfg.io_timeout * 3);
+        let chunks = match read_frame_until(reader, deadline, stop) {
+            Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
+                Ok(Message::DigestRequest { disk, chunks }) if usize::from(disk) == d => chunks,
+                Ok(Message::Abort(r)) => return Err(format!("source aborted: {r}")),
+                Ok(_) => {
+                    return Err(format!(
+                        "expected a digest request, got message type {}",
+                        h.ty
+                    ))
+                }
+                Err(e) => return Err(format!("bad digest request: {e}")),
+            },
+            Ok(None) => return Err("source closed the connection during the comparison".into()),
+            Err(e) => {
+                return Err(format!(
+                    "digest request: {}",
+                    super::source::error_chain(&e)
+                ))
+            }
+        };
+        let n_chunks = dl.blocks.div_ceil(CHUNK_BLOCKS);
+        let parts: Vec<&[u32]> = if chunks.is_empty() {
+            vec![&[]]
+        } else {
+            chunks.chunks(CHUNKS_PER_FRAME).collect()
+        };
+        for (k, part) in parts.iter().enumerate() {
+            let mut out = Vec::with_capacity(part.len());
+            for &c in part.iter() {
+                if u64::from(c) >= n_chunks {
+                    return Err(format!("digest request for chunk {c} of {n_chunks}"));
+                }
+                let first = (u64::from(c) * CHUNK_BLOCKS) as usize;
+                let end = (first + CHUNK_BLOCKS as usize).min(blocks.len());
+                out.push((c, blocks[first..end].to_vec()));
+            }
+            send(
+                tx,
+                &Message::BlockDigests {
+                    disk: d as u16,
+                    last: k + 1 == parts.len(),
+                    chunks: out,
+                },
+            )?;
+        }
     }
     Ok(())
 }

@@ -35,14 +35,34 @@ pub fn block_channel(disk: u16, index: u64, channels: usize) -> usize {
 pub(crate) enum Control {
     Welcome(Welcome),
     Refuse(String),
-    State { version: u32, bytes: Vec<u8> },
+    State {
+        version: u32,
+        bytes: Vec<u8>,
+    },
     Manifest(Manifest),
-    Verified { verify_us: u64 },
+    Verified {
+        verify_us: u64,
+    },
     Commit,
-    Resumed { resume_us: u64 },
+    Resumed {
+        resume_us: u64,
+    },
     Verdict(Verdict),
     Abort(String),
     StoragePlan(Vec<crate::guest::DiskPlan>),
+    BaseDigests {
+        disk: u16,
+        digests: Vec<crate::basecmp::Digest>,
+    },
+    DigestRequest {
+        disk: u16,
+        chunks: Vec<u32>,
+    },
+    BlockDigests {
+        disk: u16,
+        last: bool,
+        chunks: Vec<(u32, Vec<crate::basecmp::Digest>)>,
+    },
 }
 
 impl Control {
@@ -62,6 +82,11 @@ impl Control {
             Message::Verdict(v) => Control::Verdict(v),
             Message::Abort(s) => Control::Abort(s),
             Message::StoragePlan(p) => Control::StoragePlan(p),
+            Message::BaseDigests { disk, digests } => Control::BaseDigests { disk, digests },
+            Message::DigestRequest { disk, chunks } => Control::DigestRequest { disk, chunks },
+            Message::BlockDigests { disk, last, chunks } => {
+                Control::BlockDigests { disk, last, chunks }
+            }
             Message::Hello(_) | Message::Batch(_) | Message::RoundEnd(_) => return None,
         })
     }
@@ -78,6 +103,9 @@ impl Control {
             Control::Verdict(_) => "verdict",
             Control::Abort(_) => "abort",
             Control::StoragePlan(_) => "storage-plan",
+            Control::BaseDigests { .. } => "base-digests",
+            Control::DigestRequest { .. } => "digest-request",
+            Control::BlockDigests { .. } => "block-digests",
         }
     }
 }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::{block_channel, ms, page_channel, read_frame_until, Control, ReadError};
+use crate::basecmp::{
+    block_digests, chunk_digests, differing_chunks, key_for, mark_differing, CHUNK_BLOCKS,
+};
 use crate::bitmap::Bitmap;
 use crate::codec::{CodecFactory, Encoder, Unit, UnitKind, TAG_RAW};
 use crate::digest::{full_sum, unit_digest, DigestDelta, DigestTable};
@@ -348,6 +351,7 @@ struct Session<'a> {
     last_deltas: (DigestDelta, Vec<DigestDelta>),
     /// Dirty sets fetched but not yet sent: merged back into the guest if we fail.
     pending: Pending,
+    migration_id: [u8; 16],
 }
 
 #[derive(Default)]
@@ -786,6 +790,7 @@ pub fn migrate(
         report,
         last_deltas: (DigestDelta::default(), Vec::new()),
         pending: Pending::default(),
+        migration_id,
     };
     let mut paused_at: Option<Instant> = None;
     let mut committed = false;
@@ -895,27 +900,39 @@ fn run(
     let mut first_pass: Vec<Option<Bitmap>> = Vec::with_capacity(layout.disks.len());
     let mut plans = Vec::with_capacity(layout.disks.len());
     for (d, (disk, base)) in layout.disks.iter().zip(&bases).enumerate() {
-        let since = match (disk.identity, base) {
+        let (plan, since) = match (disk.identity, base) {
             (Some(mine), Base::Identity(theirs)) if mine.id == theirs.id => {
-                guest.written_since(d, theirs.generation)
+                match guest.written_since(d, theirs.generation) {
+                    Some(w) => (DiskPlan::Incremental, Some(w)),
+                    None => (DiskPlan::HashCompared, None),
+                }
             }
-            _ => None,
+            (_, Base::Identity(_) | Base::Raw) => (DiskPlan::HashCompared, None),
+            (_, Base::None) => (DiskPlan::Full, None),
         };
-        plans.push(if since.is_some() {
-            DiskPlan::Incremental
-        } else {
-            DiskPlan::Full
-        });
+        plans.push(plan);
         first_pass.push(since);
     }
     s.control(&Message::StoragePlan(plans.clone()))?;
     s.report.disk_plans = plans
         .iter()
-        .map(|p| match p {
-            DiskPlan::Full => "full".to_string(),
-            DiskPlan::Incremental => "incremental".to_string(),
+        .map(|p| {
+            match p {
+                DiskPlan::Full => "full",
+                DiskPlan::Incremental => "incremental",
+                DiskPlan::HashCompared => "hash-compared",
+            }
+            .to_string()
         })
         .collect();
+    for (d, plan) in plans.iter().enumerate() {
+        if *plan == DiskPlan::HashCompared {
+            (s.progress)(Progress::Note {
+                text: format!("comparing disk {d} with the destination's copy"),
+            });
+            first_pass[d] = Some(hash_compare(s, cfg, d)?);
+        }
+    }
     let full_disks: Vec<bool> = plans.iter().map(|p| *p == DiskPlan::Full).collect();
     let mut plan = SourcePlan::new(cfg.policy.clone(), !layout.disks.is_empty());
     let mut step = plan.first();
@@ -1104,6 +1121,71 @@ fn run(
         }
     }
     Ok(())
+}
+
+/// The blocks of disk `d` that differ from the destination's base: compare chunk
+/// digests, then block digests within the chunks that differ.
+fn hash_compare(s: &mut Session<'_>, cfg: &SourceConfig, d: usize) -> Result<Bitmap, Failure> {
+    let dl = s.shared.layout.disks[d].clone();
+    let key = key_for(&s.migration_id);
+    let guest = Arc::clone(&s.shared.guest);
+    let mine = block_digests(&key, dl.blocks, dl.block_size as usize, |b, buf| {
+        guest.read_block(d, b, buf).is_ok()
+    });
+    let mine_chunks = chunk_digests(&key, &mine);
+    // The destination hashes its whole base first: allow ~200 MB/s for that.
+    let wait = cfg.io_timeout + Duration::from_secs(dl.bytes() / 200_000_000);
+    let theirs = match s.expect("base digests", wait)? {
+        Control::BaseDigests { disk, digests } if usize::from(disk) == d => digests,
+        other => {
+            return Err(Failure(format!(
+                "expected base digests of disk {d}, got {}",
+                other.name()
+            )))
+        }
+    };
+    let chunks = differing_chunks(&mine_chunks, &theirs);
+    s.control(&Message::DigestRequest {
+        disk: d as u16,
+        chunks: chunks.clone(),
+    })?;
+    let mut diff = Bitmap::new(dl.blocks);
+    let mut answered = 0usize;
+    loop {
+        match s.expect("block digests", cfg.io_timeout)? {
+            Control::BlockDigests {
+                disk,
+                last,
+                chunks: got,
+            } if usize::from(disk) == d => {
+                for (c, ds) in got {
+                    let first = (u64::from(c) * CHUNK_BLOCKS) as usize;
+                    let Some(m) = mine.get(first..(first + CHUNK_BLOCKS as usize).min(mine.len()))
+                    else {
+                        return Err(Failure(format!("digests for unknown chunk {c}")));
+                    };
+                    mark_differing(&mut diff, c, m, &ds);
+                    answered += 1;
+                }
+                if last {
+                    break;
+                }
+            }
+            other => {
+                return Err(Failure(format!(
+                    "expected block digests of disk {d}, got {}",
+                    other.name()
+                )))
+            }
+        }
+    }
+    if answered != chunks.len() {
+        return Err(Failure(format!(
+            "asked for {} chunks of block digests, got {answered}",
+            chunks.len()
+        )));
+    }
+    Ok(diff)
 }
 
 fn full_sums_source(guest: &dyn SourceGuest, layout: &GuestLayout) -> (u64, Vec<u64>) {

@@ -1,6 +1,7 @@
 //! Message bodies. Every decoder bounds-checks and returns [`DecodeError`], never panics.
 //! The layout of each message is documented in `docs/protocol.md`.
 
+use crate::basecmp::{Digest, CHUNK_BLOCKS};
 use crate::guest::{Base, DiskLayout, DiskPlan, GuestLayout};
 use crate::image::ImageIdentity;
 use crate::wire::frame::{FrameHeader, FLAG_RECORD_DIGESTS};
@@ -60,7 +61,16 @@ pub mod ty {
     pub const ABORT: u8 = 13;
     /// Source → destination, after `welcome`: what to do with each disk's base.
     pub const STORAGE_PLAN: u8 = 14;
+    /// Destination → source: chunk digests of a base to hash-compare.
+    pub const BASE_DIGESTS: u8 = 15;
+    /// Source → destination: the chunks whose block digests it needs.
+    pub const DIGEST_REQUEST: u8 = 16;
+    /// Destination → source: block digests of requested chunks.
+    pub const BLOCK_DIGESTS: u8 = 17;
 }
+
+/// Most chunks in one block-digests frame (64 KiB of digests each way per 1000 chunks).
+pub const CHUNKS_PER_FRAME: usize = 4096;
 
 /// A decoding error: the peer's bytes are malformed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -527,6 +537,29 @@ pub enum Message<'a> {
     Abort(String),
     /// Per-disk plan.
     StoragePlan(Vec<DiskPlan>),
+    /// Chunk digests of disk `disk`'s base.
+    BaseDigests {
+        /// Disk number.
+        disk: u16,
+        /// One digest per chunk.
+        digests: Vec<Digest>,
+    },
+    /// The chunks of `disk` whose block digests the source needs.
+    DigestRequest {
+        /// Disk number.
+        disk: u16,
+        /// Chunk numbers.
+        chunks: Vec<u32>,
+    },
+    /// Block digests of requested chunks; `last` ends the answer.
+    BlockDigests {
+        /// Disk number.
+        disk: u16,
+        /// Whether this is the last frame of the answer.
+        last: bool,
+        /// (chunk, the digests of its blocks).
+        chunks: Vec<(u32, Vec<Digest>)>,
+    },
 }
 
 const MAX_NAME: usize = 255;
@@ -576,6 +609,10 @@ impl Message<'_> {
                 }
                 let bases = (0..n)
                     .map(|_| {
+                        if c.data.get(c.pos) == Some(&2) {
+                            c.pos += 1;
+                            return Ok(Base::Raw);
+                        }
                         Ok(match get_identity(&mut c)? {
                             None => Base::None,
                             Some(i) => Base::Identity(i),
@@ -670,6 +707,53 @@ impl Message<'_> {
                 Cursor::new(body, "commit").end()?;
                 Ok(Message::Commit)
             }
+            BASE_DIGESTS => {
+                let mut c = Cursor::new(body, "base-digests");
+                let disk = c.u16()?;
+                let n = c.u32()? as usize;
+                if n.saturating_mul(16) > body.len() {
+                    return Err(c.invalid(format!("{n} digests cannot fit")));
+                }
+                let digests = (0..n).map(|_| c.array()).collect::<Result<Vec<_>, _>>()?;
+                c.end()?;
+                Ok(Message::BaseDigests { disk, digests })
+            }
+            DIGEST_REQUEST => {
+                let mut c = Cursor::new(body, "digest-request");
+                let disk = c.u16()?;
+                let n = c.u32()? as usize;
+                if n.saturating_mul(4) > body.len() {
+                    return Err(c.invalid(format!("{n} chunks cannot fit")));
+                }
+                let chunks = (0..n).map(|_| c.u32()).collect::<Result<Vec<_>, _>>()?;
+                c.end()?;
+                Ok(Message::DigestRequest { disk, chunks })
+            }
+            BLOCK_DIGESTS => {
+                let mut c = Cursor::new(body, "block-digests");
+                let disk = c.u16()?;
+                let last = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(c.invalid(format!("last flag {v}"))),
+                };
+                let n = c.u32()? as usize;
+                if n > CHUNKS_PER_FRAME {
+                    return Err(c.invalid(format!("{n} chunks in one frame")));
+                }
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let chunk = c.u32()?;
+                    let k = usize::from(c.u8()?);
+                    if k == 0 || k as u64 > CHUNK_BLOCKS {
+                        return Err(c.invalid(format!("{k} blocks in a chunk")));
+                    }
+                    let d = (0..k).map(|_| c.array()).collect::<Result<Vec<_>, _>>()?;
+                    chunks.push((chunk, d));
+                }
+                c.end()?;
+                Ok(Message::BlockDigests { disk, last, chunks })
+            }
             STORAGE_PLAN => {
                 let mut c = Cursor::new(body, "storage-plan");
                 let n = c.u16()? as usize;
@@ -680,6 +764,7 @@ impl Message<'_> {
                     .map(|_| match c.u8()? {
                         0 => Ok(DiskPlan::Full),
                         1 => Ok(DiskPlan::Incremental),
+                        2 => Ok(DiskPlan::HashCompared),
                         m => Err(c.invalid(format!("disk plan {m}"))),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -720,15 +805,42 @@ impl Message<'_> {
                 out.extend_from_slice(&w.migration_id);
                 out.extend_from_slice(&(w.bases.len() as u16).to_le_bytes());
                 for b in &w.bases {
-                    put_identity(
-                        out,
-                        &match b {
-                            Base::None => None,
-                            Base::Identity(i) => Some(*i),
-                        },
-                    );
+                    match b {
+                        Base::None => put_identity(out, &None),
+                        Base::Identity(i) => put_identity(out, &Some(*i)),
+                        Base::Raw => out.push(2),
+                    }
                 }
                 WELCOME
+            }
+            Message::BaseDigests { disk, digests } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    out.extend_from_slice(d);
+                }
+                BASE_DIGESTS
+            }
+            Message::DigestRequest { disk, chunks } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+                for c in chunks {
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+                DIGEST_REQUEST
+            }
+            Message::BlockDigests { disk, last, chunks } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.push(u8::from(*last));
+                out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+                for (c, ds) in chunks {
+                    out.extend_from_slice(&c.to_le_bytes());
+                    out.push(ds.len() as u8);
+                    for d in ds {
+                        out.extend_from_slice(d);
+                    }
+                }
+                BLOCK_DIGESTS
             }
             Message::StoragePlan(plans) => {
                 out.extend_from_slice(&(plans.len() as u16).to_le_bytes());
@@ -736,6 +848,7 @@ impl Message<'_> {
                     out.push(match p {
                         DiskPlan::Full => 0,
                         DiskPlan::Incremental => 1,
+                        DiskPlan::HashCompared => 2,
                     });
                 }
                 STORAGE_PLAN
@@ -943,13 +1056,31 @@ mod tests {
                 migration_id: [1; 16],
                 bases: vec![
                     Base::None,
+                    Base::Raw,
                     Base::Identity(ImageIdentity {
                         id: [2; 16],
                         generation: 5,
                     }),
                 ],
             }),
-            Message::StoragePlan(vec![DiskPlan::Full, DiskPlan::Incremental]),
+            Message::StoragePlan(vec![
+                DiskPlan::Full,
+                DiskPlan::Incremental,
+                DiskPlan::HashCompared,
+            ]),
+            Message::BaseDigests {
+                disk: 1,
+                digests: vec![[4; 16], [5; 16]],
+            },
+            Message::DigestRequest {
+                disk: 0,
+                chunks: vec![3, 9],
+            },
+            Message::BlockDigests {
+                disk: 0,
+                last: true,
+                chunks: vec![(3, vec![[1; 16]; 64]), (9, vec![[2; 16]; 5])],
+            },
             Message::Refuse("no".into()),
             Message::RoundEnd(RoundEnd {
                 phase: Phase::Memory,
