@@ -202,6 +202,7 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         max_bandwidth: None,
         verify: "digest".into(),
         timeout: "30s".into(),
+        throttle: "off".into(),
     };
     mig.source_config("127.0.0.1:1")?;
     let mut hot = Vec::new();

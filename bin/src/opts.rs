@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_core::engine::SourceConfig;
+use ferry_core::engine::{SourceConfig, Throttle};
 use ferry_core::policy::ConvergencePolicy;
 use ferry_core::wire::VerifyMode;
 use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
@@ -164,6 +164,10 @@ pub struct MigrationArgs {
     /// How long to wait for the peer before giving up (and resuming the source).
     #[arg(long, default_value = "10s")]
     pub timeout: String,
+    /// Disk write throttling: `auto` (when the guest writes faster than half the link),
+    /// `off`, or a cap such as `10MiB/s`.
+    #[arg(long, default_value = "auto")]
+    pub throttle: String,
 }
 
 impl MigrationArgs {
@@ -190,7 +194,15 @@ impl MigrationArgs {
         ferry_codecs::parse(&self.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
         ferry_transports::by_name(&self.transport, timeout)
             .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+        let throttle = match self.throttle.as_str() {
+            "auto" => Throttle::Auto,
+            "off" => Throttle::Off,
+            rate => Throttle::Cap(
+                parse_rate(rate).map_err(|e| anyhow::anyhow!("--throttle: {e} (or auto, off)"))?,
+            ),
+        };
         Ok(SourceConfig {
+            throttle,
             addr: to.to_string(),
             channels: usize::from(self.channels),
             policy: ConvergencePolicy {

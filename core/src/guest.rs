@@ -152,6 +152,9 @@ pub trait SourceGuest: Send + Sync {
     fn written_since(&self, _disk: usize, _generation: u64) -> Option<Bitmap> {
         None
     }
+    /// Limits the guest's disk writes to this many blocks per second over all disks
+    /// (`None` lifts the limit): write throttling when storage pre-copy cannot converge.
+    fn limit_disk_writes(&self, _blocks_per_second: Option<u64>) {}
 }
 
 /// What the destination already holds for a disk.

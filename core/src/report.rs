@@ -90,8 +90,13 @@ pub struct Report {
     pub blocks_skipped_base: u64,
     /// Storage mode: "precopy".
     pub storage_mode: String,
-    /// Per disk: "full" or "incremental".
+    /// Per disk: "full", "incremental" or "hash-compared".
     pub disk_plans: Vec<String>,
+    /// How long the guest's disk writes were throttled before the pause, ms.
+    pub throttled_ms: f64,
+    /// The last throttle limit, blocks per second (absent when never throttled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_blocks_per_s: Option<u64>,
     /// Page and block payload bytes before encoding (non-zero units).
     pub payload_bytes: u64,
     /// Payload bytes after encoding.

@@ -165,6 +165,8 @@ pub struct Inner {
     live: LiveCounters,
     checks: Mutex<Vec<Option<CheckResult>>>,
     checks_cond: Condvar,
+    /// Disk writes per second allowed while a migration throttles the guest (0 = none).
+    disk_limit: AtomicU64,
 }
 
 impl Inner {
@@ -392,6 +394,7 @@ impl SimGuest {
             },
             checks: Mutex::new(Vec::new()),
             checks_cond: Condvar::new(),
+            disk_limit: AtomicU64::new(0),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -655,6 +658,15 @@ impl SourceGuest for SimGuest {
 
     fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
         self.inner.disks.get(disk)?.written_since(generation)
+    }
+
+    fn limit_disk_writes(&self, blocks_per_second: Option<u64>) {
+        // 0 means "no limit" to the disk thread, so a limit is at least one block/s.
+        let v = match blocks_per_second {
+            None => 0,
+            Some(n) => n.max(1),
+        };
+        self.inner.disk_limit.store(v, Ordering::Relaxed);
     }
 
     fn start_dirty_log(&self) -> Result<(), GuestError> {

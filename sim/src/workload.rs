@@ -264,9 +264,13 @@ impl Pacer {
         self.done = 0;
     }
 
-    /// Records `n` operations; returns how long to wait before the next burst.
-    fn wait_after(&mut self, n: u64) -> Duration {
+    /// Records `n` operations.
+    fn record(&mut self, n: u64) {
         self.done += n;
+    }
+
+    /// How long until the next operation is due (zero when unpaced or behind).
+    fn wait(&self) -> Duration {
         if self.rate == 0 {
             return Duration::ZERO;
         }
@@ -309,6 +313,12 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
             inner.ctl.nap(Duration::from_millis(50));
             continue;
         }
+        // Naps are short so a pause is seen quickly: re-check the schedule after each.
+        let wait = pacer.wait();
+        if !wait.is_zero() {
+            inner.ctl.nap(wait.min(Duration::from_millis(20)));
+            continue;
+        }
         for _ in 0..BURST {
             let off = match cfg.pattern {
                 Pattern::Uniform => regs.next() % len,
@@ -331,10 +341,7 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
             regs.writes += 1;
         }
         inner.live.page_writes[t].store(regs.writes, Ordering::Relaxed);
-        let wait = pacer.wait_after(BURST);
-        if !wait.is_zero() {
-            inner.ctl.nap(wait.min(Duration::from_millis(20)));
-        }
+        pacer.record(BURST);
     }
 }
 
@@ -346,7 +353,13 @@ pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
     }
     let cfg = inner.config();
     let mut regs = inner.regs(slot);
-    let mut pacer = Pacer::new(cfg.disk_rate.max(1));
+    // The rate is the workload's, or lower while the VMM throttles disk writes.
+    let rate_now = || match inner.disk_limit.load(Ordering::Relaxed) {
+        0 => cfg.disk_rate.max(1),
+        limit => cfg.disk_rate.max(1).min(limit),
+    };
+    let mut rate = rate_now();
+    let mut pacer = Pacer::new(rate);
     let blocks = inner.map.blocks;
     let hot = (blocks / 10).max(1);
     let mut failed = false;
@@ -359,11 +372,17 @@ pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
         if !go {
             return;
         }
-        if saved {
-            pacer.restart();
+        if saved || rate != rate_now() {
+            rate = rate_now();
+            pacer = Pacer::new(rate);
         }
         if cfg.pattern == Pattern::Idle || cfg.disk_rate == 0 || blocks == 0 || failed {
             inner.ctl.nap(Duration::from_millis(50));
+            continue;
+        }
+        let wait = pacer.wait();
+        if !wait.is_zero() {
+            inner.ctl.nap(wait.min(Duration::from_millis(20)));
             continue;
         }
         let b = match cfg.pattern {
@@ -392,9 +411,22 @@ pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
             .live
             .block_writes
             .store(regs.writes, Ordering::Relaxed);
-        let wait = pacer.wait_after(1);
-        if !wait.is_zero() {
-            inner.ctl.nap(wait.min(Duration::from_millis(20)));
-        }
+        pacer.record(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_holds_low_rates() {
+        let mut p = Pacer::new(10);
+        p.record(64);
+        // 64 operations at 10/s are due over 6.4 s: the next one waits most of that.
+        assert!(p.wait() > Duration::from_secs(6));
+        let mut q = Pacer::new(0);
+        q.record(1_000_000);
+        assert_eq!(q.wait(), Duration::ZERO);
     }
 }

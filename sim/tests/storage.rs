@@ -6,8 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{migrate_with, sim_with};
+use common::{migrate_tuned, migrate_with, sim_sized, sim_with};
 use ferry_core::engine::DestOutcome;
+use ferry_core::engine::Throttle;
 use ferry_core::image::{sidecar_path, Sidecar, SidecarState, SidecarStatus};
 use ferry_core::wire::VerifyMode;
 use ferry_sim::{Fill, Pattern};
@@ -217,5 +218,59 @@ fn hash_compared_copy_sends_only_the_blocks_that_differ() {
         first.sent,
         100.0 * first.sent as f64 / BLOCKS as f64,
         first.bytes
+    );
+}
+
+#[test]
+fn throttling_lets_storage_converge_over_a_slow_link() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    // The guest writes 16 MB/s of blocks (and few pages); the link carries 6 MiB/s.
+    let a = sim_sized(
+        dir_a.path(),
+        8 << 20,
+        16 << 20,
+        4000,
+        Pattern::Uniform,
+        Fill::Zero,
+        20,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let out = migrate_tuned(
+        a,
+        MemTransport::new(),
+        "raw",
+        1,
+        VerifyMode::Digest,
+        dir_b.path(),
+        |c| {
+            c.max_bandwidth = Some(6 << 20);
+            c.throttle = Throttle::Auto;
+        },
+    );
+    let r = out.report;
+    for x in &r.rounds {
+        eprintln!(
+            "{} {} dirty {} sent {} blocks {} bytes {} ms {:.0}",
+            x.phase, x.index, x.dirty, x.sent, x.blocks, x.bytes, x.ms
+        );
+    }
+    assert!(r.ok && r.verified, "{:?}", r.error);
+    assert!(r.throttle_blocks_per_s.is_some(), "never throttled");
+    assert!(r.throttled_ms > 0.0);
+    let last = r.rounds.last().unwrap();
+    assert_eq!(last.phase, "stop-and-copy");
+    assert!(
+        last.blocks < 1000,
+        "{} blocks left for the pause",
+        last.blocks
+    );
+    assert_eq!(
+        r.stop_reason,
+        Some(ferry_core::policy::StopReason::Converged)
+    );
+    eprintln!(
+        "throttled {:.0} ms at {:?} blocks/s; {} blocks in the pause; downtime {:.1} ms; stop {:?}",
+        r.throttled_ms, r.throttle_blocks_per_s, last.blocks, r.downtime_ms, r.stop_reason
     );
 }

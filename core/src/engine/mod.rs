@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub use dest::{receive, DestConfig, DestOutcome, DestReport};
-pub use source::{error_chain, fill_random, migrate, SourceConfig};
+pub use source::{error_chain, fill_random, migrate, SourceConfig, Throttle};
 
 use crate::wire::frame::FrameHeader;
 use crate::wire::{FrameError, FrameReader, Manifest, Message, ReadOutcome, Verdict, Welcome};

@@ -50,6 +50,20 @@ pub struct SourceConfig {
     pub io_timeout: Duration,
     /// Set to cancel; the source then resumes.
     pub cancel: Arc<AtomicBool>,
+    /// Disk write throttling.
+    pub throttle: Throttle,
+}
+
+/// Write-rate control of the guest's disk while it migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// Never throttle.
+    Off,
+    /// Throttle when the guest dirties blocks faster than half the link carries them:
+    /// to a quarter of the link, halved again while it still outpaces the link.
+    Auto,
+    /// Limit disk writes to this many bytes per second for the whole migration.
+    Cap(u64),
 }
 
 impl Default for SourceConfig {
@@ -62,6 +76,7 @@ impl Default for SourceConfig {
             verify: VerifyMode::Digest,
             io_timeout: Duration::from_secs(10),
             cancel: Arc::new(AtomicBool::new(false)),
+            throttle: Throttle::Auto,
         }
     }
 }
@@ -352,6 +367,8 @@ struct Session<'a> {
     /// Dirty sets fetched but not yet sent: merged back into the guest if we fail.
     pending: Pending,
     migration_id: [u8; 16],
+    /// When throttling began, and the current limit in blocks per second.
+    throttled: Option<(Instant, u64)>,
 }
 
 #[derive(Default)]
@@ -595,6 +612,47 @@ impl Session<'_> {
         Ok(now)
     }
 
+    /// Throttles the guest's disk writes to `limit` blocks per second.
+    fn throttle_to(&mut self, limit: u64) {
+        let limit = limit.max(1);
+        self.shared.guest.limit_disk_writes(Some(limit));
+        let since = self.throttled.map_or_else(Instant::now, |(t, _)| t);
+        self.throttled = Some((since, limit));
+        self.report.throttle_blocks_per_s = Some(limit);
+        (self.progress)(Progress::Note {
+            text: format!("throttling the guest's disk writes to {limit} blocks/s"),
+        });
+    }
+
+    /// Automatic throttling: after a round that took `elapsed` and left `dirty_bytes` of
+    /// blocks dirty, with the link measured at `bandwidth` bytes/s.
+    fn auto_throttle(
+        &mut self,
+        cfg: &SourceConfig,
+        dirty_bytes: u64,
+        elapsed: Duration,
+        bandwidth: f64,
+    ) {
+        if cfg.throttle != Throttle::Auto || bandwidth <= 0.0 || elapsed.is_zero() {
+            return;
+        }
+        let bs = self
+            .shared
+            .layout
+            .disks
+            .first()
+            .map_or(4096, |d| d.block_size) as f64;
+        let dirty_rate = dirty_bytes as f64 / elapsed.as_secs_f64();
+        if dirty_rate <= 0.5 * bandwidth {
+            return;
+        }
+        let limit = match self.throttled {
+            None => (0.25 * bandwidth / bs) as u64,
+            Some((_, l)) => l / 2,
+        };
+        self.throttle_to(limit);
+    }
+
     /// Gives fetched-but-unsent dirty bits back to the guest (on failure).
     fn merge_back_pending(&mut self) {
         if let Some(p) = self.pending.pages.take() {
@@ -791,6 +849,7 @@ pub fn migrate(
         last_deltas: (DigestDelta::default(), Vec::new()),
         pending: Pending::default(),
         migration_id,
+        throttled: None,
     };
     let mut paused_at: Option<Instant> = None;
     let mut committed = false;
@@ -798,6 +857,13 @@ pub fn migrate(
 
     if result.is_err() && !committed {
         s.merge_back_pending();
+    }
+    if let Some((since, _)) = s.throttled {
+        // A guest that stays here runs at full speed again.
+        guest.limit_disk_writes(None);
+        if s.report.throttled_ms == 0.0 {
+            s.report.throttled_ms = ms(since.elapsed());
+        }
     }
     let mut report = std::mem::take(&mut s.report);
     if let Err(Failure(msg)) = &result {
@@ -934,6 +1000,9 @@ fn run(
         }
     }
     let full_disks: Vec<bool> = plans.iter().map(|p| *p == DiskPlan::Full).collect();
+    if let (Throttle::Cap(bytes), Some(d)) = (cfg.throttle, layout.disks.first()) {
+        s.throttle_to(bytes / u64::from(d.block_size));
+    }
     let mut plan = SourcePlan::new(cfg.policy.clone(), !layout.disks.is_empty());
     let mut step = plan.first();
     let mut bandwidth = 0.0f64;
@@ -969,6 +1038,7 @@ fn run(
                 let rr = s.guarded_round(Phase::Storage, r, None, sets, &full_disks, false)?;
                 bandwidth = rate(rr.bytes, rr.elapsed).max(bandwidth);
                 s.pending.blocks = Some(s.fetch_blocks()?);
+                s.auto_throttle(cfg, s.pending_block_bytes(), rr.elapsed, bandwidth);
                 step = plan.after_storage(s.pending_block_bytes(), bandwidth);
             }
             SourceStep::StorageDirtyRound => {
@@ -979,6 +1049,7 @@ fn run(
                     bandwidth = rate(rr.bytes, rr.elapsed).max(bandwidth);
                 }
                 s.pending.blocks = Some(s.fetch_blocks()?);
+                s.auto_throttle(cfg, s.pending_block_bytes(), rr.elapsed, bandwidth);
                 step = plan.after_storage(s.pending_block_bytes(), bandwidth);
             }
             SourceStep::MemoryFullPass | SourceStep::MemoryDirtyRound => {
@@ -1003,6 +1074,7 @@ fn run(
                 }
                 s.pending.pages = Some(guest.fetch_dirty_pages()?);
                 s.pending.blocks = Some(s.fetch_blocks()?);
+                s.auto_throttle(cfg, s.pending_block_bytes(), rr.elapsed, bandwidth);
                 let pending = s.pending.pages.as_ref().map_or(0, Bitmap::count)
                     * u64::from(layout.page_size)
                     + s.pending_block_bytes();
@@ -1023,6 +1095,9 @@ fn run(
         text: "pausing the guest".into(),
     });
     let t_pause = Instant::now();
+    if let Some((since, _)) = s.throttled {
+        s.report.throttled_ms = ms(t_pause - since);
+    }
     guest.pause()?;
     *paused_at = Some(t_pause);
     s.report.downtime_breakdown.pause_ms = ms(t_pause.elapsed());

@@ -37,8 +37,29 @@ pub fn sim_with(
     fill: Fill,
     dirty_rate: u64,
 ) -> Arc<SimGuest> {
+    sim_sized(
+        dir,
+        48 << 20,
+        disk_size,
+        disk_rate,
+        pattern,
+        fill,
+        dirty_rate,
+    )
+}
+
+/// Like [`sim_with`] with a chosen memory size.
+pub fn sim_sized(
+    dir: &Path,
+    memory: u64,
+    disk_size: u64,
+    disk_rate: u64,
+    pattern: Pattern,
+    fill: Fill,
+    dirty_rate: u64,
+) -> Arc<SimGuest> {
     let g = SimGuest::create(&SimConfig {
-        memory: 48 << 20,
+        memory,
         disk_path: Some(dir.join("disk0.img")),
         disk_size,
         fill,
@@ -75,6 +96,19 @@ pub fn migrate_with(
     verify: VerifyMode,
     dest_dir: &Path,
 ) -> Run {
+    migrate_tuned(source, transport, codec, channels, verify, dest_dir, |_| {})
+}
+
+/// Like [`migrate_with`], with `tune` adjusting the source's configuration.
+pub fn migrate_tuned(
+    source: Arc<dyn SourceGuest>,
+    transport: MemTransport,
+    codec: &str,
+    channels: usize,
+    verify: VerifyMode,
+    dest_dir: &Path,
+    tune: impl FnOnce(&mut SourceConfig),
+) -> Run {
     let name = format!("engine-test-{}", NEXT.fetch_add(1, Ordering::Relaxed));
     let mut listener = transport.listen(&name).unwrap();
     let dest_dir = dest_dir.to_path_buf();
@@ -107,6 +141,8 @@ pub fn migrate_with(
         io_timeout: Duration::from_secs(2),
         ..Default::default()
     };
+    let mut cfg = cfg;
+    tune(&mut cfg);
     let report = engine::migrate(
         source,
         &transport,
