@@ -203,6 +203,7 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         verify: "digest".into(),
         timeout: "30s".into(),
         throttle: "off".into(),
+        storage_mode: "precopy".into(),
     };
     mig.source_config("127.0.0.1:1")?;
     let mut hot = Vec::new();

@@ -48,8 +48,8 @@ pub enum Request {
     Migrate {
         /// Destination address.
         to: String,
-        /// How.
-        args: MigrationArgs,
+        /// How (boxed: by far the largest request).
+        args: Box<MigrationArgs>,
     },
     /// Run the guest's self-check now.
     Check,

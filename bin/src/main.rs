@@ -354,7 +354,7 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 vm,
                 &Request::Migrate {
                     to: a.to.clone(),
-                    args: a.migration.clone(),
+                    args: Box::new(a.migration.clone()),
                 },
                 |v| {
                     if let Some(p) = v.get("progress") {

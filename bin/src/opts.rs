@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_core::engine::{SourceConfig, Throttle};
+use ferry_core::engine::{SourceConfig, StorageMode, Throttle};
 use ferry_core::policy::ConvergencePolicy;
 use ferry_core::wire::VerifyMode;
 use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
@@ -168,6 +168,10 @@ pub struct MigrationArgs {
     /// `off`, or a cap such as `10MiB/s`.
     #[arg(long, default_value = "auto")]
     pub throttle: String,
+    /// When the disk blocks still dirty at the pause move: `precopy` (in the pause) or
+    /// `postcopy` (after the hand-over, pulled first when the guest reads them).
+    #[arg(long, default_value = "precopy")]
+    pub storage_mode: String,
 }
 
 impl MigrationArgs {
@@ -201,8 +205,14 @@ impl MigrationArgs {
                 parse_rate(rate).map_err(|e| anyhow::anyhow!("--throttle: {e} (or auto, off)"))?,
             ),
         };
+        let storage_mode = match self.storage_mode.as_str() {
+            "precopy" => StorageMode::PreCopy,
+            "postcopy" => StorageMode::PostCopy,
+            m => bail!("--storage-mode: unknown mode {m:?} (use precopy or postcopy)"),
+        };
         Ok(SourceConfig {
             throttle,
+            storage_mode,
             addr: to.to_string(),
             channels: usize::from(self.channels),
             policy: ConvergencePolicy {

@@ -157,6 +157,9 @@ pub trait SourceGuest: Send + Sync {
     fn limit_disk_writes(&self, _blocks_per_second: Option<u64>) {}
 }
 
+/// Asks the source for an owed block (storage post-copy).
+pub type PullFn = std::sync::Arc<dyn Fn(usize, u64) + Send + Sync>;
+
 /// What the destination already holds for a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Base {
@@ -211,6 +214,17 @@ pub trait DestGuest: Send + Sync {
     /// What this destination already holds for `disk` (announced in the handshake).
     fn base(&self, _disk: usize) -> Base {
         Base::None
+    }
+    /// Storage post-copy: `owed` blocks of `disk` arrive after the guest resumed. A guest
+    /// read of an owed block must call `pull(disk, block)` once and wait for the block; a
+    /// guest write to an owed block wins over the late copy.
+    fn set_owed(&self, _disk: usize, _owed: Bitmap, _pull: PullFn) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported("storage post-copy".into()))
+    }
+    /// A late block arrived: written only if still owed (the guest may have written it
+    /// meanwhile). Returns whether it was written.
+    fn fill_owed(&self, _disk: usize, _index: u64, _data: &[u8]) -> Result<bool, GuestError> {
+        Ok(false)
     }
     /// Prepares `disk` for the plan before any block arrives: `Full` starts from a fresh
     /// zero image; the others keep the base (which stops being a trusted base now).

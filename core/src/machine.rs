@@ -103,6 +103,7 @@ fn violation(s: impl Into<String>) -> ProtocolError {
 pub struct ChannelOrder {
     last_round: Option<u32>,
     finished: bool,
+    postcopy_done: bool,
 }
 
 impl ChannelOrder {
@@ -121,8 +122,23 @@ impl ChannelOrder {
         Ok(())
     }
 
+    /// Checks post-copy data: only after the final barrier, before the post-copy one.
+    pub fn on_postcopy_data(&self) -> Result<(), ProtocolError> {
+        if !self.finished || self.postcopy_done {
+            return Err(violation("post-copy data outside post-copy"));
+        }
+        Ok(())
+    }
+
     /// Checks a barrier; returns true when it is the final one.
     pub fn on_round_end(&mut self, end: RoundEnd) -> Result<bool, ProtocolError> {
+        if end.phase == Phase::PostCopy {
+            if !self.finished || self.postcopy_done {
+                return Err(violation("post-copy barrier out of place"));
+            }
+            self.postcopy_done = true;
+            return Ok(false);
+        }
         if self.finished {
             return Err(violation("barrier after the final barrier"));
         }

@@ -92,6 +92,10 @@ pub struct Report {
     pub storage_mode: String,
     /// Per disk: "full", "incremental" or "hash-compared".
     pub disk_plans: Vec<String>,
+    /// Storage post-copy: blocks owed at the pause and pushed after the hand-over.
+    pub blocks_postcopy: u64,
+    /// Of those, blocks the destination's guest asked for before they arrived.
+    pub blocks_pulled: u64,
     /// How long the guest's disk writes were throttled before the pause, ms.
     pub throttled_ms: f64,
     /// The last throttle limit, blocks per second (absent when never throttled).

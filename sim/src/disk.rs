@@ -22,7 +22,21 @@ pub struct SimDisk {
     /// Blocks the guest wrote since this process opened the image (for the generation).
     pub gen_log: DirtyBitmap,
     meta: Mutex<DiskMeta>,
+    /// Storage post-copy: blocks still owed by the source, and how to ask for them.
+    owed: Mutex<Option<Owed>>,
+    owed_cond: std::sync::Condvar,
 }
+
+/// Blocks a post-copy destination still waits for.
+struct Owed {
+    disk: usize,
+    bits: Bitmap,
+    requested: Bitmap,
+    pull: ferry_core::guest::PullFn,
+}
+
+/// How long a guest read waits for an owed block before it fails like a broken disk.
+const OWED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The image's generation bookkeeping.
 #[derive(Debug, Clone)]
@@ -135,6 +149,8 @@ impl SimDisk {
                 log: DirtyBitmap::new(blocks),
                 gen_log: DirtyBitmap::new(blocks),
                 meta: Mutex::new(meta),
+                owed: Mutex::new(None),
+                owed_cond: std::sync::Condvar::new(),
             },
             created,
         ))
@@ -305,9 +321,94 @@ impl SimDisk {
         Ok(index * u64::from(self.block_size))
     }
 
-    /// Reads block `index`.
+    /// Reads block `index`; an owed block is pulled from the source first.
     pub fn read(&self, index: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, self.offset(index)?)
+        let off = self.offset(index)?;
+        self.wait_owed(index)?;
+        self.file.read_exact_at(buf, off)
+    }
+
+    fn owed_lock(&self) -> std::sync::MutexGuard<'_, Option<Owed>> {
+        self.owed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until block `index` is no longer owed, asking the source for it once.
+    fn wait_owed(&self, index: u64) -> std::io::Result<()> {
+        let mut g = self.owed_lock();
+        let deadline = std::time::Instant::now() + OWED_WAIT;
+        loop {
+            let Some(o) = g.as_mut() else { return Ok(()) };
+            if !o.bits.get(index) {
+                return Ok(());
+            }
+            if !o.requested.get(index) {
+                o.requested.set(index);
+                (o.pull)(o.disk, index);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("block {index} never arrived from the source"),
+                ));
+            }
+            g = self
+                .owed_cond
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Marks `owed` blocks as still to come from the source.
+    pub fn set_owed(&self, disk: usize, owed: Bitmap, pull: ferry_core::guest::PullFn) {
+        let requested = Bitmap::new(owed.len());
+        *self.owed_lock() = Some(Owed {
+            disk,
+            bits: owed,
+            requested,
+            pull,
+        });
+    }
+
+    /// Writes a late block only if it is still owed; returns whether it was written.
+    pub fn fill_owed(&self, index: u64, data: &[u8]) -> std::io::Result<bool> {
+        let off = self.offset(index)?;
+        let mut g = self.owed_lock();
+        let Some(o) = g.as_mut() else {
+            return Ok(false);
+        };
+        if !o.bits.get(index) {
+            return Ok(false);
+        }
+        // Written under the lock, so a guest write (which clears the bit first) can never
+        // be overwritten by the late copy.
+        self.file.write_all_at(data, off)?;
+        o.bits.clear(index);
+        if o.bits.none() {
+            *g = None;
+        }
+        self.owed_cond.notify_all();
+        Ok(true)
+    }
+
+    /// Blocks still owed.
+    pub fn owed_count(&self) -> u64 {
+        self.owed_lock().as_ref().map_or(0, |o| o.bits.count())
+    }
+
+    /// A guest write: it wins over an owed block's late copy.
+    pub fn guest_write(&self, index: u64, data: &[u8]) -> std::io::Result<()> {
+        {
+            let mut g = self.owed_lock();
+            if let Some(o) = g.as_mut() {
+                if o.bits.get(index) {
+                    o.bits.clear(index);
+                    self.owed_cond.notify_all();
+                }
+            }
+        }
+        self.write(index, data)
     }
 
     /// Reads `buf.len()` bytes at the start of block `index`.
@@ -382,5 +483,55 @@ impl SimDisk {
     pub fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn owed_blocks_are_pulled_on_read_and_guest_writes_win() {
+        let dir = std::env::temp_dir().join(format!("ferry-owed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        let _ = std::fs::remove_file(&path);
+        let (disk, _) = SimDisk::open_or_create(&path, 4096, 8).unwrap();
+        let disk = Arc::new(disk);
+        let pulls = Arc::new(AtomicU64::new(0));
+        let mut owed = Bitmap::new(8);
+        owed.set(2);
+        owed.set(5);
+        let (p, d2) = (Arc::clone(&pulls), Arc::clone(&disk));
+        // The "source" answers a pull by delivering the block from another thread.
+        disk.set_owed(
+            0,
+            owed,
+            Arc::new(move |_, b| {
+                p.fetch_add(1, Ordering::SeqCst);
+                let d = Arc::clone(&d2);
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    d.fill_owed(b, &[b as u8 + 100; 4096]).unwrap();
+                });
+            }),
+        );
+        // A read of an owed block waits for the source's copy.
+        let mut buf = [0u8; 4096];
+        disk.read(2, &mut buf).unwrap();
+        assert_eq!(buf[0], 102);
+        assert_eq!(pulls.load(Ordering::SeqCst), 1);
+        // A read of a block that is not owed pulls nothing.
+        disk.read(3, &mut buf).unwrap();
+        assert_eq!(pulls.load(Ordering::SeqCst), 1);
+        // The guest writes block 5 first: the late copy must not overwrite it.
+        disk.guest_write(5, &[7; 4096]).unwrap();
+        assert!(!disk.fill_owed(5, &[105; 4096]).unwrap());
+        disk.read(5, &mut buf).unwrap();
+        assert_eq!(buf[0], 7);
+        assert_eq!(disk.owed_count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

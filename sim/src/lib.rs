@@ -229,7 +229,7 @@ impl Inner {
             };
             w.copy_from_slice(&v.to_le_bytes());
         }
-        disk.write(b, &block)?;
+        disk.guest_write(b, &block)?;
         disk.log.set(b);
         disk.gen_log.set(b);
         self.mem.store(lo, s);
@@ -766,6 +766,22 @@ impl DestGuest for SimGuest {
             .disks
             .get(disk)
             .map_or(ferry_core::guest::Base::None, SimDisk::base)
+    }
+
+    fn set_owed(
+        &self,
+        disk: usize,
+        owed: Bitmap,
+        pull: ferry_core::guest::PullFn,
+    ) -> Result<(), GuestError> {
+        self.disk(disk)?.set_owed(disk, owed, pull);
+        Ok(())
+    }
+
+    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
+        self.disk(disk)?
+            .fill_owed(index, data)
+            .map_err(gerr("writing a late block"))
     }
 
     fn prepare_disk(

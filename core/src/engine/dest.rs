@@ -14,15 +14,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
 
 use super::{micros, ms, read_frame_until, Control, ReadError};
+use crate::bitmap::Bitmap;
 use crate::codec::{CodecFactory, Decoder, Unit, UnitKind, TAG_RAW};
 use crate::digest::{full_sum, unit_digest, DigestDelta, DigestTable};
-use crate::guest::{Base, DestGuest, DiskPlan, GuestError, GuestLayout, StateBlob};
+use crate::guest::{Base, DestGuest, DiskPlan, GuestError, GuestLayout, PullFn, StateBlob};
 use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState};
 use crate::report::hex;
 use crate::transport::Channel;
 use crate::wire::{
-    frame::write_frame, Batch, FrameReader, Hello, Manifest, Message, Verdict, VerifyMode, Welcome,
-    CAPABILITIES, REQUIRED_CAPABILITIES,
+    frame::write_frame, Batch, FrameReader, Hello, Manifest, Message, Phase, Verdict, VerifyMode,
+    Welcome, CAPABILITIES, REQUIRED_CAPABILITIES,
 };
 
 /// Block bytes a receiver writes between background flush requests.
@@ -68,6 +69,8 @@ pub struct DestReport {
     pub resume_ms: f64,
     /// Final flush of the disk images after resuming, ms (outside the downtime).
     pub flush_ms: f64,
+    /// Storage post-copy: from resuming to the last owed block, ms.
+    pub postcopy_ms: f64,
     /// The guest's own check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_ok: Option<bool>,
@@ -109,6 +112,9 @@ enum Event {
     FinalBarrier {
         channel: usize,
         pages: DigestDelta,
+        disks: Vec<DigestDelta>,
+    },
+    PostcopyBarrier {
         disks: Vec<DigestDelta>,
     },
     Control(Control),
@@ -176,6 +182,17 @@ impl ReceiverWorker {
             let result = match Message::decode_frame(&h, reader.body()) {
                 Err(e) => Err(e.to_string()),
                 Ok(Message::Batch(b)) => self.batch(&b),
+                Ok(Message::RoundEnd(end)) if end.phase == Phase::PostCopy => {
+                    match self.order.on_round_end(end) {
+                        Ok(_) => {
+                            let _ = out.send(Event::PostcopyBarrier {
+                                disks: self.disk_deltas.clone(),
+                            });
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
                 Ok(Message::RoundEnd(end)) => match self.order.on_round_end(end) {
                     Ok(true) => {
                         let _ = out.send(Event::FinalBarrier {
@@ -208,7 +225,11 @@ impl ReceiverWorker {
     }
 
     fn batch(&mut self, b: &Batch<'_>) -> Result<(), String> {
-        self.order.on_data(b.round).map_err(|e| e.to_string())?;
+        if b.postcopy {
+            self.order.on_postcopy_data().map_err(|e| e.to_string())?;
+        } else {
+            self.order.on_data(b.round).map_err(|e| e.to_string())?;
+        }
         let (size, limit, table, kind) = match b.disk {
             None => (
                 self.layout.page_size as usize,
@@ -245,9 +266,12 @@ impl ReceiverWorker {
                 UnitKind::Block(_) => "block",
             };
             let digest = if rec.zero {
-                match b.disk {
-                    None => guest.zero_page(i),
-                    Some(d) => guest.zero_block(d as usize, i),
+                match (b.disk, b.postcopy) {
+                    (None, _) => guest.zero_page(i),
+                    (Some(d), false) => guest.zero_block(d as usize, i),
+                    (Some(d), true) => guest
+                        .fill_owed(d as usize, i, &self.zeros[..size])
+                        .map(|_| ()),
                 }
                 .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 self.decoder.note_received_plain(unit, &self.zeros[..size]);
@@ -257,7 +281,7 @@ impl ReceiverWorker {
                 if d != rec.digest {
                     return Err(format!("{what} {i} arrived corrupted (digest mismatch)"));
                 }
-                write_unit(&*guest, b.disk, i, rec.data)
+                write_unit(&*guest, b.disk, b.postcopy, i, rec.data)
                     .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 self.decoder.note_received_plain(unit, rec.data);
                 d
@@ -279,7 +303,7 @@ impl ReceiverWorker {
                         "{what} {i} decoded to the wrong content (digest mismatch)"
                     ));
                 }
-                write_unit(&*guest, b.disk, i, buf)
+                write_unit(&*guest, b.disk, b.postcopy, i, buf)
                     .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 d
             };
@@ -306,17 +330,28 @@ impl ReceiverWorker {
     }
 }
 
+/// Writes a unit; a post-copy block only where the guest has not written it since.
 fn write_unit(
     guest: &dyn DestGuest,
     disk: Option<u16>,
+    postcopy: bool,
     i: u64,
     data: &[u8],
 ) -> Result<(), GuestError> {
-    match disk {
-        None => guest.write_page(i, data),
-        Some(d) => guest.write_block(d as usize, i, data),
+    match (disk, postcopy) {
+        (None, _) => guest.write_page(i, data),
+        (Some(d), false) => guest.write_block(d as usize, i, data),
+        (Some(d), true) => guest.fill_owed(d as usize, i, data).map(|_| ()),
     }
 }
+
+fn send_shared(tx: &SharedTx, m: &Message<'_>) -> Result<(), String> {
+    let mut g = tx.lock().unwrap_or_else(|p| p.into_inner());
+    send(g.as_mut(), m)
+}
+
+/// Channel 0's sending half, shared with the post-copy puller.
+type SharedTx = Arc<std::sync::Mutex<Box<dyn Write + Send>>>;
 
 fn send(tx: &mut (dyn Write + Send), m: &Message<'_>) -> Result<(), String> {
     let mut body = Vec::new();
@@ -466,6 +501,10 @@ pub fn receive(
         return DestOutcome::Discarded { error: e };
     }
 
+    // From here on channel 0's sender is shared: the post-copy puller uses it too.
+    let tx0: SharedTx = Arc::new(std::sync::Mutex::new(txs.swap_remove(0)));
+    let mut owed: Vec<Option<Bitmap>> = vec![None; hello.layout.disks.len()];
+
     // Receivers.
     let layout = hello.layout.clone();
     let pages = Arc::new(DigestTable::zeroed(layout.pages, layout.page_size as usize));
@@ -586,10 +625,29 @@ pub fn receive(
                 error = Some(format!("source aborted: {r}"));
                 session.on(DestEvent::Abort)
             }
+            Event::Control(Control::OwedBlocks { disk, owed: bits })
+                if session.state() == DestState::Receiving =>
+            {
+                match (
+                    owed.get_mut(usize::from(disk)),
+                    layout.disks.get(usize::from(disk)),
+                ) {
+                    (Some(slot), Some(dl)) if bits.len() == dl.blocks => {
+                        *slot = Some(bits);
+                        Ok(DestAction::Continue)
+                    }
+                    _ => Err(crate::machine::ProtocolError(format!(
+                        "owed blocks for a disk {disk} that does not match"
+                    ))),
+                }
+            }
             Event::Control(c) => Err(crate::machine::ProtocolError(format!(
                 "unexpected {} from the source",
                 c.name()
             ))),
+            Event::PostcopyBarrier { .. } => Err(crate::machine::ProtocolError(
+                "post-copy barrier before the hand-over".into(),
+            )),
             Event::Failed(e) => {
                 error = Some(e);
                 session.on(DestEvent::Lost)
@@ -630,6 +688,27 @@ pub fn receive(
                     hello.verify,
                     &mut report,
                 );
+                // Storage post-copy: the guest resumes with owed blocks it pulls on demand.
+                let r = r.and_then(|()| {
+                    for (d, bits) in owed.iter().enumerate() {
+                        if let Some(bits) = bits.clone().filter(|b| !b.none()) {
+                            let tx = Arc::clone(&tx0);
+                            let pull: PullFn = Arc::new(move |disk, block| {
+                                let _ = send_shared(
+                                    &tx,
+                                    &Message::PullBlocks {
+                                        disk: disk as u16,
+                                        blocks: vec![block],
+                                    },
+                                );
+                            });
+                            guest
+                                .set_owed(d, bits, pull)
+                                .map_err(|e| format!("post-copy of disk {d}: {e}"))?;
+                        }
+                    }
+                    Ok(())
+                });
                 report.verify_ms = super::ms(t.elapsed());
                 let ok = r.is_ok();
                 if let Err(e) = r {
@@ -637,8 +716,8 @@ pub fn receive(
                 }
                 match session.on(DestEvent::VerifyDone(ok)) {
                     Ok(DestAction::AckVerified) => {
-                        if let Err(e) = send(
-                            txs[0].as_mut(),
+                        if let Err(e) = send_shared(
+                            &tx0,
                             &Message::Verified {
                                 verify_us: micros(t.elapsed()),
                             },
@@ -669,8 +748,8 @@ pub fn receive(
                 Ok(()) => {
                     report.resume_ms = ms(t.elapsed());
                     on_resumed();
-                    let _ = send(
-                        txs[0].as_mut(),
+                    let _ = send_shared(
+                        &tx0,
                         &Message::Resumed {
                             resume_us: micros(t.elapsed()),
                         },
@@ -679,10 +758,21 @@ pub fn receive(
                     // cache until it flushes, on the source as here, so the guest may run
                     // while the received blocks reach the disk. The migration is reported
                     // done (the verdict) only once they have.
+                    // The guest's own check runs first: with post-copy it reads owed
+                    // blocks, which it pulls ahead of the background push.
+                    let check = guest.self_check();
+                    let postcopy = if owed.iter().any(Option::is_some) {
+                        let tp = Instant::now();
+                        let r = wait_postcopy(&ev_rx, &disks, n, cfg);
+                        report.postcopy_ms = ms(tp.elapsed());
+                        Some(r)
+                    } else {
+                        None
+                    };
                     let tf = Instant::now();
                     let flushed = guest.flush();
                     report.flush_ms = ms(tf.elapsed());
-                    let mut verdict = match guest.self_check() {
+                    let mut verdict = match check {
                         Some(o) => {
                             report.oracle_ok = Some(o.ok);
                             report.oracle_detail = if o.ok {
@@ -707,13 +797,19 @@ pub fn receive(
                             detail: "no guest oracle; manifest matched".into(),
                         },
                     };
+                    if let Some(Err(e)) = postcopy {
+                        verdict.ok = false;
+                        verdict.detail = format!("post-copy: {e}");
+                        report.oracle_ok = Some(false);
+                        report.oracle_detail = verdict.detail.clone();
+                    }
                     if let Err(e) = flushed {
                         verdict.ok = false;
                         verdict.detail = format!("flushing the disk images failed: {e}");
                         report.oracle_ok = Some(false);
                         report.oracle_detail = verdict.detail.clone();
                     }
-                    let _ = send(txs[0].as_mut(), &Message::Verdict(verdict));
+                    let _ = send_shared(&tx0, &Message::Verdict(verdict));
                     DestOutcome::Resumed {
                         guest: Arc::clone(&guest),
                         report,
@@ -733,7 +829,7 @@ pub fn receive(
         },
         _ => {
             let error = error.unwrap_or_else(|| "migration did not complete".into());
-            let _ = send(txs[0].as_mut(), &Message::Abort(error.clone()));
+            let _ = send_shared(&tx0, &Message::Abort(error.clone()));
             guest.discard();
             DestOutcome::Discarded { error }
         }
@@ -877,6 +973,45 @@ fn answer_hash_compare(
                     chunks: out,
                 },
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every channel passed its post-copy barrier and the source's sums came,
+/// then checks the disks' digest sums against them.
+fn wait_postcopy(
+    events: &crossbeam_channel::Receiver<Event>,
+    disks: &[DigestTable],
+    channels: usize,
+    cfg: &DestConfig,
+) -> Result<(), String> {
+    let mut barriers = 0usize;
+    let mut deltas = vec![DigestDelta::default(); disks.len()];
+    let mut sums: Option<Vec<u64>> = None;
+    while barriers < channels || sums.is_none() {
+        match events.recv_timeout(cfg.io_timeout * 6) {
+            Ok(Event::PostcopyBarrier { disks: d }) => {
+                barriers += 1;
+                for (a, b) in deltas.iter_mut().zip(d) {
+                    a.add(b);
+                }
+            }
+            Ok(Event::Control(Control::PostcopyDone(s))) => sums = Some(s),
+            Ok(Event::Failed(e)) => return Err(e),
+            Ok(Event::Closed(ch)) => {
+                return Err(format!("source closed channel {ch} during post-copy"))
+            }
+            Ok(_) => return Err("unexpected message during post-copy".into()),
+            Err(_) => return Err("the source stopped sending owed blocks".into()),
+        }
+    }
+    let sums = sums.unwrap_or_default();
+    for (d, (t, want)) in disks.iter().zip(&sums).enumerate() {
+        if t.sum_with([deltas[d]]) != *want {
+            return Err(format!(
+                "disk {d}: the blocks received differ from the blocks sent"
+            ));
         }
     }
     Ok(())

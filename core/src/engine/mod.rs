@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub use dest::{receive, DestConfig, DestOutcome, DestReport};
-pub use source::{error_chain, fill_random, migrate, SourceConfig, Throttle};
+pub use source::{error_chain, fill_random, migrate, SourceConfig, StorageMode, Throttle};
 
 use crate::wire::frame::FrameHeader;
 use crate::wire::{FrameError, FrameReader, Manifest, Message, ReadOutcome, Verdict, Welcome};
@@ -63,6 +63,15 @@ pub(crate) enum Control {
         last: bool,
         chunks: Vec<(u32, Vec<crate::basecmp::Digest>)>,
     },
+    OwedBlocks {
+        disk: u16,
+        owed: crate::bitmap::Bitmap,
+    },
+    PullBlocks {
+        disk: u16,
+        blocks: Vec<u64>,
+    },
+    PostcopyDone(Vec<u64>),
 }
 
 impl Control {
@@ -87,6 +96,9 @@ impl Control {
             Message::BlockDigests { disk, last, chunks } => {
                 Control::BlockDigests { disk, last, chunks }
             }
+            Message::OwedBlocks { disk, owed } => Control::OwedBlocks { disk, owed },
+            Message::PullBlocks { disk, blocks } => Control::PullBlocks { disk, blocks },
+            Message::PostcopyDone(s) => Control::PostcopyDone(s),
             Message::Hello(_) | Message::Batch(_) | Message::RoundEnd(_) => return None,
         })
     }
@@ -106,6 +118,9 @@ impl Control {
             Control::BaseDigests { .. } => "base-digests",
             Control::DigestRequest { .. } => "digest-request",
             Control::BlockDigests { .. } => "block-digests",
+            Control::OwedBlocks { .. } => "owed-blocks",
+            Control::PullBlocks { .. } => "pull-blocks",
+            Control::PostcopyDone(_) => "postcopy-done",
         }
     }
 }

@@ -52,6 +52,19 @@ pub struct SourceConfig {
     pub cancel: Arc<AtomicBool>,
     /// Disk write throttling.
     pub throttle: Throttle,
+    /// When the last dirty blocks move: during the pause, or after the hand-over.
+    pub storage_mode: StorageMode,
+}
+
+/// When the disk blocks still dirty at the pause move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageMode {
+    /// In the pause, with the last dirty pages.
+    PreCopy,
+    /// After the hand-over: the pause sends only the bitmap of owed blocks; the
+    /// destination resumes at once and the source pushes them in the background, serving
+    /// the guest's reads of owed blocks first.
+    PostCopy,
 }
 
 /// Write-rate control of the guest's disk while it migrates.
@@ -77,6 +90,7 @@ impl Default for SourceConfig {
             io_timeout: Duration::from_secs(10),
             cancel: Arc::new(AtomicBool::new(false)),
             throttle: Throttle::Auto,
+            storage_mode: StorageMode::PreCopy,
         }
     }
 }
@@ -129,6 +143,8 @@ enum Work {
         indices: Vec<u64>,
         /// First storage pass: zero blocks are skipped, the destination starts zeroed.
         skip_zero: bool,
+        /// Owed blocks pushed after the hand-over.
+        postcopy: bool,
     },
     Barrier {
         end: RoundEnd,
@@ -172,9 +188,11 @@ impl SenderWorker {
                     round,
                     indices,
                     skip_zero,
+                    postcopy,
                 } => {
                     if !failed {
-                        if let Err(e) = self.send_units(disk, round, &indices, skip_zero) {
+                        if let Err(e) = self.send_units(disk, round, &indices, skip_zero, postcopy)
+                        {
                             self.shared.fail(format!("channel {}: {e}", self.channel));
                         }
                     }
@@ -228,6 +246,7 @@ impl SenderWorker {
         round: u32,
         indices: &[u64],
         skip_zero: bool,
+        postcopy: bool,
     ) -> Result<(), String> {
         let shared = Arc::clone(&self.shared);
         let (size, table, kind) = match disk {
@@ -320,10 +339,10 @@ impl SenderWorker {
                     std::thread::sleep(wait);
                 }
             }
-            let ty = if disk.is_some() {
-                crate::wire::ty::BLOCKS
-            } else {
-                crate::wire::ty::PAGES
+            let ty = match (disk, postcopy) {
+                (None, _) => crate::wire::ty::PAGES,
+                (Some(_), false) => crate::wire::ty::BLOCKS,
+                (Some(_), true) => crate::wire::ty::POSTCOPY_BLOCKS,
             };
             let frame = self.frame.finish_with(ty, FLAG_RECORD_DIGESTS, crc);
             self.tx
@@ -369,6 +388,12 @@ struct Session<'a> {
     migration_id: [u8; 16],
     /// When throttling began, and the current limit in blocks per second.
     throttled: Option<(Instant, u64)>,
+    /// The round number of the post-copy push, once it started.
+    postcopy_round: Option<u32>,
+}
+
+fn phase_is_postcopy(round: u32, postcopy_round: Option<u32>) -> bool {
+    postcopy_round == Some(round)
 }
 
 #[derive(Default)]
@@ -530,6 +555,7 @@ impl Session<'_> {
                     round,
                     indices,
                     skip_zero,
+                    postcopy: phase_is_postcopy(round, self.postcopy_round),
                 },
             )
         };
@@ -716,6 +742,8 @@ impl Session<'_> {
                 Ok(Ok(Control::Abort(r))) => {
                     return Err(Failure(format!("destination aborted: {r}")))
                 }
+                // Late pulls for blocks already pushed.
+                Ok(Ok(Control::PullBlocks { .. })) => {}
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e)) => return Err(Failure(e)),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -742,7 +770,11 @@ pub fn migrate(
         transport: transport.name(),
         channels: cfg.channels,
         codec: codec.spec(),
-        storage_mode: "precopy".into(),
+        storage_mode: match cfg.storage_mode {
+            StorageMode::PreCopy => "precopy",
+            StorageMode::PostCopy => "postcopy",
+        }
+        .into(),
         verify_mode: match cfg.verify {
             VerifyMode::Digest => "digest",
             VerifyMode::Full => "full",
@@ -850,6 +882,7 @@ pub fn migrate(
         pending: Pending::default(),
         migration_id,
         throttled: None,
+        postcopy_round: None,
     };
     let mut paused_at: Option<Instant> = None;
     let mut committed = false;
@@ -1103,7 +1136,14 @@ fn run(
     s.report.downtime_breakdown.pause_ms = ms(t_pause.elapsed());
     let t_copy = Instant::now();
     let pages = s.take_pending_pages()?;
-    let blocks = s.take_pending_blocks()?;
+    let mut blocks = s.take_pending_blocks()?;
+    if cfg.storage_mode == StorageMode::PostCopy {
+        // The blocks stay pending (merged back if we fail before the hand-over); the
+        // pause sends only their bitmap.
+        s.report.blocks_postcopy = blocks.iter().map(Bitmap::count).sum();
+        let none = blocks.iter().map(|b| Bitmap::new(b.len())).collect();
+        s.pending.blocks = Some(std::mem::replace(&mut blocks, none));
+    }
     let r = plan.next_round();
     s.guarded_round(Phase::Final, r, Some(pages), blocks, &[], true)?;
     s.report.downtime_breakdown.final_copy_ms = ms(t_copy.elapsed());
@@ -1113,6 +1153,21 @@ fn run(
         version: state.version,
         bytes: &state.bytes,
     })?;
+    if cfg.storage_mode == StorageMode::PostCopy {
+        for (d, owed) in s
+            .pending
+            .blocks
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            s.control(&Message::OwedBlocks {
+                disk: d as u16,
+                owed,
+            })?;
+        }
+    }
     s.report.downtime_breakdown.state_ms = ms(t_state.elapsed());
     let full = if cfg.verify == VerifyMode::Full {
         let t = Instant::now();
@@ -1172,6 +1227,12 @@ fn run(
     s.report.downtime_ms = ms(now - t_pause);
     s.report.total_ms = ms(now - t0);
     s.report.ok = true;
+    if cfg.storage_mode == StorageMode::PostCopy {
+        let owed = s.pending.blocks.take().unwrap_or_default();
+        let round = plan.next_round();
+        postcopy_push(s, cfg, round, owed)
+            .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
+    }
     (s.progress)(Progress::Note {
         text: "guest resumed on the destination; waiting for its self-check".into(),
     });
@@ -1195,6 +1256,136 @@ fn run(
             s.report.error = Some(format!("no verdict from the destination: {e}"));
         }
     }
+    Ok(())
+}
+
+/// Storage post-copy after the hand-over: pushes every owed block, the ones the
+/// destination's guest is waiting for first, then a barrier and the final digest sums.
+fn postcopy_push(
+    s: &mut Session<'_>,
+    cfg: &SourceConfig,
+    round: u32,
+    owed: Vec<Bitmap>,
+) -> Result<(), Failure> {
+    const SLICE: usize = 256;
+    s.postcopy_round = Some(round);
+    let n = s.work.len();
+    let mut sent: Vec<Bitmap> = owed.iter().map(|b| Bitmap::new(b.len())).collect();
+    let order: Vec<(usize, u64)> = owed
+        .iter()
+        .enumerate()
+        .flat_map(|(d, b)| b.iter_ones().map(move |i| (d, i)))
+        .collect();
+    (s.progress)(Progress::RoundStart {
+        phase: Phase::PostCopy.name().into(),
+        index: round,
+        units: order.len() as u64,
+    });
+    let start = Instant::now();
+    let bytes0 = s.shared.wire_bytes.load(Ordering::Relaxed);
+    let mut next = 0usize;
+    loop {
+        // Pulls first: the guest is blocked on them.
+        let mut batch: Vec<(usize, u64)> = Vec::new();
+        while let Ok(m) = s.ctl.try_recv() {
+            match m {
+                Ok(Control::PullBlocks { disk, blocks }) => {
+                    let d = usize::from(disk);
+                    for b in blocks {
+                        if owed.get(d).is_some_and(|o| o.get(b)) && !sent[d].get(b) {
+                            batch.push((d, b));
+                            s.report.blocks_pulled += 1;
+                        }
+                    }
+                }
+                Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
+                Ok(other) => {
+                    return Err(Failure(format!(
+                        "unexpected {} during post-copy",
+                        other.name()
+                    )))
+                }
+                Err(e) => return Err(Failure(e)),
+            }
+        }
+        while batch.len() < SLICE && next < order.len() {
+            batch.push(order[next]);
+            next += 1;
+        }
+        batch.retain(|(d, b)| {
+            let fresh = !sent[*d].get(*b);
+            sent[*d].set(*b);
+            fresh
+        });
+        if batch.is_empty() && next >= order.len() {
+            break;
+        }
+        for (d, disk_owed) in owed.iter().enumerate() {
+            let mut set = Bitmap::new(disk_owed.len());
+            for (_, b) in batch.iter().filter(|(x, _)| *x == d) {
+                set.set(*b);
+            }
+            if !set.none() {
+                let bs = s.shared.layout.disks[d].block_size as usize;
+                let disk = d as u16;
+                s.dispatch(&set, Some(disk), bs, round, false, |i| {
+                    block_channel(disk, i, n)
+                })?;
+            }
+        }
+        if let Some(e) = s.shared.error() {
+            return Err(Failure(e));
+        }
+    }
+    // Barrier on every channel, then the sums of everything the destination now has.
+    let (reply_tx, reply_rx) = unbounded();
+    for ch in 0..n {
+        s.send_work(
+            ch,
+            Work::Barrier {
+                end: RoundEnd {
+                    phase: Phase::PostCopy,
+                    round,
+                },
+                reply: reply_tx.clone(),
+            },
+        )?;
+    }
+    let mut disk_deltas = vec![DigestDelta::default(); s.shared.disks.len()];
+    for _ in 0..n {
+        let done = reply_rx
+            .recv_timeout(cfg.io_timeout * 6)
+            .map_err(|_| Failure("post-copy barrier timed out".into()))?;
+        if !done.ok {
+            return Err(Failure(
+                s.shared
+                    .error()
+                    .unwrap_or_else(|| "a channel failed".into()),
+            ));
+        }
+        for (a, b) in disk_deltas.iter_mut().zip(done.disks) {
+            a.add(b);
+        }
+    }
+    let sums = s
+        .shared
+        .disks
+        .iter()
+        .zip(&disk_deltas)
+        .map(|(t, d)| t.sum_with([*d]))
+        .collect();
+    s.control(&Message::PostcopyDone(sums))?;
+    let rr = RoundReport {
+        phase: Phase::PostCopy.name().into(),
+        index: round,
+        dirty: order.len() as u64,
+        sent: order.len() as u64,
+        blocks: order.len() as u64,
+        bytes: s.shared.wire_bytes.load(Ordering::Relaxed) - bytes0,
+        ms: ms(start.elapsed()),
+    };
+    (s.progress)(Progress::RoundDone(rr.clone()));
+    s.report.rounds.push(rr);
     Ok(())
 }
 

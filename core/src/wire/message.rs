@@ -2,6 +2,7 @@
 //! The layout of each message is documented in `docs/protocol.md`.
 
 use crate::basecmp::{Digest, CHUNK_BLOCKS};
+use crate::bitmap::Bitmap;
 use crate::guest::{Base, DiskLayout, DiskPlan, GuestLayout};
 use crate::image::ImageIdentity;
 use crate::wire::frame::{FrameHeader, FLAG_RECORD_DIGESTS};
@@ -67,6 +68,14 @@ pub mod ty {
     pub const DIGEST_REQUEST: u8 = 16;
     /// Destination → source: block digests of requested chunks.
     pub const BLOCK_DIGESTS: u8 = 17;
+    /// Source → destination, storage post-copy: blocks still owed at the pause.
+    pub const OWED_BLOCKS: u8 = 18;
+    /// Source → destination after commit: owed blocks (batch format of `BLOCKS`).
+    pub const POSTCOPY_BLOCKS: u8 = 19;
+    /// Destination → source: owed blocks the running guest is waiting for.
+    pub const PULL_BLOCKS: u8 = 20;
+    /// Source → destination: every owed block was sent; the final disk digest sums.
+    pub const POSTCOPY_DONE: u8 = 21;
 }
 
 /// Most chunks in one block-digests frame (64 KiB of digests each way per 1000 chunks).
@@ -275,6 +284,8 @@ pub struct Batch<'a> {
     pub round: u32,
     /// Number of records.
     pub count: u32,
+    /// Owed blocks pushed after the hand-over (storage post-copy).
+    pub postcopy: bool,
     /// The prefix bytes (disk, round, count) for the header CRC.
     prefix: &'a [u8],
     records: &'a [u8],
@@ -434,6 +445,8 @@ pub enum Phase {
     Memory,
     /// Stop-and-copy.
     Final,
+    /// Owed blocks pushed after the hand-over (storage post-copy).
+    PostCopy,
 }
 
 impl Phase {
@@ -442,6 +455,7 @@ impl Phase {
             Phase::Storage => 1,
             Phase::Memory => 2,
             Phase::Final => 3,
+            Phase::PostCopy => 4,
         }
     }
 
@@ -450,6 +464,7 @@ impl Phase {
             1 => Some(Phase::Storage),
             2 => Some(Phase::Memory),
             3 => Some(Phase::Final),
+            4 => Some(Phase::PostCopy),
             _ => None,
         }
     }
@@ -460,6 +475,7 @@ impl Phase {
             Phase::Storage => "storage",
             Phase::Memory => "memory",
             Phase::Final => "stop-and-copy",
+            Phase::PostCopy => "post-copy",
         }
     }
 }
@@ -551,6 +567,22 @@ pub enum Message<'a> {
         /// Chunk numbers.
         chunks: Vec<u32>,
     },
+    /// Blocks of `disk` still owed at the pause (storage post-copy).
+    OwedBlocks {
+        /// Disk number.
+        disk: u16,
+        /// The owed blocks.
+        owed: Bitmap,
+    },
+    /// Owed blocks the destination's guest is waiting for.
+    PullBlocks {
+        /// Disk number.
+        disk: u16,
+        /// Block numbers.
+        blocks: Vec<u64>,
+    },
+    /// Every owed block was sent: the source's digest sum per disk.
+    PostcopyDone(Vec<u64>),
     /// Block digests of requested chunks; `last` ends the answer.
     BlockDigests {
         /// Disk number.
@@ -578,7 +610,7 @@ impl Message<'_> {
         if h.flags & FLAG_RECORD_DIGESTS == 0 {
             return Message::decode(h.ty, body);
         }
-        if h.ty != ty::PAGES && h.ty != ty::BLOCKS {
+        if ![ty::PAGES, ty::BLOCKS, ty::POSTCOPY_BLOCKS].contains(&h.ty) {
             return Err(DecodeError::Invalid {
                 what: "frame",
                 reason: format!("record-digest flag on message type {}", h.ty),
@@ -638,9 +670,9 @@ impl Message<'_> {
                     Message::Abort(s)
                 })
             }
-            PAGES | BLOCKS => {
+            PAGES | BLOCKS | POSTCOPY_BLOCKS => {
                 let mut c = Cursor::new(body, "batch");
-                let disk = if ty == BLOCKS { Some(c.u16()?) } else { None };
+                let disk = if ty == PAGES { None } else { Some(c.u16()?) };
                 let round = c.u32()?;
                 let count = c.u32()?;
                 // Each record needs at least its header: reject absurd counts up front.
@@ -652,6 +684,7 @@ impl Message<'_> {
                     disk,
                     round,
                     count,
+                    postcopy: ty == POSTCOPY_BLOCKS,
                     prefix,
                     records: c.rest(),
                     header_crc: None,
@@ -754,6 +787,41 @@ impl Message<'_> {
                 c.end()?;
                 Ok(Message::BlockDigests { disk, last, chunks })
             }
+            OWED_BLOCKS => {
+                let mut c = Cursor::new(body, "owed-blocks");
+                let disk = c.u16()?;
+                let bits = c.u64()?;
+                if bits > (1 << 40) || (bits.div_ceil(64)).saturating_mul(8) > body.len() as u64 {
+                    return Err(c.invalid(format!("{bits} blocks cannot fit")));
+                }
+                let words = (0..bits.div_ceil(64))
+                    .map(|_| c.u64())
+                    .collect::<Result<Vec<_>, _>>()?;
+                c.end()?;
+                let owed = Bitmap::from_words(words, bits).map_err(|e| c.invalid(e.to_string()))?;
+                Ok(Message::OwedBlocks { disk, owed })
+            }
+            PULL_BLOCKS => {
+                let mut c = Cursor::new(body, "pull-blocks");
+                let disk = c.u16()?;
+                let n = c.u32()? as usize;
+                if n.saturating_mul(8) > body.len() {
+                    return Err(c.invalid(format!("{n} blocks cannot fit")));
+                }
+                let blocks = (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?;
+                c.end()?;
+                Ok(Message::PullBlocks { disk, blocks })
+            }
+            POSTCOPY_DONE => {
+                let mut c = Cursor::new(body, "postcopy-done");
+                let n = c.u16()? as usize;
+                if n > MAX_DISKS {
+                    return Err(c.invalid(format!("{n} disks")));
+                }
+                let sums = (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?;
+                c.end()?;
+                Ok(Message::PostcopyDone(sums))
+            }
             STORAGE_PLAN => {
                 let mut c = Cursor::new(body, "storage-plan");
                 let n = c.u16()? as usize;
@@ -842,6 +910,29 @@ impl Message<'_> {
                 }
                 BLOCK_DIGESTS
             }
+            Message::OwedBlocks { disk, owed } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&owed.len().to_le_bytes());
+                for w in owed.words() {
+                    out.extend_from_slice(&w.to_le_bytes());
+                }
+                OWED_BLOCKS
+            }
+            Message::PullBlocks { disk, blocks } => {
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+                for b in blocks {
+                    out.extend_from_slice(&b.to_le_bytes());
+                }
+                PULL_BLOCKS
+            }
+            Message::PostcopyDone(sums) => {
+                out.extend_from_slice(&(sums.len() as u16).to_le_bytes());
+                for x in sums {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                POSTCOPY_DONE
+            }
             Message::StoragePlan(plans) => {
                 out.extend_from_slice(&(plans.len() as u16).to_le_bytes());
                 for p in plans {
@@ -868,10 +959,10 @@ impl Message<'_> {
                 out.extend_from_slice(&b.round.to_le_bytes());
                 out.extend_from_slice(&b.count.to_le_bytes());
                 out.extend_from_slice(b.records);
-                if b.disk.is_some() {
-                    BLOCKS
-                } else {
-                    PAGES
+                match (b.disk, b.postcopy) {
+                    (None, _) => PAGES,
+                    (Some(_), false) => BLOCKS,
+                    (Some(_), true) => POSTCOPY_BLOCKS,
                 }
             }
             Message::RoundEnd(r) => {
@@ -1072,6 +1163,20 @@ mod tests {
                 disk: 1,
                 digests: vec![[4; 16], [5; 16]],
             },
+            Message::OwedBlocks {
+                disk: 0,
+                owed: {
+                    let mut b = Bitmap::new(130);
+                    b.set(1);
+                    b.set(129);
+                    b
+                },
+            },
+            Message::PullBlocks {
+                disk: 0,
+                blocks: vec![1, 129],
+            },
+            Message::PostcopyDone(vec![7, 8]),
             Message::DigestRequest {
                 disk: 0,
                 chunks: vec![3, 9],
