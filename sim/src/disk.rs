@@ -229,7 +229,9 @@ impl SimDisk {
     }
 
     /// A migration arrived here: this image now continues `source`'s image in the
-    /// generation after `source.generation`, with nothing written yet.
+    /// generation after `source.generation`, with nothing written yet. Recorded in memory
+    /// only: until the next [`SimDisk::persist`] the image has no sidecar (removed by
+    /// [`SimDisk::prepare`]), so a crash leaves it untrusted, never wrongly trusted.
     pub fn adopt(&self, source: ImageIdentity) -> Result<(), ferry_core::image::SidecarError> {
         {
             let mut m = self.meta();
@@ -243,7 +245,7 @@ impl SimDisk {
             m.retired = false;
         }
         self.gen_log.clear();
-        self.persist(SidecarState::Open)
+        Ok(())
     }
 
     /// Prepares for an incoming migration: `Full` empties the image (sparse zeros); the

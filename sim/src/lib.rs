@@ -830,6 +830,16 @@ impl DestGuest for SimGuest {
         for d in &self.inner.disks {
             d.flush().map_err(gerr("flushing a disk image"))?;
         }
+        // After resuming, record the images' new identity (kept out of the downtime).
+        if self.started.load(Ordering::SeqCst) {
+            for d in &self.inner.disks {
+                d.persist(ferry_core::image::SidecarState::Open)
+                    .map_err(|e| GuestError::Io {
+                        what: "writing image metadata".into(),
+                        source: std::io::Error::other(ferry_core::engine::error_chain(&e)),
+                    })?;
+            }
+        }
         Ok(())
     }
 

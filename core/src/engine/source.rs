@@ -1208,10 +1208,36 @@ fn run(
 
     // Hand-over: from here on the source never resumes.
     *committed = true;
-    guest.handed_over();
     let t_commit = Instant::now();
-    s.control(&Message::Commit)
-        .map_err(|Failure(e)| Failure(format!("commit sent but not confirmed: {e}")))?;
+    let sent = s
+        .control(&Message::Commit)
+        .map_err(|Failure(e)| Failure(format!("commit sent but not confirmed: {e}")));
+    // The backend's hand-over work (stopping the vCPUs for good, marking images as bases)
+    // runs beside the wait for `resumed`: the guest is paused and `committed` is set.
+    let handing = {
+        let g = Arc::clone(&guest);
+        std::thread::spawn(move || g.handed_over())
+    };
+    let result = finish_after_commit(s, cfg, &plan_round(&mut plan), t0, t_pause, t_commit, sent);
+    let _ = handing.join();
+    result
+}
+
+fn plan_round(plan: &mut SourcePlan) -> u32 {
+    plan.next_round()
+}
+
+/// After `commit`: wait for `resumed`, run the post-copy push if any, wait for the verdict.
+fn finish_after_commit(
+    s: &mut Session<'_>,
+    cfg: &SourceConfig,
+    postcopy_round: &u32,
+    t0: Instant,
+    t_pause: Instant,
+    t_commit: Instant,
+    sent: Result<(), Failure>,
+) -> Result<(), Failure> {
+    sent?;
     match s.expect("resumed", cfg.io_timeout) {
         Ok(Control::Resumed { .. }) => {}
         Ok(other) => {
@@ -1229,8 +1255,7 @@ fn run(
     s.report.ok = true;
     if cfg.storage_mode == StorageMode::PostCopy {
         let owed = s.pending.blocks.take().unwrap_or_default();
-        let round = plan.next_round();
-        postcopy_push(s, cfg, round, owed)
+        postcopy_push(s, cfg, *postcopy_round, owed)
             .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
     }
     (s.progress)(Progress::Note {
