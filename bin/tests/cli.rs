@@ -242,40 +242,44 @@ enum Limit {
     Never,
     /// After this many bytes.
     Bytes(u64),
-    /// After this many whole frames (16-byte headers with the body length at 4..8).
-    Frames(usize),
+    /// At the first frame of this message type (16-byte headers, type at byte 2, body
+    /// length at 4..8): nothing of that frame gets through.
+    AtType(u8),
 }
 
-/// Bytes of `buf` (continuing a stream at `state`) that belong to the first `frames`
-/// frames; `state` is (frames done, bytes left in the current frame, header bytes seen).
-fn frame_cut(buf: &[u8], state: &mut (usize, usize, Vec<u8>), frames: usize) -> usize {
-    let mut i = 0;
-    while i < buf.len() {
-        if state.0 >= frames {
-            return i;
-        }
-        if state.1 > 0 {
-            let n = state.1.min(buf.len() - i);
-            state.1 -= n;
-            i += n;
-            if state.1 == 0 {
-                state.0 += 1;
+/// Frame tracking for [`Limit::AtType`]: header bytes held back, body bytes left.
+#[derive(Default)]
+struct FrameScan {
+    header: Vec<u8>,
+    body_left: usize,
+}
+
+impl FrameScan {
+    /// The bytes of `buf` to forward, and whether the link must freeze now.
+    fn forward(&mut self, buf: &[u8], stop_at: u8) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        while i < buf.len() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(buf.len() - i);
+                out.extend_from_slice(&buf[i..i + n]);
+                self.body_left -= n;
+                i += n;
+                continue;
             }
-            continue;
-        }
-        state.2.push(buf[i]);
-        i += 1;
-        if state.2.len() == 16 {
-            let len = u32::from_le_bytes([state.2[4], state.2[5], state.2[6], state.2[7]]) as usize;
-            state.2.clear();
-            if len == 0 {
-                state.0 += 1;
-            } else {
-                state.1 = len;
+            self.header.push(buf[i]);
+            i += 1;
+            if self.header.len() == 16 {
+                if self.header[2] == stop_at {
+                    return (out, true);
+                }
+                let h = &self.header;
+                self.body_left = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                out.append(&mut self.header);
             }
         }
+        (out, false)
     }
-    i
 }
 
 impl FreezableLink {
@@ -297,7 +301,7 @@ impl FreezableLink {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 16 << 10];
                         let mut total = 0u64;
-                        let mut frames = (0usize, 0usize, Vec::new());
+                        let mut scan = FrameScan::default();
                         loop {
                             if f.load(Ordering::SeqCst) {
                                 std::thread::sleep(Duration::from_millis(50));
@@ -311,16 +315,19 @@ impl FreezableLink {
                             if f.load(Ordering::SeqCst) {
                                 continue; // what crossed the line is lost: the network died
                             }
-                            let pass = match limit {
-                                Limit::Never => n,
-                                Limit::Bytes(max) => (max.saturating_sub(total) as usize).min(n),
-                                Limit::Frames(k) => frame_cut(&buf[..n], &mut frames, k),
+                            let (pass, freeze) = match limit {
+                                Limit::Never => (buf[..n].to_vec(), false),
+                                Limit::Bytes(max) => {
+                                    let k = (max.saturating_sub(total) as usize).min(n);
+                                    (buf[..k].to_vec(), k < n)
+                                }
+                                Limit::AtType(t) => scan.forward(&buf[..n], t),
                             };
                             total += n as u64;
-                            if to.write_all(&buf[..pass]).is_err() {
+                            if to.write_all(&pass).is_err() {
                                 return;
                             }
-                            if pass < n {
+                            if freeze {
                                 f.store(true, Ordering::SeqCst);
                             }
                         }
@@ -360,8 +367,8 @@ fn network_dying_right_after_verified_leaves_one_running_copy() {
     let dir = tempfile::tempdir().unwrap();
     let (_src, src_ctl) = run_guest(dir.path(), &[]);
     let (_dst, addr, dst_ctl) = listen(dir.path(), "2s");
-    // The destination's first frame back is `welcome`; the next is `verified`.
-    let link = FreezableLink::start(addr, Limit::Never, Limit::Frames(1));
+    // Everything flows until the destination's `verified` (message type 9).
+    let link = FreezableLink::start(addr, Limit::Never, Limit::AtType(9));
     let out = ferry()
         .args(["migrate", "--json", "--timeout", "2s", "--vm"])
         .arg(&src_ctl)

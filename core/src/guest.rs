@@ -198,8 +198,13 @@ pub trait DestGuest: Send + Sync {
     fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError>;
     /// Makes block `index` of `disk` all zero (keeping sparse files sparse).
     fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError>;
-    /// Makes every write durable before the destination acknowledges the final state.
+    /// Makes every write durable (the destination does this before reporting success).
     fn flush(&self) -> Result<(), GuestError>;
+    /// Starts write-back of what was written so far without waiting for it, so dirty data
+    /// does not pile up in memory during pre-copy. Defaults to a full flush.
+    fn start_writeback(&self) -> Result<(), GuestError> {
+        self.flush()
+    }
     /// Restores vCPU and device state.
     fn restore_state(&self, state: &StateBlob) -> Result<(), GuestError>;
     /// Starts the guest running.

@@ -843,6 +843,13 @@ impl DestGuest for SimGuest {
         Ok(())
     }
 
+    fn start_writeback(&self) -> Result<(), GuestError> {
+        for d in &self.inner.disks {
+            d.start_writeback().map_err(gerr("starting write-back"))?;
+        }
+        Ok(())
+    }
+
     fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {
         if self.started.load(Ordering::SeqCst) {
             return Err(GuestError::InvalidState(

@@ -117,6 +117,10 @@ enum Event {
     PostcopyBarrier {
         disks: Vec<DigestDelta>,
     },
+    /// A channel processed everything of pre-copy round `round`.
+    RoundBarrier {
+        round: u32,
+    },
     Control(Control),
     Failed(String),
     Closed(usize),
@@ -204,6 +208,7 @@ impl ReceiverWorker {
                     }
                     Ok(false) => {
                         let _ = self.flush.try_send(());
+                        let _ = out.send(Event::RoundBarrier { round: end.round });
                         Ok(())
                     }
                     Err(e) => Err(e.to_string()),
@@ -504,6 +509,7 @@ pub fn receive(
     // From here on channel 0's sender is shared: the post-copy puller uses it too.
     let tx0: SharedTx = Arc::new(std::sync::Mutex::new(txs.swap_remove(0)));
     let mut owed: Vec<Option<Bitmap>> = vec![None; hello.layout.disks.len()];
+    let mut round_barriers: std::collections::HashMap<u32, usize> = Default::default();
 
     // Receivers.
     let layout = hello.layout.clone();
@@ -534,7 +540,7 @@ pub fn receive(
         let guest = Arc::clone(&guest);
         std::thread::spawn(move || {
             for () in flush_rx {
-                if let Err(e) = guest.flush() {
+                if let Err(e) = guest.start_writeback() {
                     // The final flush before the acknowledgement reports it for real.
                     tracing::warn!("background flush failed: {e}");
                 }
@@ -648,6 +654,21 @@ pub fn receive(
             Event::PostcopyBarrier { .. } => Err(crate::machine::ProtocolError(
                 "post-copy barrier before the hand-over".into(),
             )),
+            Event::RoundBarrier { round } => {
+                // Acknowledge a round once every channel processed it: the source times
+                // rounds (and estimates the link) end to end, not into socket buffers.
+                let c = round_barriers.entry(round).or_insert(0);
+                *c += 1;
+                if *c == n {
+                    round_barriers.remove(&round);
+                    if let Err(e) = send_shared(&tx0, &Message::RoundAck(round)) {
+                        error = Some(format!("sending a round acknowledgement: {e}"));
+                        let _ = session.on(DestEvent::Lost);
+                        break;
+                    }
+                }
+                Ok(DestAction::Continue)
+            }
             Event::Failed(e) => {
                 error = Some(e);
                 session.on(DestEvent::Lost)

@@ -72,6 +72,7 @@ pub(crate) enum Control {
         blocks: Vec<u64>,
     },
     PostcopyDone(Vec<u64>),
+    RoundAck(u32),
 }
 
 impl Control {
@@ -99,6 +100,7 @@ impl Control {
             Message::OwedBlocks { disk, owed } => Control::OwedBlocks { disk, owed },
             Message::PullBlocks { disk, blocks } => Control::PullBlocks { disk, blocks },
             Message::PostcopyDone(s) => Control::PostcopyDone(s),
+            Message::RoundAck(r) => Control::RoundAck(r),
             Message::Hello(_) | Message::Batch(_) | Message::RoundEnd(_) => return None,
         })
     }
@@ -121,6 +123,7 @@ impl Control {
             Control::OwedBlocks { .. } => "owed-blocks",
             Control::PullBlocks { .. } => "pull-blocks",
             Control::PostcopyDone(_) => "postcopy-done",
+            Control::RoundAck(_) => "round-ack",
         }
     }
 }

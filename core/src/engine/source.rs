@@ -390,6 +390,8 @@ struct Session<'a> {
     throttled: Option<(Instant, u64)>,
     /// The round number of the post-copy push, once it started.
     postcopy_round: Option<u32>,
+    /// Round acknowledgements that arrived while we polled for something else.
+    acks: std::cell::RefCell<Vec<u32>>,
 }
 
 fn phase_is_postcopy(round: u32, postcopy_round: Option<u32>) -> bool {
@@ -418,6 +420,8 @@ impl Session<'_> {
         }
         if let Ok(m) = self.ctl.try_recv() {
             match m {
+                // Early: the destination was quicker than our own barrier bookkeeping.
+                Ok(Control::RoundAck(r)) => self.acks.borrow_mut().push(r),
                 Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
                 Ok(other) => {
                     return Err(Failure(format!(
@@ -503,6 +507,11 @@ impl Session<'_> {
                     return Err(Failure("sender threads exited".into()))
                 }
             }
+        }
+        // The final round is acknowledged by `verified`; the others by `round-ack`, so
+        // that round times (and the link estimate) include the destination's work.
+        if phase != Phase::Final {
+            self.await_round_ack(round)?;
         }
         self.check_abort()?;
         self.last_deltas = (pages_delta, disk_deltas);
@@ -636,6 +645,21 @@ impl Session<'_> {
             }
         }
         Ok(now)
+    }
+
+    /// Waits for the destination's acknowledgement of `round`.
+    fn await_round_ack(&self, round: u32) -> Result<(), Failure> {
+        if let Some(i) = self.acks.borrow().iter().position(|r| *r == round) {
+            self.acks.borrow_mut().remove(i);
+            return Ok(());
+        }
+        match self.expect("round acknowledgement", self.cfg.io_timeout)? {
+            Control::RoundAck(r) if r == round => Ok(()),
+            other => Err(Failure(format!(
+                "expected the acknowledgement of round {round}, got {}",
+                other.name()
+            ))),
+        }
     }
 
     /// Throttles the guest's disk writes to `limit` blocks per second.
@@ -883,6 +907,7 @@ pub fn migrate(
         migration_id,
         throttled: None,
         postcopy_round: None,
+        acks: Default::default(),
     };
     let mut paused_at: Option<Instant> = None;
     let mut committed = false;

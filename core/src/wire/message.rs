@@ -76,6 +76,8 @@ pub mod ty {
     pub const PULL_BLOCKS: u8 = 20;
     /// Source → destination: every owed block was sent; the final disk digest sums.
     pub const POSTCOPY_DONE: u8 = 21;
+    /// Destination → source: every channel's barrier of a pre-copy round was processed.
+    pub const ROUND_ACK: u8 = 22;
 }
 
 /// Most chunks in one block-digests frame (64 KiB of digests each way per 1000 chunks).
@@ -583,6 +585,8 @@ pub enum Message<'a> {
     },
     /// Every owed block was sent: the source's digest sum per disk.
     PostcopyDone(Vec<u64>),
+    /// The destination processed round `0` on every channel.
+    RoundAck(u32),
     /// Block digests of requested chunks; `last` ends the answer.
     BlockDigests {
         /// Disk number.
@@ -812,6 +816,12 @@ impl Message<'_> {
                 c.end()?;
                 Ok(Message::PullBlocks { disk, blocks })
             }
+            ROUND_ACK => {
+                let mut c = Cursor::new(body, "round-ack");
+                let r = c.u32()?;
+                c.end()?;
+                Ok(Message::RoundAck(r))
+            }
             POSTCOPY_DONE => {
                 let mut c = Cursor::new(body, "postcopy-done");
                 let n = c.u16()? as usize;
@@ -925,6 +935,10 @@ impl Message<'_> {
                     out.extend_from_slice(&b.to_le_bytes());
                 }
                 PULL_BLOCKS
+            }
+            Message::RoundAck(r) => {
+                out.extend_from_slice(&r.to_le_bytes());
+                ROUND_ACK
             }
             Message::PostcopyDone(sums) => {
                 out.extend_from_slice(&(sums.len() as u16).to_le_bytes());
@@ -1177,6 +1191,7 @@ mod tests {
                 blocks: vec![1, 129],
             },
             Message::PostcopyDone(vec![7, 8]),
+            Message::RoundAck(12),
             Message::DigestRequest {
                 disk: 0,
                 chunks: vec![3, 9],
