@@ -1,0 +1,289 @@
+//! The per-channel sender threads: read units, encode, frame, send.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::codec::{Encoder, Unit, UnitKind, TAG_RAW};
+use crate::digest::{unit_digest, DigestDelta, DigestTable};
+use crate::guest::{GuestLayout, SourceGuest};
+use crate::pacer::Pacer;
+use crate::wire::frame::{FLAG_RECORD_DIGESTS, HEADER_LEN};
+use crate::wire::{
+    frame::write_frame, BatchBuilder, FrameBuf, Message, RoundEnd, CODEC_SLACK, RECORD_HEADER,
+};
+use crate::zero::is_zero;
+
+/// Bytes of unit data per frame at most (keeps frames far below the wire limit).
+pub(super) const FRAME_DATA: usize = 256 << 10;
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) pages: AtomicU64,
+    pub(super) zero_pages: AtomicU64,
+    pub(super) blocks: AtomicU64,
+    pub(super) zero_blocks: AtomicU64,
+    pub(super) skipped_blocks: AtomicU64,
+    pub(super) payload: AtomicU64,
+    pub(super) encoded: AtomicU64,
+    pub(super) units_done: AtomicU64,
+}
+
+pub(super) struct Shared {
+    pub(super) guest: Arc<dyn SourceGuest>,
+    pub(super) layout: GuestLayout,
+    pub(super) pages: DigestTable,
+    pub(super) disks: Vec<DigestTable>,
+    pub(super) pacer: Option<Mutex<Pacer>>,
+    pub(super) counters: Counters,
+    pub(super) wire_bytes: Arc<AtomicU64>,
+    pub(super) failed: AtomicBool,
+    pub(super) error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(super) fn fail(&self, msg: String) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(msg);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    pub(super) fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+pub(super) enum Work {
+    Units {
+        disk: Option<u16>,
+        round: u32,
+        indices: Vec<u64>,
+        /// First storage pass: zero blocks are skipped, the destination starts zeroed.
+        skip_zero: bool,
+        /// Owed blocks pushed after the hand-over.
+        postcopy: bool,
+    },
+    Barrier {
+        end: RoundEnd,
+        reply: Sender<BarrierDone>,
+    },
+    /// A control frame, already encoded; aborts go out even after a failure.
+    Control {
+        ty: u8,
+        body: Vec<u8>,
+        abort: bool,
+    },
+    Flush {
+        reply: Sender<BarrierDone>,
+    },
+}
+
+pub(super) struct BarrierDone {
+    pub(super) ok: bool,
+    pub(super) pages: DigestDelta,
+    pub(super) disks: Vec<DigestDelta>,
+}
+
+pub(super) struct SenderWorker {
+    pub(super) tx: Box<dyn Write + Send>,
+    pub(super) encoder: Box<dyn Encoder>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) frame: FrameBuf,
+    pub(super) scratch: Vec<u8>,
+    pub(super) pages: DigestDelta,
+    pub(super) disks: Vec<DigestDelta>,
+    pub(super) channel: usize,
+}
+
+impl SenderWorker {
+    pub(super) fn run(mut self, work: Receiver<Work>) {
+        for w in work {
+            let failed = self.shared.failed.load(Ordering::Acquire);
+            match w {
+                Work::Units {
+                    disk,
+                    round,
+                    indices,
+                    skip_zero,
+                    postcopy,
+                } => {
+                    if !failed {
+                        if let Err(e) = self.send_units(disk, round, &indices, skip_zero, postcopy)
+                        {
+                            self.shared.fail(format!("channel {}: {e}", self.channel));
+                        }
+                    }
+                }
+                Work::Barrier { end, reply } => {
+                    let ok = !failed && self.send_message(&Message::RoundEnd(end)).is_ok();
+                    if !ok {
+                        self.shared
+                            .fail(format!("channel {}: sending barrier failed", self.channel));
+                    }
+                    let _ = reply.send(self.done(ok));
+                }
+                Work::Control { ty, body, abort } => {
+                    if !failed || abort {
+                        let r = write_frame(&mut self.tx, ty, &body)
+                            .map_err(std::io::Error::other)
+                            .and_then(|_| self.tx.flush());
+                        if let Err(e) = r {
+                            if !abort {
+                                self.shared.fail(format!("channel {}: {e}", self.channel));
+                            }
+                        }
+                    }
+                }
+                Work::Flush { reply } => {
+                    let ok = !self.shared.failed.load(Ordering::Acquire);
+                    let _ = reply.send(self.done(ok));
+                }
+            }
+        }
+    }
+
+    pub(super) fn done(&self, ok: bool) -> BarrierDone {
+        BarrierDone {
+            ok,
+            pages: self.pages,
+            disks: self.disks.clone(),
+        }
+    }
+
+    pub(super) fn send_message(&mut self, m: &Message<'_>) -> std::io::Result<()> {
+        let mut body = Vec::new();
+        let ty = m.encode(&mut body);
+        write_frame(&mut self.tx, ty, &body).map_err(std::io::Error::other)?;
+        self.tx.flush()
+    }
+
+    pub(super) fn send_units(
+        &mut self,
+        disk: Option<u16>,
+        round: u32,
+        indices: &[u64],
+        skip_zero: bool,
+        postcopy: bool,
+    ) -> Result<(), String> {
+        let shared = Arc::clone(&self.shared);
+        let (size, table, kind) = match disk {
+            None => (
+                shared.layout.page_size as usize,
+                &shared.pages,
+                UnitKind::Page,
+            ),
+            Some(d) => (
+                shared.layout.disks[d as usize].block_size as usize,
+                &shared.disks[d as usize],
+                UnitKind::Block(d),
+            ),
+        };
+        let c = &shared.counters;
+        let body = self.frame.start();
+        let at = BatchBuilder::begin(body, disk, round);
+        // The frame CRC covers the prefix and the record headers; the data of each unit is
+        // covered by its digest (FLAG_RECORD_DIGESTS).
+        let mut crc = 0u32;
+        let mut count = 0u32;
+        let (mut payload, mut encoded, mut zeros, mut skipped) = (0u64, 0u64, 0u64, 0u64);
+        for &i in indices {
+            // Read the unit straight into its place in the frame: a raw unit is never
+            // copied twice.
+            let rec = body.len();
+            let data_at = rec + RECORD_HEADER;
+            body.resize(data_at + size, 0);
+            match disk {
+                None => shared.guest.read_page(i, &mut body[data_at..]),
+                Some(d) => shared.guest.read_block(d as usize, i, &mut body[data_at..]),
+            }
+            .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
+            let unit = Unit { kind, index: i };
+            let delta = match disk {
+                None => &mut self.pages,
+                Some(d) => &mut self.disks[d as usize],
+            };
+            if is_zero(&body[data_at..]) {
+                self.encoder.note_sent_plain(unit, &body[data_at..]);
+                body.truncate(rec);
+                if skip_zero {
+                    skipped += 1;
+                    continue;
+                }
+                let d = table.zero_digest(i);
+                table.record(i, d, delta);
+                BatchBuilder::record(body, i, true, 0, 0, d);
+                zeros += 1;
+            } else {
+                let digest = unit_digest(i, &body[data_at..]);
+                table.record(i, digest, delta);
+                self.scratch.clear();
+                let tag = self
+                    .encoder
+                    .encode(unit, &body[data_at..], &mut self.scratch);
+                if tag != TAG_RAW && self.scratch.len() < size + CODEC_SLACK {
+                    body.truncate(rec);
+                    BatchBuilder::record(body, i, false, tag, self.scratch.len(), digest);
+                    body.extend_from_slice(&self.scratch);
+                    encoded += self.scratch.len() as u64;
+                } else {
+                    if tag != TAG_RAW {
+                        self.encoder.note_sent_plain(unit, &body[data_at..]);
+                    }
+                    body[rec..data_at]
+                        .copy_from_slice(&BatchBuilder::header(i, false, TAG_RAW, size, digest));
+                    encoded += size as u64;
+                }
+                payload += size as u64;
+            }
+            crc = crc32c::crc32c_append(crc, &body[rec..rec + RECORD_HEADER]);
+            count += 1;
+        }
+        BatchBuilder::finish(body, at, count);
+        if count > 0 {
+            // CRC(prefix ‖ headers), the prefix taken after the count was patched in.
+            let crc = crc32c::crc32c_combine(
+                crc32c::crc32c(&body[HEADER_LEN..at + 4]),
+                crc,
+                count as usize * RECORD_HEADER,
+            );
+            let len = (self.frame.body_len() + HEADER_LEN) as u64;
+            if let Some(p) = &shared.pacer {
+                let wait = p
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reserve(Instant::now(), len);
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            }
+            let ty = match (disk, postcopy) {
+                (None, _) => crate::wire::ty::PAGES,
+                (Some(_), false) => crate::wire::ty::BLOCKS,
+                (Some(_), true) => crate::wire::ty::POSTCOPY_BLOCKS,
+            };
+            let frame = self.frame.finish_with(ty, FLAG_RECORD_DIGESTS, crc);
+            self.tx
+                .write_all(frame)
+                .map_err(|e| format!("send failed: {e}"))?;
+        }
+        let sent = u64::from(count);
+        if disk.is_some() {
+            c.blocks.fetch_add(sent, Ordering::Relaxed);
+            c.zero_blocks.fetch_add(zeros, Ordering::Relaxed);
+            c.skipped_blocks.fetch_add(skipped, Ordering::Relaxed);
+        } else {
+            c.pages.fetch_add(sent, Ordering::Relaxed);
+            c.zero_pages.fetch_add(zeros, Ordering::Relaxed);
+        }
+        c.payload.fetch_add(payload, Ordering::Relaxed);
+        c.encoded.fetch_add(encoded, Ordering::Relaxed);
+        c.units_done
+            .fetch_add(indices.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}

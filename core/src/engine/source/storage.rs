@@ -1,0 +1,219 @@
+//! Storage extras on the source: hash-compared bases and the post-copy push.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::unbounded;
+
+use super::{block_channel, ms, Control};
+use crate::basecmp::{
+    block_digests, chunk_digests, differing_chunks, key_for, mark_differing, CHUNK_BLOCKS,
+};
+use crate::bitmap::Bitmap;
+use crate::digest::DigestDelta;
+use crate::report::{Progress, RoundReport};
+use crate::wire::{Message, Phase, RoundEnd};
+
+use super::sender::*;
+use super::session::*;
+use super::*;
+
+/// Storage post-copy after the hand-over: pushes every owed block, the ones the
+/// destination's guest is waiting for first, then a barrier and the final digest sums.
+pub(super) fn postcopy_push(
+    s: &mut Session<'_>,
+    cfg: &SourceConfig,
+    round: u32,
+    owed: Vec<Bitmap>,
+) -> Result<(), Failure> {
+    const SLICE: usize = 256;
+    s.postcopy_round = Some(round);
+    let n = s.work.len();
+    let mut sent: Vec<Bitmap> = owed.iter().map(|b| Bitmap::new(b.len())).collect();
+    let order: Vec<(usize, u64)> = owed
+        .iter()
+        .enumerate()
+        .flat_map(|(d, b)| b.iter_ones().map(move |i| (d, i)))
+        .collect();
+    (s.progress)(Progress::RoundStart {
+        phase: Phase::PostCopy.name().into(),
+        index: round,
+        units: order.len() as u64,
+    });
+    let start = Instant::now();
+    let bytes0 = s.shared.wire_bytes.load(Ordering::Relaxed);
+    let mut next = 0usize;
+    loop {
+        // Pulls first: the guest is blocked on them.
+        let mut batch: Vec<(usize, u64)> = Vec::new();
+        while let Ok(m) = s.ctl.try_recv() {
+            match m {
+                Ok(Control::PullBlocks { disk, blocks }) => {
+                    let d = usize::from(disk);
+                    for b in blocks {
+                        if owed.get(d).is_some_and(|o| o.get(b)) && !sent[d].get(b) {
+                            batch.push((d, b));
+                            s.report.blocks_pulled += 1;
+                        }
+                    }
+                }
+                Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
+                Ok(other) => {
+                    return Err(Failure(format!(
+                        "unexpected {} during post-copy",
+                        other.name()
+                    )))
+                }
+                Err(e) => return Err(Failure(e)),
+            }
+        }
+        while batch.len() < SLICE && next < order.len() {
+            batch.push(order[next]);
+            next += 1;
+        }
+        batch.retain(|(d, b)| {
+            let fresh = !sent[*d].get(*b);
+            sent[*d].set(*b);
+            fresh
+        });
+        if batch.is_empty() && next >= order.len() {
+            break;
+        }
+        for (d, disk_owed) in owed.iter().enumerate() {
+            let mut set = Bitmap::new(disk_owed.len());
+            for (_, b) in batch.iter().filter(|(x, _)| *x == d) {
+                set.set(*b);
+            }
+            if !set.none() {
+                let bs = s.shared.layout.disks[d].block_size as usize;
+                let disk = d as u16;
+                s.dispatch(&set, Some(disk), bs, round, false, |i| {
+                    block_channel(disk, i, n)
+                })?;
+            }
+        }
+        if let Some(e) = s.shared.error() {
+            return Err(Failure(e));
+        }
+    }
+    // Barrier on every channel, then the sums of everything the destination now has.
+    let (reply_tx, reply_rx) = unbounded();
+    for ch in 0..n {
+        s.send_work(
+            ch,
+            Work::Barrier {
+                end: RoundEnd {
+                    phase: Phase::PostCopy,
+                    round,
+                },
+                reply: reply_tx.clone(),
+            },
+        )?;
+    }
+    let mut disk_deltas = vec![DigestDelta::default(); s.shared.disks.len()];
+    for _ in 0..n {
+        let done = reply_rx
+            .recv_timeout(cfg.io_timeout * 6)
+            .map_err(|_| Failure("post-copy barrier timed out".into()))?;
+        if !done.ok {
+            return Err(Failure(
+                s.shared
+                    .error()
+                    .unwrap_or_else(|| "a channel failed".into()),
+            ));
+        }
+        for (a, b) in disk_deltas.iter_mut().zip(done.disks) {
+            a.add(b);
+        }
+    }
+    let sums = s
+        .shared
+        .disks
+        .iter()
+        .zip(&disk_deltas)
+        .map(|(t, d)| t.sum_with([*d]))
+        .collect();
+    s.control(&Message::PostcopyDone(sums))?;
+    let rr = RoundReport {
+        phase: Phase::PostCopy.name().into(),
+        index: round,
+        dirty: order.len() as u64,
+        sent: order.len() as u64,
+        blocks: order.len() as u64,
+        bytes: s.shared.wire_bytes.load(Ordering::Relaxed) - bytes0,
+        ms: ms(start.elapsed()),
+    };
+    (s.progress)(Progress::RoundDone(rr.clone()));
+    s.report.rounds.push(rr);
+    Ok(())
+}
+
+/// The blocks of disk `d` that differ from the destination's base: compare chunk
+/// digests, then block digests within the chunks that differ.
+pub(super) fn hash_compare(
+    s: &mut Session<'_>,
+    cfg: &SourceConfig,
+    d: usize,
+) -> Result<Bitmap, Failure> {
+    let dl = s.shared.layout.disks[d].clone();
+    let key = key_for(&s.migration_id);
+    let guest = Arc::clone(&s.shared.guest);
+    let mine = block_digests(&key, dl.blocks, dl.block_size as usize, |b, buf| {
+        guest.read_block(d, b, buf).is_ok()
+    });
+    let mine_chunks = chunk_digests(&key, &mine);
+    // The destination hashes its whole base first: allow ~200 MB/s for that.
+    let wait = cfg.io_timeout + Duration::from_secs(dl.bytes() / 200_000_000);
+    let theirs = match s.expect("base digests", wait)? {
+        Control::BaseDigests { disk, digests } if usize::from(disk) == d => digests,
+        other => {
+            return Err(Failure(format!(
+                "expected base digests of disk {d}, got {}",
+                other.name()
+            )))
+        }
+    };
+    let chunks = differing_chunks(&mine_chunks, &theirs);
+    s.control(&Message::DigestRequest {
+        disk: d as u16,
+        chunks: chunks.clone(),
+    })?;
+    let mut diff = Bitmap::new(dl.blocks);
+    let mut answered = 0usize;
+    loop {
+        match s.expect("block digests", cfg.io_timeout)? {
+            Control::BlockDigests {
+                disk,
+                last,
+                chunks: got,
+            } if usize::from(disk) == d => {
+                for (c, ds) in got {
+                    let first = (u64::from(c) * CHUNK_BLOCKS) as usize;
+                    let Some(m) = mine.get(first..(first + CHUNK_BLOCKS as usize).min(mine.len()))
+                    else {
+                        return Err(Failure(format!("digests for unknown chunk {c}")));
+                    };
+                    mark_differing(&mut diff, c, m, &ds);
+                    answered += 1;
+                }
+                if last {
+                    break;
+                }
+            }
+            other => {
+                return Err(Failure(format!(
+                    "expected block digests of disk {d}, got {}",
+                    other.name()
+                )))
+            }
+        }
+    }
+    if answered != chunks.len() {
+        return Err(Failure(format!(
+            "asked for {} chunks of block digests, got {answered}",
+            chunks.len()
+        )));
+    }
+    Ok(diff)
+}
