@@ -5,26 +5,32 @@
 //! source leaves the guest paused and in doubt (never resumed, never discarded), because
 //! the source may already have handed over.
 
+mod receiver;
+mod storage;
+
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, RecvTimeoutError};
 
 use super::{micros, ms, read_frame_until, Control, ReadError};
 use crate::bitmap::Bitmap;
-use crate::codec::{CodecFactory, Decoder, Unit, UnitKind, TAG_RAW};
-use crate::digest::{full_sum, unit_digest, DigestDelta, DigestTable};
-use crate::guest::{Base, DestGuest, DiskPlan, GuestError, GuestLayout, PullFn, StateBlob};
+use crate::codec::CodecFactory;
+use crate::digest::{full_sum, DigestDelta, DigestTable};
+use crate::guest::{Base, DestGuest, GuestError, GuestLayout, PullFn, StateBlob};
 use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState};
 use crate::report::hex;
 use crate::transport::Channel;
 use crate::wire::{
-    frame::write_frame, Batch, FrameReader, Hello, Manifest, Message, Phase, Verdict, VerifyMode,
-    Welcome, CAPABILITIES, REQUIRED_CAPABILITIES,
+    FrameReader, Hello, Manifest, Message, Verdict, VerifyMode, Welcome, CAPABILITIES,
+    REQUIRED_CAPABILITIES,
 };
+
+use receiver::*;
+use storage::*;
 
 /// Block bytes a receiver writes between background flush requests.
 const FLUSH_EVERY: u64 = 32 << 20;
@@ -108,264 +114,6 @@ pub type GuestFactory<'a> = dyn Fn(&GuestLayout) -> Result<Arc<dyn DestGuest>, G
 /// Resolves a codec spec offered by the source.
 pub type CodecResolver<'a> = dyn Fn(&str) -> Result<Arc<dyn CodecFactory>, String> + 'a;
 
-enum Event {
-    FinalBarrier {
-        channel: usize,
-        pages: DigestDelta,
-        disks: Vec<DigestDelta>,
-    },
-    PostcopyBarrier {
-        disks: Vec<DigestDelta>,
-    },
-    /// A channel processed everything of pre-copy round `round`.
-    RoundBarrier {
-        round: u32,
-    },
-    Control(Control),
-    Failed(String),
-    Closed(usize),
-}
-
-struct Received {
-    pages: AtomicU64,
-    blocks: AtomicU64,
-    last_activity_ms: AtomicU64,
-}
-
-struct ReceiverWorker {
-    channel: usize,
-    guest: Arc<dyn DestGuest>,
-    decoder: Box<dyn Decoder>,
-    layout: GuestLayout,
-    pages: Arc<DigestTable>,
-    disks: Arc<Vec<DigestTable>>,
-    received: Arc<Received>,
-    epoch: Instant,
-    order: ChannelOrder,
-    /// Asks the background flusher to make what arrived so far durable (at every round
-    /// barrier and every 32 MiB of blocks), so the final flush inside the downtime has
-    /// little left.
-    flush: Sender<()>,
-    /// Block bytes written since this worker last asked for a flush.
-    unflushed: u64,
-    page_delta: DigestDelta,
-    disk_deltas: Vec<DigestDelta>,
-    buf: Vec<u8>,
-    /// An all-zero unit, for telling codecs a zero unit arrived.
-    zeros: Vec<u8>,
-}
-
-impl ReceiverWorker {
-    fn run(
-        mut self,
-        mut reader: FrameReader<Box<dyn std::io::Read + Send>>,
-        out: Sender<Event>,
-        stop: Arc<AtomicBool>,
-    ) {
-        loop {
-            let h = match read_frame_until(&mut reader, None, &stop) {
-                Ok(Some(h)) => h,
-                Ok(None) => {
-                    let _ = out.send(Event::Closed(self.channel));
-                    return;
-                }
-                Err(ReadError::Stopped) => return,
-                Err(e) => {
-                    let _ = out.send(Event::Failed(format!(
-                        "channel {}: {}",
-                        self.channel,
-                        super::source::error_chain(&e)
-                    )));
-                    return;
-                }
-            };
-            self.received
-                .last_activity_ms
-                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-            let ty = h.ty;
-            let result = match Message::decode_frame(&h, reader.body()) {
-                Err(e) => Err(e.to_string()),
-                Ok(Message::Batch(b)) => self.batch(&b),
-                Ok(Message::RoundEnd(end)) if end.phase == Phase::PostCopy => {
-                    match self.order.on_round_end(end) {
-                        Ok(_) => {
-                            let _ = out.send(Event::PostcopyBarrier {
-                                disks: self.disk_deltas.clone(),
-                            });
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                Ok(Message::RoundEnd(end)) => match self.order.on_round_end(end) {
-                    Ok(true) => {
-                        let _ = out.send(Event::FinalBarrier {
-                            channel: self.channel,
-                            pages: self.page_delta,
-                            disks: self.disk_deltas.clone(),
-                        });
-                        Ok(())
-                    }
-                    Ok(false) => {
-                        let _ = self.flush.try_send(());
-                        let _ = out.send(Event::RoundBarrier { round: end.round });
-                        Ok(())
-                    }
-                    Err(e) => Err(e.to_string()),
-                },
-                Ok(m) => match Control::from_message(m) {
-                    Some(c) if self.channel == 0 => {
-                        let _ = out.send(Event::Control(c));
-                        Ok(())
-                    }
-                    Some(c) => Err(format!("{} on data channel {}", c.name(), self.channel)),
-                    None => Err(format!("unexpected message type {ty}")),
-                },
-            };
-            if let Err(e) = result {
-                let _ = out.send(Event::Failed(format!("channel {}: {e}", self.channel)));
-                return;
-            }
-        }
-    }
-
-    fn batch(&mut self, b: &Batch<'_>) -> Result<(), String> {
-        if b.postcopy {
-            self.order.on_postcopy_data().map_err(|e| e.to_string())?;
-        } else {
-            self.order.on_data(b.round).map_err(|e| e.to_string())?;
-        }
-        let (size, limit, table, kind) = match b.disk {
-            None => (
-                self.layout.page_size as usize,
-                self.layout.pages,
-                &self.pages.as_ref(),
-                UnitKind::Page,
-            ),
-            Some(d) => {
-                let dl = self
-                    .layout
-                    .disks
-                    .get(d as usize)
-                    .ok_or_else(|| format!("blocks for unknown disk {d}"))?;
-                (
-                    dl.block_size as usize,
-                    dl.blocks,
-                    &&self.disks[d as usize],
-                    UnitKind::Block(d),
-                )
-            }
-        };
-        let guest = Arc::clone(&self.guest);
-        let delta = match b.disk {
-            None => &mut self.page_delta,
-            Some(d) => &mut self.disk_deltas[d as usize],
-        };
-        let mut n = 0u64;
-        for rec in b.records(size, limit) {
-            let rec = rec.map_err(|e| e.to_string())?;
-            let i = rec.index;
-            let unit = Unit { kind, index: i };
-            let what = match kind {
-                UnitKind::Page => "page",
-                UnitKind::Block(_) => "block",
-            };
-            let digest = if rec.zero {
-                match (b.disk, b.postcopy) {
-                    (None, _) => guest.zero_page(i),
-                    (Some(d), false) => guest.zero_block(d as usize, i),
-                    (Some(d), true) => guest
-                        .fill_owed(d as usize, i, &self.zeros[..size])
-                        .map(|_| ()),
-                }
-                .map_err(|e| format!("writing {what} {i}: {e}"))?;
-                self.decoder.note_received_plain(unit, &self.zeros[..size]);
-                table.zero_digest(i)
-            } else if rec.tag == TAG_RAW {
-                let d = unit_digest(i, rec.data);
-                if d != rec.digest {
-                    return Err(format!("{what} {i} arrived corrupted (digest mismatch)"));
-                }
-                write_unit(&*guest, b.disk, b.postcopy, i, rec.data)
-                    .map_err(|e| format!("writing {what} {i}: {e}"))?;
-                self.decoder.note_received_plain(unit, rec.data);
-                d
-            } else {
-                let buf = &mut self.buf[..size];
-                if self.decoder.needs_base() {
-                    match b.disk {
-                        None => guest.read_page(i, buf),
-                        Some(d) => guest.read_block(d as usize, i, buf),
-                    }
-                    .map_err(|e| format!("reading {what} {i}: {e}"))?;
-                }
-                self.decoder
-                    .decode(unit, rec.tag, rec.data, buf)
-                    .map_err(|e| format!("decoding {what} {i}: {e}"))?;
-                let d = unit_digest(i, buf);
-                if d != rec.digest {
-                    return Err(format!(
-                        "{what} {i} decoded to the wrong content (digest mismatch)"
-                    ));
-                }
-                write_unit(&*guest, b.disk, b.postcopy, i, buf)
-                    .map_err(|e| format!("writing {what} {i}: {e}"))?;
-                d
-            };
-            if rec.zero && rec.digest != digest {
-                return Err(format!("zero {what} {i} carries a wrong digest"));
-            }
-            table.record(i, digest, delta);
-            n += 1;
-        }
-        match b.disk {
-            None => self.received.pages.fetch_add(n, Ordering::Relaxed),
-            Some(_) => {
-                // Keep write-back going during pre-copy, so the flush inside the downtime
-                // finds little left to write.
-                self.unflushed += n * size as u64;
-                if self.unflushed >= FLUSH_EVERY {
-                    self.unflushed = 0;
-                    let _ = self.flush.try_send(());
-                }
-                self.received.blocks.fetch_add(n, Ordering::Relaxed)
-            }
-        };
-        Ok(())
-    }
-}
-
-/// Writes a unit; a post-copy block only where the guest has not written it since.
-fn write_unit(
-    guest: &dyn DestGuest,
-    disk: Option<u16>,
-    postcopy: bool,
-    i: u64,
-    data: &[u8],
-) -> Result<(), GuestError> {
-    match (disk, postcopy) {
-        (None, _) => guest.write_page(i, data),
-        (Some(d), false) => guest.write_block(d as usize, i, data),
-        (Some(d), true) => guest.fill_owed(d as usize, i, data).map(|_| ()),
-    }
-}
-
-fn send_shared(tx: &SharedTx, m: &Message<'_>) -> Result<(), String> {
-    let mut g = tx.lock().unwrap_or_else(|p| p.into_inner());
-    send(g.as_mut(), m)
-}
-
-/// Channel 0's sending half, shared with the post-copy puller.
-type SharedTx = Arc<std::sync::Mutex<Box<dyn Write + Send>>>;
-
-fn send(tx: &mut (dyn Write + Send), m: &Message<'_>) -> Result<(), String> {
-    let mut body = Vec::new();
-    let ty = m.encode(&mut body);
-    write_frame(tx, ty, &body)
-        .map_err(|e| super::source::error_chain(&e))
-        .and_then(|_| tx.flush().map_err(|e| e.to_string()))
-}
-
 /// Checks a hello against what this side supports.
 fn check_hello(h: &Hello, accepted_channels: usize) -> Result<(), String> {
     if h.capabilities & REQUIRED_CAPABILITIES != REQUIRED_CAPABILITIES {
@@ -429,7 +177,7 @@ pub fn receive(
             Err(e) => Err(format!("bad hello: {e}")),
         },
         Ok(None) => Err("source closed the connection before the handshake".into()),
-        Err(e) => Err(format!("handshake: {}", super::source::error_chain(&e))),
+        Err(e) => Err(format!("handshake: {}", crate::engine::error_chain(&e))),
     };
     let refuse = |txs: &mut Vec<Box<dyn Write + Send>>, why: String| {
         if let Some(tx) = txs.first_mut() {
@@ -869,173 +617,6 @@ pub fn receive(
     }
     let _ = flusher.join();
     outcome
-}
-
-fn apply_storage_plan(
-    reader: &mut FrameReader<Box<dyn std::io::Read + Send>>,
-    guest: &dyn DestGuest,
-    bases: &[Base],
-    cfg: &DestConfig,
-    stop: &AtomicBool,
-) -> Result<Vec<DiskPlan>, String> {
-    let plans = match read_frame_until(reader, Some(Instant::now() + cfg.io_timeout), stop) {
-        Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
-            Ok(Message::StoragePlan(p)) => p,
-            Ok(Message::Abort(r)) => return Err(format!("source aborted: {r}")),
-            Ok(_) => {
-                return Err(format!(
-                    "expected the storage plan, got message type {}",
-                    h.ty
-                ))
-            }
-            Err(e) => return Err(format!("bad storage plan: {e}")),
-        },
-        Ok(None) => return Err("source closed the connection before the storage plan".into()),
-        Err(e) => return Err(format!("storage plan: {}", super::source::error_chain(&e))),
-    };
-    if plans.len() != bases.len() {
-        return Err(format!(
-            "storage plan for {} disks, the guest has {}",
-            plans.len(),
-            bases.len()
-        ));
-    }
-    for (d, (plan, base)) in plans.iter().zip(bases).enumerate() {
-        let needs_base = *plan != DiskPlan::Full;
-        if needs_base && *base == Base::None {
-            return Err(format!(
-                "{plan:?} plan for disk {d}, which has no base here"
-            ));
-        }
-        if *plan == DiskPlan::Incremental && !matches!(base, Base::Identity(_)) {
-            return Err(format!(
-                "incremental plan for disk {d} without an identified base"
-            ));
-        }
-        guest
-            .prepare_disk(d, *plan)
-            .map_err(|e| format!("preparing disk {d}: {e}"))?;
-    }
-    Ok(plans)
-}
-
-/// For each hash-compared disk: send the base's chunk digests, then the block digests of
-/// the chunks the source asks for.
-#[allow(clippy::too_many_arguments)]
-fn answer_hash_compare(
-    reader: &mut FrameReader<Box<dyn std::io::Read + Send>>,
-    tx: &mut (dyn Write + Send),
-    guest: &dyn DestGuest,
-    layout: &GuestLayout,
-    plans: &[DiskPlan],
-    key: &[u8; 32],
-    cfg: &DestConfig,
-    stop: &AtomicBool,
-) -> Result<(), String> {
-    use crate::basecmp::{block_digests, chunk_digests, CHUNK_BLOCKS};
-    use crate::wire::CHUNKS_PER_FRAME;
-    for (d, plan) in plans.iter().enumerate() {
-        if *plan != DiskPlan::HashCompared {
-            continue;
-        }
-        let dl = &layout.disks[d];
-        let blocks = block_digests(key, dl.blocks, dl.block_size as usize, |b, buf| {
-            guest.read_block(d, b, buf).is_ok()
-        });
-        send(
-            tx,
-            &Message::BaseDigests {
-                disk: d as u16,
-                digests: chunk_digests(key, &blocks),
-            },
-        )?;
-        let deadline = Some(Instant::now() + cfg.io_timeout * 3);
-        let chunks = match read_frame_until(reader, deadline, stop) {
-            Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
-                Ok(Message::DigestRequest { disk, chunks }) if usize::from(disk) == d => chunks,
-                Ok(Message::Abort(r)) => return Err(format!("source aborted: {r}")),
-                Ok(_) => {
-                    return Err(format!(
-                        "expected a digest request, got message type {}",
-                        h.ty
-                    ))
-                }
-                Err(e) => return Err(format!("bad digest request: {e}")),
-            },
-            Ok(None) => return Err("source closed the connection during the comparison".into()),
-            Err(e) => {
-                return Err(format!(
-                    "digest request: {}",
-                    super::source::error_chain(&e)
-                ))
-            }
-        };
-        let n_chunks = dl.blocks.div_ceil(CHUNK_BLOCKS);
-        let parts: Vec<&[u32]> = if chunks.is_empty() {
-            vec![&[]]
-        } else {
-            chunks.chunks(CHUNKS_PER_FRAME).collect()
-        };
-        for (k, part) in parts.iter().enumerate() {
-            let mut out = Vec::with_capacity(part.len());
-            for &c in part.iter() {
-                if u64::from(c) >= n_chunks {
-                    return Err(format!("digest request for chunk {c} of {n_chunks}"));
-                }
-                let first = (u64::from(c) * CHUNK_BLOCKS) as usize;
-                let end = (first + CHUNK_BLOCKS as usize).min(blocks.len());
-                out.push((c, blocks[first..end].to_vec()));
-            }
-            send(
-                tx,
-                &Message::BlockDigests {
-                    disk: d as u16,
-                    last: k + 1 == parts.len(),
-                    chunks: out,
-                },
-            )?;
-        }
-    }
-    Ok(())
-}
-
-/// Waits until every channel passed its post-copy barrier and the source's sums came,
-/// then checks the disks' digest sums against them.
-fn wait_postcopy(
-    events: &crossbeam_channel::Receiver<Event>,
-    disks: &[DigestTable],
-    channels: usize,
-    cfg: &DestConfig,
-) -> Result<(), String> {
-    let mut barriers = 0usize;
-    let mut deltas = vec![DigestDelta::default(); disks.len()];
-    let mut sums: Option<Vec<u64>> = None;
-    while barriers < channels || sums.is_none() {
-        match events.recv_timeout(cfg.io_timeout * 6) {
-            Ok(Event::PostcopyBarrier { disks: d }) => {
-                barriers += 1;
-                for (a, b) in deltas.iter_mut().zip(d) {
-                    a.add(b);
-                }
-            }
-            Ok(Event::Control(Control::PostcopyDone(s))) => sums = Some(s),
-            Ok(Event::Failed(e)) => return Err(e),
-            Ok(Event::Closed(ch)) => {
-                return Err(format!("source closed channel {ch} during post-copy"))
-            }
-            Ok(_) => return Err("unexpected message during post-copy".into()),
-            Err(_) => return Err("the source stopped sending owed blocks".into()),
-        }
-    }
-    let sums = sums.unwrap_or_default();
-    for (d, (t, want)) in disks.iter().zip(&sums).enumerate() {
-        if t.sum_with([deltas[d]]) != *want {
-            return Err(format!(
-                "disk {d}: the blocks received differ from the blocks sent"
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

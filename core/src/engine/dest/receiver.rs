@@ -1,0 +1,275 @@
+//! The per-channel receiver threads: read frames, decode, check digests, write.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use super::{read_frame_until, Control, ReadError};
+use crate::codec::{Decoder, Unit, UnitKind, TAG_RAW};
+use crate::digest::{unit_digest, DigestDelta, DigestTable};
+use crate::guest::{DestGuest, GuestError, GuestLayout};
+use crate::machine::ChannelOrder;
+use crate::wire::{frame::write_frame, Batch, FrameReader, Message, Phase};
+
+use super::*;
+
+pub(super) enum Event {
+    FinalBarrier {
+        channel: usize,
+        pages: DigestDelta,
+        disks: Vec<DigestDelta>,
+    },
+    PostcopyBarrier {
+        disks: Vec<DigestDelta>,
+    },
+    /// A channel processed everything of pre-copy round `round`.
+    RoundBarrier {
+        round: u32,
+    },
+    Control(Control),
+    Failed(String),
+    Closed(usize),
+}
+
+pub(super) struct Received {
+    pub(super) pages: AtomicU64,
+    pub(super) blocks: AtomicU64,
+    pub(super) last_activity_ms: AtomicU64,
+}
+
+pub(super) struct ReceiverWorker {
+    pub(super) channel: usize,
+    pub(super) guest: Arc<dyn DestGuest>,
+    pub(super) decoder: Box<dyn Decoder>,
+    pub(super) layout: GuestLayout,
+    pub(super) pages: Arc<DigestTable>,
+    pub(super) disks: Arc<Vec<DigestTable>>,
+    pub(super) received: Arc<Received>,
+    pub(super) epoch: Instant,
+    pub(super) order: ChannelOrder,
+    /// Asks the background flusher to make what arrived so far durable (at every round
+    /// barrier and every 32 MiB of blocks), so the final flush inside the downtime has
+    /// little left.
+    pub(super) flush: Sender<()>,
+    /// Block bytes written since this worker last asked for a flush.
+    pub(super) unflushed: u64,
+    pub(super) page_delta: DigestDelta,
+    pub(super) disk_deltas: Vec<DigestDelta>,
+    pub(super) buf: Vec<u8>,
+    /// An all-zero unit, for telling codecs a zero unit arrived.
+    pub(super) zeros: Vec<u8>,
+}
+
+impl ReceiverWorker {
+    pub(super) fn run(
+        mut self,
+        mut reader: FrameReader<Box<dyn std::io::Read + Send>>,
+        out: Sender<Event>,
+        stop: Arc<AtomicBool>,
+    ) {
+        loop {
+            let h = match read_frame_until(&mut reader, None, &stop) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    let _ = out.send(Event::Closed(self.channel));
+                    return;
+                }
+                Err(ReadError::Stopped) => return,
+                Err(e) => {
+                    let _ = out.send(Event::Failed(format!(
+                        "channel {}: {}",
+                        self.channel,
+                        crate::engine::error_chain(&e)
+                    )));
+                    return;
+                }
+            };
+            self.received
+                .last_activity_ms
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let ty = h.ty;
+            let result = match Message::decode_frame(&h, reader.body()) {
+                Err(e) => Err(e.to_string()),
+                Ok(Message::Batch(b)) => self.batch(&b),
+                Ok(Message::RoundEnd(end)) if end.phase == Phase::PostCopy => {
+                    match self.order.on_round_end(end) {
+                        Ok(_) => {
+                            let _ = out.send(Event::PostcopyBarrier {
+                                disks: self.disk_deltas.clone(),
+                            });
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Ok(Message::RoundEnd(end)) => match self.order.on_round_end(end) {
+                    Ok(true) => {
+                        let _ = out.send(Event::FinalBarrier {
+                            channel: self.channel,
+                            pages: self.page_delta,
+                            disks: self.disk_deltas.clone(),
+                        });
+                        Ok(())
+                    }
+                    Ok(false) => {
+                        let _ = self.flush.try_send(());
+                        let _ = out.send(Event::RoundBarrier { round: end.round });
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Ok(m) => match Control::from_message(m) {
+                    Some(c) if self.channel == 0 => {
+                        let _ = out.send(Event::Control(c));
+                        Ok(())
+                    }
+                    Some(c) => Err(format!("{} on data channel {}", c.name(), self.channel)),
+                    None => Err(format!("unexpected message type {ty}")),
+                },
+            };
+            if let Err(e) = result {
+                let _ = out.send(Event::Failed(format!("channel {}: {e}", self.channel)));
+                return;
+            }
+        }
+    }
+
+    pub(super) fn batch(&mut self, b: &Batch<'_>) -> Result<(), String> {
+        if b.postcopy {
+            self.order.on_postcopy_data().map_err(|e| e.to_string())?;
+        } else {
+            self.order.on_data(b.round).map_err(|e| e.to_string())?;
+        }
+        let (size, limit, table, kind) = match b.disk {
+            None => (
+                self.layout.page_size as usize,
+                self.layout.pages,
+                &self.pages.as_ref(),
+                UnitKind::Page,
+            ),
+            Some(d) => {
+                let dl = self
+                    .layout
+                    .disks
+                    .get(d as usize)
+                    .ok_or_else(|| format!("blocks for unknown disk {d}"))?;
+                (
+                    dl.block_size as usize,
+                    dl.blocks,
+                    &&self.disks[d as usize],
+                    UnitKind::Block(d),
+                )
+            }
+        };
+        let guest = Arc::clone(&self.guest);
+        let delta = match b.disk {
+            None => &mut self.page_delta,
+            Some(d) => &mut self.disk_deltas[d as usize],
+        };
+        let mut n = 0u64;
+        for rec in b.records(size, limit) {
+            let rec = rec.map_err(|e| e.to_string())?;
+            let i = rec.index;
+            let unit = Unit { kind, index: i };
+            let what = match kind {
+                UnitKind::Page => "page",
+                UnitKind::Block(_) => "block",
+            };
+            let digest = if rec.zero {
+                match (b.disk, b.postcopy) {
+                    (None, _) => guest.zero_page(i),
+                    (Some(d), false) => guest.zero_block(d as usize, i),
+                    (Some(d), true) => guest
+                        .fill_owed(d as usize, i, &self.zeros[..size])
+                        .map(|_| ()),
+                }
+                .map_err(|e| format!("writing {what} {i}: {e}"))?;
+                self.decoder.note_received_plain(unit, &self.zeros[..size]);
+                table.zero_digest(i)
+            } else if rec.tag == TAG_RAW {
+                let d = unit_digest(i, rec.data);
+                if d != rec.digest {
+                    return Err(format!("{what} {i} arrived corrupted (digest mismatch)"));
+                }
+                write_unit(&*guest, b.disk, b.postcopy, i, rec.data)
+                    .map_err(|e| format!("writing {what} {i}: {e}"))?;
+                self.decoder.note_received_plain(unit, rec.data);
+                d
+            } else {
+                let buf = &mut self.buf[..size];
+                if self.decoder.needs_base() {
+                    match b.disk {
+                        None => guest.read_page(i, buf),
+                        Some(d) => guest.read_block(d as usize, i, buf),
+                    }
+                    .map_err(|e| format!("reading {what} {i}: {e}"))?;
+                }
+                self.decoder
+                    .decode(unit, rec.tag, rec.data, buf)
+                    .map_err(|e| format!("decoding {what} {i}: {e}"))?;
+                let d = unit_digest(i, buf);
+                if d != rec.digest {
+                    return Err(format!(
+                        "{what} {i} decoded to the wrong content (digest mismatch)"
+                    ));
+                }
+                write_unit(&*guest, b.disk, b.postcopy, i, buf)
+                    .map_err(|e| format!("writing {what} {i}: {e}"))?;
+                d
+            };
+            if rec.zero && rec.digest != digest {
+                return Err(format!("zero {what} {i} carries a wrong digest"));
+            }
+            table.record(i, digest, delta);
+            n += 1;
+        }
+        match b.disk {
+            None => self.received.pages.fetch_add(n, Ordering::Relaxed),
+            Some(_) => {
+                // Keep write-back going during pre-copy, so the flush inside the downtime
+                // finds little left to write.
+                self.unflushed += n * size as u64;
+                if self.unflushed >= FLUSH_EVERY {
+                    self.unflushed = 0;
+                    let _ = self.flush.try_send(());
+                }
+                self.received.blocks.fetch_add(n, Ordering::Relaxed)
+            }
+        };
+        Ok(())
+    }
+}
+
+/// Writes a unit; a post-copy block only where the guest has not written it since.
+pub(super) fn write_unit(
+    guest: &dyn DestGuest,
+    disk: Option<u16>,
+    postcopy: bool,
+    i: u64,
+    data: &[u8],
+) -> Result<(), GuestError> {
+    match (disk, postcopy) {
+        (None, _) => guest.write_page(i, data),
+        (Some(d), false) => guest.write_block(d as usize, i, data),
+        (Some(d), true) => guest.fill_owed(d as usize, i, data).map(|_| ()),
+    }
+}
+
+pub(super) fn send_shared(tx: &SharedTx, m: &Message<'_>) -> Result<(), String> {
+    let mut g = tx.lock().unwrap_or_else(|p| p.into_inner());
+    send(g.as_mut(), m)
+}
+
+/// Channel 0's sending half, shared with the post-copy puller.
+pub(super) type SharedTx = Arc<std::sync::Mutex<Box<dyn Write + Send>>>;
+
+pub(super) fn send(tx: &mut (dyn Write + Send), m: &Message<'_>) -> Result<(), String> {
+    let mut body = Vec::new();
+    let ty = m.encode(&mut body);
+    write_frame(tx, ty, &body)
+        .map_err(|e| crate::engine::error_chain(&e))
+        .and_then(|_| tx.flush().map_err(|e| e.to_string()))
+}
