@@ -50,6 +50,16 @@ impl GuestLayout {
     pub fn disk_bytes(&self) -> u64 {
         self.disks.iter().map(DiskLayout::bytes).sum()
     }
+
+    /// The largest unit (page or block) in bytes: the size of per-unit buffers.
+    pub fn max_unit_size(&self) -> usize {
+        self.disks
+            .iter()
+            .map(|d| d.block_size as usize)
+            .chain([self.page_size as usize])
+            .max()
+            .unwrap_or(4096)
+    }
 }
 
 /// Versioned vCPU/device state, opaque to the engine.

@@ -131,6 +131,37 @@ impl Regs {
         self.rng = x;
         x
     }
+
+    /// The next unit in `0..len` for `pattern`; the hot set is the first tenth.
+    fn pick(&mut self, pattern: Pattern, len: u64) -> u64 {
+        match pattern {
+            Pattern::Sequential => {
+                let c = self.cursor % len;
+                self.cursor = (c + 1) % len;
+                c
+            }
+            Pattern::Hotspot => {
+                let r = self.next();
+                if r % 10 < 9 {
+                    (r >> 8) % (len / 10).max(1)
+                } else {
+                    (r >> 8) % len
+                }
+            }
+            Pattern::Uniform | Pattern::Idle => self.next() % len,
+        }
+    }
+}
+
+/// A safe point of a workload thread: parks while paused (saving the thread's registers).
+/// `None` means stop; `Some(true)` that the thread was parked (its pacing restarts).
+fn park_point(inner: &Inner, slot: usize, regs: Regs) -> Option<bool> {
+    let mut saved = false;
+    let go = inner.ctl.checkpoint(|| {
+        inner.save_regs(slot, regs);
+        saved = true;
+    });
+    go.then_some(saved)
 }
 
 /// The tag stored next to counter `c` in unit `i`.
@@ -296,17 +327,11 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
     };
     let mut pacer = Pacer::new(rate);
     let len = hi - lo;
-    let hot = (len / 10).max(1);
     loop {
-        let mut saved = false;
-        let go = inner.ctl.checkpoint(|| {
-            inner.save_regs(t, regs);
-            saved = true;
-        });
-        if !go {
+        let Some(parked) = park_point(inner, t, regs) else {
             return;
-        }
-        if saved {
+        };
+        if parked {
             pacer.restart();
         }
         if cfg.pattern == Pattern::Idle || len == 0 {
@@ -320,23 +345,7 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
             continue;
         }
         for _ in 0..BURST {
-            let off = match cfg.pattern {
-                Pattern::Uniform => regs.next() % len,
-                Pattern::Hotspot => {
-                    let r = regs.next();
-                    if r % 10 < 9 {
-                        (r >> 8) % hot
-                    } else {
-                        (r >> 8) % len
-                    }
-                }
-                Pattern::Sequential => {
-                    let c = regs.cursor;
-                    regs.cursor = (c + 1) % len;
-                    c
-                }
-                Pattern::Idle => 0,
-            };
+            let off = regs.pick(cfg.pattern, len);
             inner.write_page_version(lo + off);
             regs.writes += 1;
         }
@@ -361,18 +370,12 @@ pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
     let mut rate = rate_now();
     let mut pacer = Pacer::new(rate);
     let blocks = inner.map.blocks;
-    let hot = (blocks / 10).max(1);
     let mut failed = false;
     loop {
-        let mut saved = false;
-        let go = inner.ctl.checkpoint(|| {
-            inner.save_regs(slot, regs);
-            saved = true;
-        });
-        if !go {
+        let Some(parked) = park_point(inner, slot, regs) else {
             return;
-        }
-        if saved || rate != rate_now() {
+        };
+        if parked || rate != rate_now() {
             rate = rate_now();
             pacer = Pacer::new(rate);
         }
@@ -385,22 +388,7 @@ pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
             inner.ctl.nap(wait.min(Duration::from_millis(20)));
             continue;
         }
-        let b = match cfg.pattern {
-            Pattern::Sequential => {
-                let c = regs.cursor;
-                regs.cursor = (c + 1) % blocks;
-                c
-            }
-            Pattern::Hotspot => {
-                let r = regs.next();
-                if r % 10 < 9 {
-                    (r >> 8) % hot
-                } else {
-                    (r >> 8) % blocks
-                }
-            }
-            _ => regs.next() % blocks,
-        };
+        let b = regs.pick(cfg.pattern, blocks);
         if let Err(e) = inner.write_block_version(b) {
             tracing::error!("sim disk write failed, disk writes stop: {e}");
             failed = true;

@@ -275,13 +275,7 @@ pub fn receive(
         blocks: AtomicU64::new(0),
         last_activity_ms: AtomicU64::new(0),
     });
-    let max_unit = layout
-        .disks
-        .iter()
-        .map(|d| d.block_size as usize)
-        .chain([layout.page_size as usize])
-        .max()
-        .unwrap_or(4096);
+    let max_unit = layout.max_unit_size();
     let (ev_tx, ev_rx) = unbounded();
     let (flush_tx, flush_rx) = crossbeam_channel::bounded::<()>(1);
     let flusher = {

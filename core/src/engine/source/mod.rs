@@ -163,13 +163,7 @@ pub fn migrate(
     let mut work_txs = Vec::new();
     let (ctl_tx, ctl_rx) = unbounded();
     let mut ctl_reader = None;
-    let max_unit = layout
-        .disks
-        .iter()
-        .map(|d| d.block_size as usize)
-        .chain([layout.page_size as usize])
-        .max()
-        .unwrap_or(4096);
+    let max_unit = layout.max_unit_size();
     for (i, Channel { tx, rx, closer }) in channels.into_iter().enumerate() {
         if let Some(c) = closer {
             closers.push(c);
