@@ -1,4 +1,5 @@
-//! Codecs for Ferry. A codec spec such as `lz4` names an ordered pipeline of stages; each
+//! Codecs for Ferry. A codec spec such as `xor-delta,lz4` or `zstd:9` names an ordered
+//! pipeline of stages; each
 //! channel gets its own encoder and decoder (stages may keep history, and the engine pins
 //! every unit to one channel so its versions arrive in order).
 //!
@@ -6,6 +7,8 @@
 
 mod lz4;
 mod pipeline;
+mod xor_delta;
+mod zstd_stage;
 
 pub use pipeline::{parse, Pipeline, SpecError, Stage, STAGE_NAMES};
 

@@ -31,6 +31,7 @@ impl Stage for Lz4 {
         &mut self,
         _unit: Unit,
         input: &[u8],
+        _base: &[u8],
         out: &mut Vec<u8>,
         max_len: usize,
     ) -> Result<(), CodecError> {

@@ -23,6 +23,8 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
         ("raw", 1, VerifyMode::Full),
         ("lz4", 2, VerifyMode::Digest),
         ("lz4", 3, VerifyMode::Full),
+        ("zstd", 2, VerifyMode::Full),
+        ("xor-delta,lz4", 2, VerifyMode::Full),
     ] {
         let src_dir = tempfile::tempdir().unwrap();
         let dst_dir = tempfile::tempdir().unwrap();
