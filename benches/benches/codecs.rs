@@ -14,7 +14,7 @@ fn codecs(c: &mut Criterion) {
     let bytes = mem.len() as u64;
     let mut g = c.benchmark_group(format!("codec-encode/{source}"));
     g.throughput(Throughput::Bytes(bytes));
-    for spec in ["raw", "lz4"] {
+    for spec in ["raw", "lz4", "zstd"] {
         let factory = ferry_codecs::parse(spec).unwrap();
         // Report the ratio once, outside the timing.
         let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
@@ -117,5 +117,87 @@ fn codecs(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codecs);
+/// The second pre-copy round on real memory: snapshot t1 encoded after t0 was sent.
+fn pipelines_on_a_second_round(c: &mut Criterion) {
+    let (Some(t0), Some(t1)) = (
+        ferry_benches::corpus_pages("linux-busy-t0.img.zst", PAGES),
+        ferry_benches::corpus_pages("linux-busy-t1.img.zst", PAGES),
+    ) else {
+        eprintln!("note: corpus not found; skipping the second-round pipeline bench");
+        return;
+    };
+    let changed: Vec<usize> = (0..t0.len() / PAGE)
+        .filter(|&i| t0[i * PAGE..(i + 1) * PAGE] != t1[i * PAGE..(i + 1) * PAGE])
+        .collect();
+    let bytes = (changed.len() * PAGE) as u64;
+    let mut g = c.benchmark_group("second-round/corpus");
+    g.throughput(Throughput::Bytes(bytes));
+    for spec in ["lz4", "zstd", "xor-delta,lz4", "xor-delta,zstd"] {
+        let factory = ferry_codecs::parse(spec).unwrap();
+        // Prime an encoder with t0, then measure only the changed pages of t1.
+        let primed = || {
+            let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
+            let mut out = Vec::new();
+            for (i, p) in t0.chunks(PAGE).enumerate() {
+                out.clear();
+                let unit = Unit {
+                    kind: UnitKind::Page,
+                    index: i as u64,
+                };
+                if is_zero(p) {
+                    enc.note_sent_plain(unit, p);
+                } else if enc.encode(unit, p, &mut out) == TAG_RAW {
+                    enc.note_sent_plain(unit, p);
+                }
+            }
+            enc
+        };
+        let mut enc = primed();
+        let mut out = Vec::new();
+        let mut wire = 0usize;
+        for &i in &changed {
+            let p = &t1[i * PAGE..(i + 1) * PAGE];
+            out.clear();
+            let unit = Unit {
+                kind: UnitKind::Page,
+                index: i as u64,
+            };
+            wire += if is_zero(p) {
+                0
+            } else if enc.encode(unit, p, &mut out) == TAG_RAW {
+                PAGE
+            } else {
+                out.len()
+            };
+        }
+        eprintln!(
+            "{spec}: {} changed pages of t1 after t0 -> ratio {:.1}",
+            changed.len(),
+            bytes as f64 / wire.max(1) as f64
+        );
+        g.bench_function(spec, |b| {
+            b.iter_batched(
+                primed,
+                |mut enc| {
+                    let mut out = Vec::with_capacity(2 * PAGE);
+                    let mut n = 0usize;
+                    for &i in &changed {
+                        out.clear();
+                        let unit = Unit {
+                            kind: UnitKind::Page,
+                            index: i as u64,
+                        };
+                        enc.encode(unit, &t1[i * PAGE..(i + 1) * PAGE], &mut out);
+                        n += out.len();
+                    }
+                    n
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codecs, pipelines_on_a_second_round);
 criterion_main!(benches);
