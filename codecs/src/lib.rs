@@ -7,6 +7,7 @@
 
 mod lz4;
 mod pipeline;
+mod sized;
 mod xor_delta;
 mod zstd_stage;
 
