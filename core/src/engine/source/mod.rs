@@ -555,20 +555,16 @@ fn run(
         let g = Arc::clone(&guest);
         std::thread::spawn(move || g.handed_over())
     };
-    let result = finish_after_commit(s, cfg, &plan_round(&mut plan), t0, t_pause, t_commit, sent);
+    let result = finish_after_commit(s, cfg, plan.next_round(), t0, t_pause, t_commit, sent);
     let _ = handing.join();
     result
-}
-
-fn plan_round(plan: &mut SourcePlan) -> u32 {
-    plan.next_round()
 }
 
 /// After `commit`: wait for `resumed`, run the post-copy push if any, wait for the verdict.
 fn finish_after_commit(
     s: &mut Session<'_>,
     cfg: &SourceConfig,
-    postcopy_round: &u32,
+    postcopy_round: u32,
     t0: Instant,
     t_pause: Instant,
     t_commit: Instant,
@@ -592,7 +588,7 @@ fn finish_after_commit(
     s.report.ok = true;
     if cfg.storage_mode == StorageMode::PostCopy {
         let owed = s.pending.blocks.take().unwrap_or_default();
-        postcopy_push(s, cfg, *postcopy_round, owed)
+        postcopy_push(s, cfg, postcopy_round, owed)
             .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
     }
     (s.progress)(Progress::Note {
