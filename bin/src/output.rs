@@ -135,6 +135,24 @@ pub fn print_summary(r: &Report) {
             r.disk_plans.join(", ")
         );
     }
+    for st in &r.codec_stats {
+        eprintln!(
+            "  codec {}: applied to {} of {} units, ratio {:.2}, {:.2} s encoding{}",
+            st.stage,
+            st.units_applied,
+            st.units_in,
+            st.ratio(),
+            st.encode_s,
+            if st.cache_lookups > 0 {
+                format!(
+                    ", cache hits {:.0}%",
+                    100.0 * st.cache_hits as f64 / st.cache_lookups as f64
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(s) = r.stop_reason {
         eprintln!(
             "  pre-copy ended: {} after {} rounds",

@@ -2,7 +2,7 @@
 //! stages that were applied (bit i = stage i), so a stage that does not pay for a unit is
 //! skipped for that unit alone; tag 0 means raw and never reaches a decoder.
 
-use ferry_core::codec::{CodecError, CodecFactory, Decoder, Encoder, Unit, TAG_RAW};
+use ferry_core::codec::{CodecError, CodecFactory, Decoder, Encoder, StageStats, Unit, TAG_RAW};
 use ferry_core::wire::CODEC_SLACK;
 
 use crate::lz4::Lz4;
@@ -43,6 +43,10 @@ pub trait Stage: Send {
     /// Whether decoding needs the destination's current copy.
     fn needs_base(&self) -> bool {
         false
+    }
+    /// (hits, lookups) of a history cache, for stages that keep one.
+    fn cache_stats(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 
@@ -186,6 +190,8 @@ impl CodecFactory for Pipeline {
     fn encoder(&self) -> Box<dyn Encoder> {
         Box::new(PipelineEncoder {
             stages: self.stages.iter().map(|n| build(n)).collect(),
+            specs: self.stages.clone(),
+            stats: vec![StageStats::default(); self.stages.len()],
             a: Vec::new(),
             b: Vec::new(),
         })
@@ -202,6 +208,8 @@ impl CodecFactory for Pipeline {
 
 struct PipelineEncoder {
     stages: Vec<Box<dyn Stage>>,
+    specs: Vec<String>,
+    stats: Vec<StageStats>,
     a: Vec<u8>,
     b: Vec<u8>,
 }
@@ -212,7 +220,16 @@ impl Encoder for PipelineEncoder {
         let mut have = false; // whether self.a holds the current intermediate
         for (i, st) in self.stages.iter_mut().enumerate() {
             let input: &[u8] = if have { &self.a } else { data };
-            if st.encode(unit, input, &mut self.b) {
+            let started = std::time::Instant::now();
+            let applied = st.encode(unit, input, &mut self.b);
+            let stats = &mut self.stats[i];
+            stats.encode_s += started.elapsed().as_secs_f64();
+            stats.units_in += 1;
+            stats.bytes_in += input.len() as u64;
+            if applied {
+                stats.units_applied += 1;
+                stats.bytes_in_applied += input.len() as u64;
+                stats.bytes_out += self.b.len() as u64;
                 std::mem::swap(&mut self.a, &mut self.b);
                 have = true;
                 tag |= 1 << i;
@@ -229,6 +246,23 @@ impl Encoder for PipelineEncoder {
         for st in &mut self.stages {
             st.note_plain(unit, data);
         }
+    }
+
+    fn stats(&self) -> Vec<StageStats> {
+        self.stats
+            .iter()
+            .zip(&self.stages)
+            .zip(&self.specs)
+            .map(|((s, st), spec)| {
+                let (cache_hits, cache_lookups) = st.cache_stats();
+                StageStats {
+                    stage: spec.clone(),
+                    cache_hits,
+                    cache_lookups,
+                    ..s.clone()
+                }
+            })
+            .collect()
     }
 }
 

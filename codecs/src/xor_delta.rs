@@ -21,7 +21,7 @@ pub struct XorDelta {
     order: VecDeque<Unit>,
     bytes: usize,
     capacity: usize,
-    /// Units encoded as a delta, and units looked up.
+    /// Units whose previous version was in the cache.
     pub hits: u64,
     /// Units looked up.
     pub lookups: u64,
@@ -133,12 +133,12 @@ impl Stage for XorDelta {
     fn encode(&mut self, unit: Unit, input: &[u8], out: &mut Vec<u8>) -> bool {
         self.lookups += 1;
         let applied = match self.cache.get(&unit) {
-            Some(old) if old.len() == input.len() => encode_runs(old, input, input.len() / 2, out),
+            Some(old) if old.len() == input.len() => {
+                self.hits += 1;
+                encode_runs(old, input, input.len() / 2, out)
+            }
             _ => false,
         };
-        if applied {
-            self.hits += 1;
-        }
         self.remember(unit, input);
         applied
     }
@@ -149,6 +149,10 @@ impl Stage for XorDelta {
 
     fn needs_base(&self) -> bool {
         true
+    }
+
+    fn cache_stats(&self) -> (u64, u64) {
+        (self.hits, self.lookups)
     }
 
     fn decode(

@@ -31,6 +31,56 @@ pub trait Encoder: Send {
     fn encode(&mut self, unit: Unit, data: &[u8], out: &mut Vec<u8>) -> u8;
     /// Tells the encoder the unit was sent raw or as zero (so history stays in step).
     fn note_sent_plain(&mut self, _unit: Unit, _data: &[u8]) {}
+    /// What each stage did so far on this channel.
+    fn stats(&self) -> Vec<StageStats> {
+        Vec::new()
+    }
+}
+
+/// One pipeline stage's figures on one channel (summed over channels in the report).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StageStats {
+    /// Stage spec (`lz4`, `zstd:3`, `xor-delta`).
+    pub stage: String,
+    /// Units offered to the stage.
+    pub units_in: u64,
+    /// Units for which the stage paid off (its output was used).
+    pub units_applied: u64,
+    /// Bytes offered to the stage.
+    pub bytes_in: u64,
+    /// Bytes it produced for the units it applied to.
+    pub bytes_out: u64,
+    /// Bytes offered for the units it applied to (for its ratio).
+    pub bytes_in_applied: u64,
+    /// CPU time spent in the stage's encoder, seconds.
+    pub encode_s: f64,
+    /// For history-keeping stages: lookups that found a previous version.
+    pub cache_hits: u64,
+    /// For history-keeping stages: lookups.
+    pub cache_lookups: u64,
+}
+
+impl StageStats {
+    /// Adds another channel's figures for the same stage.
+    pub fn add(&mut self, o: &StageStats) {
+        self.units_in += o.units_in;
+        self.units_applied += o.units_applied;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.bytes_in_applied += o.bytes_in_applied;
+        self.encode_s += o.encode_s;
+        self.cache_hits += o.cache_hits;
+        self.cache_lookups += o.cache_lookups;
+    }
+
+    /// Compression ratio where the stage applied (input over output).
+    pub fn ratio(&self) -> f64 {
+        if self.bytes_out == 0 {
+            0.0
+        } else {
+            self.bytes_in_applied as f64 / self.bytes_out as f64
+        }
+    }
 }
 
 /// Decodes units for one channel.

@@ -112,6 +112,9 @@ pub struct Report {
     pub first_pass_mbps: f64,
     /// Every round.
     pub rounds: Vec<RoundReport>,
+    /// Per codec stage, summed over channels: units in, units it paid for, bytes in/out,
+    /// encode CPU seconds, history cache hits.
+    pub codec_stats: Vec<crate::codec::StageStats>,
     /// The destination guest's own check (pages, blocks, detail).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle: Option<OracleSummary>,

@@ -43,6 +43,17 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
         assert!(r.rounds.iter().any(|x| x.phase == "storage"));
         assert!(r.rounds.iter().filter(|x| x.phase == "memory").count() >= 1);
         assert!(r.blocks_sent > 0 && r.pages_sent >= 48 << 8);
+        // Every stage of the pipeline reports what it did.
+        let stages = if codec == "raw" {
+            0
+        } else {
+            codec.split(',').count()
+        };
+        assert_eq!(r.codec_stats.len(), stages, "{codec}");
+        assert!(r
+            .codec_stats
+            .iter()
+            .all(|s| s.units_in > 0 && s.bytes_in > 0));
         let oracle = r.oracle.as_ref().unwrap();
         assert!(
             oracle.pages_checked > 0,

@@ -159,7 +159,7 @@ pub fn migrate(
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut closers = Vec::new();
-    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    let mut workers: Vec<JoinHandle<Vec<crate::codec::StageStats>>> = Vec::new();
     let mut work_txs = Vec::new();
     let (ctl_tx, ctl_rx) = unbounded();
     let mut ctl_reader = None;
@@ -279,7 +279,14 @@ pub fn migrate(
         c();
     }
     for w in workers {
-        let _ = w.join();
+        if let Ok(stats) = w.join() {
+            for (i, st) in stats.iter().enumerate() {
+                match report.codec_stats.get_mut(i) {
+                    Some(sum) => sum.add(st),
+                    None => report.codec_stats.push(st.clone()),
+                }
+            }
+        }
     }
     if let Some(r) = ctl_reader {
         let _ = r.join();

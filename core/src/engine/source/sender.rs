@@ -101,7 +101,7 @@ pub(super) struct SenderWorker {
 }
 
 impl SenderWorker {
-    pub(super) fn run(mut self, work: Receiver<Work>) {
+    pub(super) fn run(mut self, work: Receiver<Work>) -> Vec<crate::codec::StageStats> {
         for w in work {
             let failed = self.shared.failed.load(Ordering::Acquire);
             match w {
@@ -145,6 +145,7 @@ impl SenderWorker {
                 }
             }
         }
+        self.encoder.stats()
     }
 
     pub(super) fn done(&self, ok: bool) -> BarrierDone {
