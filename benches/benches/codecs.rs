@@ -9,6 +9,31 @@ use ferry_core::zero::is_zero;
 
 const PAGES: usize = 8192; // 32 MiB
 
+/// Bytes the pages would take on the wire through `enc` (zero pages as flags, pages the
+/// codec does not shrink as raw): the figure a ratio is computed from.
+fn wire_bytes<'a>(
+    enc: &mut dyn ferry_core::codec::Encoder,
+    pages: impl Iterator<Item = (u64, &'a [u8])>,
+) -> usize {
+    let mut out = Vec::new();
+    pages
+        .map(|(index, p)| {
+            out.clear();
+            let unit = Unit {
+                kind: UnitKind::Page,
+                index,
+            };
+            if is_zero(p) {
+                0
+            } else if enc.encode(unit, p, &mut out) == TAG_RAW {
+                PAGE
+            } else {
+                out.len()
+            }
+        })
+        .sum()
+}
+
 fn codecs(c: &mut Criterion) {
     let (mem, source) = memory_pages(PAGES);
     let bytes = mem.len() as u64;
@@ -18,22 +43,10 @@ fn codecs(c: &mut Criterion) {
         let factory = ferry_codecs::parse(spec).unwrap();
         // Report the ratio once, outside the timing.
         let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
-        let mut out = Vec::new();
-        let mut wire = 0usize;
-        for (i, p) in mem.chunks(PAGE).enumerate() {
-            out.clear();
-            let unit = Unit {
-                kind: UnitKind::Page,
-                index: i as u64,
-            };
-            wire += if is_zero(p) {
-                0
-            } else if enc.encode(unit, p, &mut out) == TAG_RAW {
-                PAGE
-            } else {
-                out.len()
-            };
-        }
+        let wire = wire_bytes(
+            enc.as_mut(),
+            mem.chunks(PAGE).enumerate().map(|(i, p)| (i as u64, p)),
+        );
         eprintln!(
             "{spec}: ratio {:.2} on {source} pages (zero pages as flags)",
             bytes as f64 / wire.max(1) as f64
@@ -152,23 +165,12 @@ fn pipelines_on_a_second_round(c: &mut Criterion) {
             enc
         };
         let mut enc = primed();
-        let mut out = Vec::new();
-        let mut wire = 0usize;
-        for &i in &changed {
-            let p = &t1[i * PAGE..(i + 1) * PAGE];
-            out.clear();
-            let unit = Unit {
-                kind: UnitKind::Page,
-                index: i as u64,
-            };
-            wire += if is_zero(p) {
-                0
-            } else if enc.encode(unit, p, &mut out) == TAG_RAW {
-                PAGE
-            } else {
-                out.len()
-            };
-        }
+        let wire = wire_bytes(
+            enc.as_mut(),
+            changed
+                .iter()
+                .map(|&i| (i as u64, &t1[i * PAGE..(i + 1) * PAGE])),
+        );
         eprintln!(
             "{spec}: {} changed pages of t1 after t0 -> ratio {:.1}",
             changed.len(),

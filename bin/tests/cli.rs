@@ -96,6 +96,16 @@ fn listen(dir: &Path, timeout: &str) -> (Proc, String, PathBuf) {
     (Proc(child), addr, ctl)
 }
 
+/// `ferry migrate --json --timeout TIMEOUT --vm CTL --to ADDR`.
+fn migrate_with_timeout(ctl: &Path, to: &str, timeout: &str) -> Output {
+    ferry()
+        .args(["migrate", "--json", "--timeout", timeout, "--vm"])
+        .arg(ctl)
+        .args(["--to", to])
+        .output()
+        .unwrap()
+}
+
 fn status(ctl: &Path) -> Value {
     json_of(
         &ferry()
@@ -345,12 +355,7 @@ fn network_stopping_mid_precopy_resumes_the_source_and_discards_the_destination(
     let (_src, src_ctl) = run_guest(dir.path(), &["--fill", "random"]);
     let (mut dst, addr, _dst_ctl) = listen(dir.path(), "2s");
     let link = FreezableLink::start(addr, Limit::Bytes(30 << 20), Limit::Never);
-    let out = ferry()
-        .args(["migrate", "--json", "--timeout", "2s", "--vm"])
-        .arg(&src_ctl)
-        .args(["--to", &link.addr])
-        .output()
-        .unwrap();
+    let out = migrate_with_timeout(&src_ctl, &link.addr, "2s");
     assert!(link.frozen.load(Ordering::SeqCst), "the link never froze");
     let r = json_of(&out);
     assert_eq!(r["ok"], false, "{r}");
@@ -369,12 +374,7 @@ fn network_dying_right_after_verified_leaves_one_running_copy() {
     let (_dst, addr, dst_ctl) = listen(dir.path(), "2s");
     // Everything flows until the destination's `verified` (message type 9).
     let link = FreezableLink::start(addr, Limit::Never, Limit::AtType(9));
-    let out = ferry()
-        .args(["migrate", "--json", "--timeout", "2s", "--vm"])
-        .arg(&src_ctl)
-        .args(["--to", &link.addr])
-        .output()
-        .unwrap();
+    let out = migrate_with_timeout(&src_ctl, &link.addr, "2s");
     let r = json_of(&out);
     assert!(link.frozen.load(Ordering::SeqCst));
     // The source never saw `verified`: it still owns the guest and runs it.

@@ -156,6 +156,35 @@ where
         .reduce(|| 0, u64::wrapping_add)
 }
 
+/// The `--verify full` sums of a whole guest: pages, then each disk, reading units with
+/// `read_page(i, buf)` and `read_block(disk, i, buf)`. Both sides call this one function,
+/// so they cannot disagree on what is hashed. An unreadable unit hashes as all `0xff`,
+/// which a healthy peer's copy will not match.
+pub fn guest_sums(
+    layout: &crate::guest::GuestLayout,
+    read_page: impl Fn(u64, &mut [u8]) -> bool + Sync,
+    read_block: impl Fn(usize, u64, &mut [u8]) -> bool + Sync,
+) -> (u64, Vec<u64>) {
+    let pages = full_sum(layout.pages, layout.page_size as usize, |i, b| {
+        if !read_page(i, b) {
+            b.fill(0xff);
+        }
+    });
+    let disks = layout
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(d, dl)| {
+            full_sum(dl.blocks, dl.block_size as usize, |i, b| {
+                if !read_block(d, i, b) {
+                    b.fill(0xff);
+                }
+            })
+        })
+        .collect();
+    (pages, disks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,6 +153,21 @@ impl Regs {
     }
 }
 
+/// Naps when the thread has nothing to do or is ahead of its schedule; true when it did.
+/// Naps are short so a pause is seen quickly: the caller re-checks after each.
+fn held_back(inner: &Inner, idle: bool, pacer: &Pacer) -> bool {
+    if idle {
+        inner.ctl.nap(Duration::from_millis(50));
+        return true;
+    }
+    let wait = pacer.wait();
+    if wait.is_zero() {
+        return false;
+    }
+    inner.ctl.nap(wait.min(Duration::from_millis(20)));
+    true
+}
+
 /// A safe point of a workload thread: parks while paused (saving the thread's registers).
 /// `None` means stop; `Some(true)` that the thread was parked (its pacing restarts).
 fn park_point(inner: &Inner, slot: usize, regs: Regs) -> Option<bool> {
@@ -334,14 +349,7 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
         if parked {
             pacer.restart();
         }
-        if cfg.pattern == Pattern::Idle || len == 0 {
-            inner.ctl.nap(Duration::from_millis(50));
-            continue;
-        }
-        // Naps are short so a pause is seen quickly: re-check the schedule after each.
-        let wait = pacer.wait();
-        if !wait.is_zero() {
-            inner.ctl.nap(wait.min(Duration::from_millis(20)));
+        if held_back(inner, cfg.pattern == Pattern::Idle || len == 0, &pacer) {
             continue;
         }
         for _ in 0..BURST {
@@ -379,13 +387,8 @@ pub(crate) fn disk_thread(inner: &Inner, slot: usize, check_first: bool) {
             rate = rate_now();
             pacer = Pacer::new(rate);
         }
-        if cfg.pattern == Pattern::Idle || cfg.disk_rate == 0 || blocks == 0 || failed {
-            inner.ctl.nap(Duration::from_millis(50));
-            continue;
-        }
-        let wait = pacer.wait();
-        if !wait.is_zero() {
-            inner.ctl.nap(wait.min(Duration::from_millis(20)));
+        let idle = cfg.pattern == Pattern::Idle || cfg.disk_rate == 0 || blocks == 0 || failed;
+        if held_back(inner, idle, &pacer) {
             continue;
         }
         let b = regs.pick(cfg.pattern, blocks);

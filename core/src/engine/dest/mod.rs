@@ -19,7 +19,7 @@ use crossbeam_channel::{unbounded, RecvTimeoutError};
 use super::{micros, ms, read_frame_until, Control, ReadError};
 use crate::bitmap::Bitmap;
 use crate::codec::CodecFactory;
-use crate::digest::{full_sum, DigestDelta, DigestTable};
+use crate::digest::{guest_sums, DigestDelta, DigestTable};
 use crate::guest::{Base, DestGuest, GuestError, GuestLayout, PullFn, StateBlob};
 use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState};
 use crate::report::hex;
@@ -645,20 +645,12 @@ fn verify_and_restore(
             .full
             .as_ref()
             .ok_or("full verification asked but not sent")?;
-        let got_p = full_sum(layout.pages, layout.page_size as usize, |i, b| {
-            if guest.read_page(i, b).is_err() {
-                b.fill(0xff);
-            }
-        });
-        let mut ok = got_p == *want_p;
-        for (d, dl) in layout.disks.iter().enumerate() {
-            let got = full_sum(dl.blocks, dl.block_size as usize, |i, b| {
-                if guest.read_block(d, i, b).is_err() {
-                    b.fill(0xff);
-                }
-            });
-            ok &= want_d.get(d) == Some(&got);
-        }
+        let (got_p, got_d) = guest_sums(
+            layout,
+            |i, b| guest.read_page(i, b).is_ok(),
+            |d, i, b| guest.read_block(d, i, b).is_ok(),
+        );
+        let ok = got_p == *want_p && got_d == *want_d;
         report.full_verify_ok = Some(ok);
         if !ok {
             return Err("full verification failed: the destination's guest differs from the paused source (a dirty page or block was missed)".into());

@@ -19,8 +19,8 @@ use crossbeam_channel::{bounded, unbounded, Sender};
 use super::{block_channel, ms, page_channel, read_frame_until, Control, ReadError};
 use crate::bitmap::Bitmap;
 use crate::codec::CodecFactory;
-use crate::digest::{full_sum, DigestDelta, DigestTable};
-use crate::guest::{Base, DiskPlan, GuestLayout, SourceGuest};
+use crate::digest::{guest_sums, DigestDelta, DigestTable};
+use crate::guest::{Base, DiskPlan, SourceGuest};
 use crate::machine::{SourcePlan, SourceStep};
 use crate::pacer::Pacer;
 use crate::policy::{ConvergencePolicy, RoundFigures};
@@ -515,7 +515,11 @@ fn run(
     s.report.downtime_breakdown.state_ms = ms(t_state.elapsed());
     let full = if cfg.verify == VerifyMode::Full {
         let t = Instant::now();
-        let sums = full_sums_source(&*guest, &layout);
+        let sums = guest_sums(
+            &layout,
+            |i, b| guest.read_page(i, b).is_ok(),
+            |d, i, b| guest.read_block(d, i, b).is_ok(),
+        );
         s.report.downtime_breakdown.full_verify_ms = ms(t.elapsed());
         Some(sums)
     } else {
@@ -622,27 +626,6 @@ fn finish_after_commit(
         }
     }
     Ok(())
-}
-
-fn full_sums_source(guest: &dyn SourceGuest, layout: &GuestLayout) -> (u64, Vec<u64>) {
-    let pages = full_sum(layout.pages, layout.page_size as usize, |i, b| {
-        if guest.read_page(i, b).is_err() {
-            b.fill(0xff);
-        }
-    });
-    let disks = layout
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(d, dl)| {
-            full_sum(dl.blocks, dl.block_size as usize, |i, b| {
-                if guest.read_block(d, i, b).is_err() {
-                    b.fill(0xff);
-                }
-            })
-        })
-        .collect();
-    (pages, disks)
 }
 
 fn rate(bytes: u64, d: Duration) -> f64 {
