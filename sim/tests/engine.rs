@@ -15,7 +15,7 @@ use ferry_sim::{Fill, Pattern, SimGuest};
 use ferry_transports::{MemFault, MemTransport};
 
 mod common;
-use common::{migrate_with, sim, sim_at};
+use common::{migrate_with, Spec};
 
 #[test]
 fn migrates_and_verifies_with_each_codec_and_channel_count() {
@@ -28,7 +28,12 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
     ] {
         let src_dir = tempfile::tempdir().unwrap();
         let dst_dir = tempfile::tempdir().unwrap();
-        let g = sim(src_dir.path(), Pattern::Hotspot, Fill::Random);
+        let g = Spec {
+            pattern: Pattern::Hotspot,
+            fill: Fill::Random,
+            ..Spec::default()
+        }
+        .start(src_dir.path());
         std::thread::sleep(Duration::from_millis(100));
         let run = migrate_with(
             g.clone(),
@@ -84,7 +89,11 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
 fn idle_zero_guest_sends_flags_not_pages() {
     let src_dir = tempfile::tempdir().unwrap();
     let dst_dir = tempfile::tempdir().unwrap();
-    let g = sim(src_dir.path(), Pattern::Idle, Fill::Zero);
+    let g = Spec {
+        pattern: Pattern::Idle,
+        ..Spec::default()
+    }
+    .start(src_dir.path());
     let run = migrate_with(
         g,
         MemTransport::new(),
@@ -109,7 +118,12 @@ fn idle_zero_guest_sends_flags_not_pages() {
 fn check_failure_leaves_source_running(fault: MemFault, what: &str) {
     let src_dir = tempfile::tempdir().unwrap();
     let dst_dir = tempfile::tempdir().unwrap();
-    let g = sim(src_dir.path(), Pattern::Uniform, Fill::Random);
+    let g = Spec {
+        pattern: Pattern::Uniform,
+        fill: Fill::Random,
+        ..Spec::default()
+    }
+    .start(src_dir.path());
     std::thread::sleep(Duration::from_millis(50));
     let run = migrate_with(
         g.clone(),
@@ -260,7 +274,11 @@ impl SourceGuest for Instrumented {
 fn a_failed_round_merges_its_dirty_bits_back() {
     let src_dir = tempfile::tempdir().unwrap();
     let dst_dir = tempfile::tempdir().unwrap();
-    let inner = sim(src_dir.path(), Pattern::Uniform, Fill::Zero);
+    let inner = Spec {
+        pattern: Pattern::Uniform,
+        ..Spec::default()
+    }
+    .start(src_dir.path());
     let pages = (48u64 << 20) / 4096;
     // Fail inside the second memory round: after round 0's reads of every page.
     let rec = Instrumented::new(inner.clone(), pages + 50, false);
@@ -295,7 +313,12 @@ fn a_missed_dirty_page_is_caught_by_the_oracle_and_by_full_verify() {
         let src_dir = tempfile::tempdir().unwrap();
         let dst_dir = tempfile::tempdir().unwrap();
         // Unthrottled, so data pages are dirty at any pause, however short the last round.
-        let inner = sim_at(src_dir.path(), Pattern::Hotspot, Fill::Zero, 0);
+        let inner = Spec {
+            pattern: Pattern::Hotspot,
+            dirty_rate: 0,
+            ..Spec::default()
+        }
+        .start(src_dir.path());
         std::thread::sleep(Duration::from_millis(50));
         let g = Instrumented::new(inner.clone(), u64::MAX, true);
         let run = migrate_with(

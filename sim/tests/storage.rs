@@ -6,23 +6,35 @@ mod common;
 
 use std::time::Duration;
 
-use common::{migrate_tuned, migrate_with, sim_sized, sim_with};
+use common::{migrate_tuned, migrate_with, Spec};
 use ferry_core::engine::DestOutcome;
 use ferry_core::engine::{StorageMode, Throttle};
 use ferry_core::image::{sidecar_path, Sidecar, SidecarState, SidecarStatus};
 use ferry_core::wire::VerifyMode;
-use ferry_sim::{Fill, Pattern};
+use ferry_sim::Pattern;
 use ferry_transports::MemTransport;
 
 const DISK: u64 = 64 << 20;
 const BLOCKS: u64 = DISK / 4096;
+
+/// A guest with a 64 MiB disk (half filled) written at ~150 blocks/s, uniformly.
+fn busy_disk_guest(dir: &std::path::Path) -> std::sync::Arc<ferry_sim::SimGuest> {
+    Spec {
+        disk_size: DISK,
+        disk_rate: 150,
+        pattern: Pattern::Uniform,
+        dirty_rate: 5_000,
+        ..Spec::default()
+    }
+    .start(dir)
+}
 
 #[test]
 fn a_to_b_to_a_sends_only_what_b_wrote() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     // 64 MiB disk, half filled; the workload writes ~150 blocks/s (uniform).
-    let a = sim_with(dir_a.path(), DISK, 150, Pattern::Uniform, Fill::Zero, 5_000);
+    let a = busy_disk_guest(dir_a.path());
     std::thread::sleep(Duration::from_millis(200));
 
     // A -> B: B holds nothing, so a full copy.
@@ -99,7 +111,7 @@ fn a_corrupt_or_truncated_sidecar_falls_back_to_a_hash_compared_copy() {
     for damage in ["truncate", "flip"] {
         let dir_a = tempfile::tempdir().unwrap();
         let dir_b = tempfile::tempdir().unwrap();
-        let a = sim_with(dir_a.path(), DISK, 150, Pattern::Uniform, Fill::Zero, 5_000);
+        let a = busy_disk_guest(dir_a.path());
         std::thread::sleep(Duration::from_millis(100));
         let out = migrate_with(
             a,
@@ -142,7 +154,7 @@ fn a_corrupt_or_truncated_sidecar_falls_back_to_a_hash_compared_copy() {
 fn an_unclean_stop_is_never_trusted_for_incremental_migration() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
-    let a = sim_with(dir_a.path(), DISK, 150, Pattern::Uniform, Fill::Zero, 5_000);
+    let a = busy_disk_guest(dir_a.path());
     std::thread::sleep(Duration::from_millis(100));
     // While A runs, its sidecar says "open": a crash now leaves an untrusted history.
     let img = dir_a.path().join("disk0.img");
@@ -178,7 +190,14 @@ fn hash_compared_copy_sends_only_the_blocks_that_differ() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     // No disk writes during the migration, so the first pass is exactly the difference.
-    let a = sim_with(dir_a.path(), DISK, 0, Pattern::Idle, Fill::Zero, 0);
+    let a = Spec {
+        disk_size: DISK,
+        disk_rate: 0,
+        pattern: Pattern::Idle,
+        dirty_rate: 0,
+        ..Spec::default()
+    }
+    .start(dir_a.path());
     // B holds an unmanaged copy of A's image in which 5% of the blocks differ.
     let img_a = dir_a.path().join("disk0.img");
     let img_b = dir_b.path().join("disk0.img");
@@ -226,15 +245,14 @@ fn throttling_lets_storage_converge_over_a_slow_link() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     // The guest writes 16 MB/s of blocks (and few pages); the link carries 6 MiB/s.
-    let a = sim_sized(
-        dir_a.path(),
-        8 << 20,
-        16 << 20,
-        4000,
-        Pattern::Uniform,
-        Fill::Zero,
-        20,
-    );
+    let a = Spec {
+        memory: 8 << 20,
+        disk_rate: 4000,
+        pattern: Pattern::Uniform,
+        dirty_rate: 20,
+        ..Spec::default()
+    }
+    .start(dir_a.path());
     std::thread::sleep(Duration::from_millis(100));
     let out = migrate_tuned(
         a,
@@ -282,15 +300,14 @@ fn storage_postcopy_resumes_at_once_and_ends_with_the_sources_disk() {
     let dir_b = tempfile::tempdir().unwrap();
     // The disk is written faster than the 16 MiB/s link carries it: many blocks are still
     // dirty at the pause.
-    let a = sim_sized(
-        dir_a.path(),
-        8 << 20,
-        16 << 20,
-        8000,
-        Pattern::Uniform,
-        Fill::Zero,
-        20,
-    );
+    let a = Spec {
+        memory: 8 << 20,
+        disk_rate: 8000,
+        pattern: Pattern::Uniform,
+        dirty_rate: 20,
+        ..Spec::default()
+    }
+    .start(dir_a.path());
     std::thread::sleep(Duration::from_millis(100));
     let out = migrate_tuned(
         a,

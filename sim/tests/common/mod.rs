@@ -18,63 +18,56 @@ use ferry_transports::MemTransport;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-/// A started 48 MiB guest with a 16 MiB `disk0.img` in `dir`.
-pub fn sim(dir: &Path, pattern: Pattern, fill: Fill) -> Arc<SimGuest> {
-    sim_at(dir, pattern, fill, 20_000)
+/// A test guest: 48 MiB of memory and a 16 MiB `disk0.img` by default.
+pub struct Spec {
+    /// Memory size.
+    pub memory: u64,
+    /// Disk size.
+    pub disk_size: u64,
+    /// Block writes per second.
+    pub disk_rate: u64,
+    /// Page writes per second (0 = flat out).
+    pub dirty_rate: u64,
+    /// Write pattern.
+    pub pattern: Pattern,
+    /// Initial memory.
+    pub fill: Fill,
 }
 
-/// Like [`sim`], with the workload writing `dirty_rate` pages per second (0 = flat out).
-pub fn sim_at(dir: &Path, pattern: Pattern, fill: Fill, dirty_rate: u64) -> Arc<SimGuest> {
-    sim_with(dir, 16 << 20, 400, pattern, fill, dirty_rate)
+impl Default for Spec {
+    fn default() -> Self {
+        Self {
+            memory: 48 << 20,
+            disk_size: 16 << 20,
+            disk_rate: 400,
+            dirty_rate: 20_000,
+            pattern: Pattern::Hotspot,
+            fill: Fill::Zero,
+        }
+    }
 }
 
-/// A started guest with a `disk_size` disk written at `disk_rate` blocks per second.
-pub fn sim_with(
-    dir: &Path,
-    disk_size: u64,
-    disk_rate: u64,
-    pattern: Pattern,
-    fill: Fill,
-    dirty_rate: u64,
-) -> Arc<SimGuest> {
-    sim_sized(
-        dir,
-        48 << 20,
-        disk_size,
-        disk_rate,
-        pattern,
-        fill,
-        dirty_rate,
-    )
-}
-
-/// Like [`sim_with`] with a chosen memory size.
-pub fn sim_sized(
-    dir: &Path,
-    memory: u64,
-    disk_size: u64,
-    disk_rate: u64,
-    pattern: Pattern,
-    fill: Fill,
-    dirty_rate: u64,
-) -> Arc<SimGuest> {
-    let g = SimGuest::create(&SimConfig {
-        memory,
-        disk_path: Some(dir.join("disk0.img")),
-        disk_size,
-        fill,
-        workload: WorkloadConfig {
-            pattern,
-            dirty_rate,
-            disk_rate,
-            threads: 2,
-            seed: 7,
-        },
-        ..SimConfig::default()
-    })
-    .unwrap();
-    g.start();
-    Arc::new(g)
+impl Spec {
+    /// Creates the guest in `dir` (two workload threads, seed 7) and starts it.
+    pub fn start(self, dir: &Path) -> Arc<SimGuest> {
+        let g = SimGuest::create(&SimConfig {
+            memory: self.memory,
+            disk_path: Some(dir.join("disk0.img")),
+            disk_size: self.disk_size,
+            fill: self.fill,
+            workload: WorkloadConfig {
+                pattern: self.pattern,
+                dirty_rate: self.dirty_rate,
+                disk_rate: self.disk_rate,
+                threads: 2,
+                seed: 7,
+            },
+            ..SimConfig::default()
+        })
+        .unwrap();
+        g.start();
+        Arc::new(g)
+    }
 }
 
 /// A finished migration.
