@@ -2,79 +2,65 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferry_benches::{memory_pages, PAGE};
-use ferry_core::codec::{Unit, UnitKind, TAG_RAW};
+use ferry_benches::{encode_as_engine, indexed, memory_pages, PAGE};
+use ferry_core::codec::{DecodeItem, EncodeItem, Unit, UnitKind, TAG_RAW};
 use ferry_core::digest::unit_digest;
 use ferry_core::zero::is_zero;
 
 const PAGES: usize = 8192; // 32 MiB
 
-/// Bytes the pages would take on the wire through `enc` (zero pages as flags, pages the
-/// codec does not shrink as raw): the figure a ratio is computed from.
-fn wire_bytes<'a>(
-    enc: &mut dyn ferry_core::codec::Encoder,
-    pages: impl Iterator<Item = (u64, &'a [u8])>,
-) -> usize {
-    let mut out = Vec::new();
-    pages
-        .map(|(index, p)| {
-            out.clear();
-            let unit = Unit {
-                kind: UnitKind::Page,
-                index,
-            };
-            if is_zero(p) {
-                0
-            } else if enc.encode(unit, p, &mut out) == TAG_RAW {
-                PAGE
-            } else {
-                out.len()
-            }
-        })
-        .sum()
+fn unit(index: u64) -> Unit {
+    Unit {
+        kind: UnitKind::Page,
+        index,
+    }
 }
 
 fn codecs(c: &mut Criterion) {
     let (mem, source) = memory_pages(PAGES);
+    let pages = indexed(&mem);
     let bytes = mem.len() as u64;
+    // One worker thread: Ferry's lz4 stage against lz4_flex called directly, core for core.
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let mut g = c.benchmark_group(format!("codec-encode/{source}"));
     g.throughput(Throughput::Bytes(bytes));
-    for spec in ["raw", "lz4", "zstd"] {
+    for spec in ["raw", "lz4", "zstd", "dedup", "dedup,xor-delta,lz4", "auto"] {
         let factory = ferry_codecs::parse(spec).unwrap();
         // Report the ratio once, outside the timing.
         let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
-        let wire = wire_bytes(
-            enc.as_mut(),
-            mem.chunks(PAGE).enumerate().map(|(i, p)| (i as u64, p)),
-        );
+        let wire = encode_as_engine(enc.as_mut(), &pages);
         eprintln!(
             "{spec}: ratio {:.2} on {source} pages (zero pages as flags)",
             bytes as f64 / wire.max(1) as f64
         );
-        g.bench_function(BenchmarkId::new("ferry", spec), |b| {
-            let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
-            let mut out = Vec::with_capacity(2 * PAGE);
-            b.iter(|| {
-                let mut n = 0usize;
-                for (i, p) in mem.chunks(PAGE).enumerate() {
-                    out.clear();
-                    let unit = Unit {
-                        kind: UnitKind::Page,
-                        index: i as u64,
-                    };
-                    enc.encode(unit, p, &mut out);
-                    n += out.len();
-                }
-                n
-            })
+        g.bench_function(BenchmarkId::new("ferry-pool", spec), |b| {
+            b.iter_batched(
+                || ferry_core::codec::CodecFactory::encoder(&factory),
+                |mut enc| encode_as_engine(enc.as_mut(), &pages),
+                criterion::BatchSize::LargeInput,
+            )
         });
+        if spec == "lz4" {
+            g.bench_function(BenchmarkId::new("ferry-1-thread", spec), |b| {
+                one.install(|| {
+                    b.iter_batched(
+                        || ferry_core::codec::CodecFactory::encoder(&factory),
+                        |mut enc| encode_as_engine(enc.as_mut(), &pages),
+                        criterion::BatchSize::LargeInput,
+                    )
+                })
+            });
+        }
     }
-    // The library itself, page by page, as the baseline for Ferry's lz4 stage.
+    // The library itself, page by page on one thread, as the baseline for the lz4 stage.
     g.bench_function(BenchmarkId::new("lz4_flex-block", "lz4"), |b| {
         let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE)];
         b.iter(|| {
             let mut n = 0usize;
-            for p in mem.chunks(PAGE) {
+            for p in mem.chunks(PAGE).filter(|p| !is_zero(p)) {
                 n += lz4_flex::block::compress_into(p, &mut out).unwrap();
             }
             n
@@ -86,30 +72,44 @@ fn codecs(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes));
     let factory = ferry_codecs::parse("lz4").unwrap();
     let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
-    let encoded: Vec<(u8, Vec<u8>)> = mem
-        .chunks(PAGE)
-        .enumerate()
-        .map(|(i, p)| {
-            let mut out = Vec::new();
-            let unit = Unit {
-                kind: UnitKind::Page,
-                index: i as u64,
+    let mut encoded: Vec<(u64, u8, Vec<u8>)> = Vec::new();
+    for chunk in pages.chunks(ferry_benches::BATCH) {
+        let mut items: Vec<EncodeItem<'_>> = chunk
+            .iter()
+            .filter(|(_, p)| !is_zero(p))
+            .map(|&(i, p)| EncodeItem {
+                unit: unit(i),
+                data: p,
+                tag: TAG_RAW,
+                out: Vec::new(),
+            })
+            .collect();
+        enc.encode_batch(&mut items);
+        encoded.extend(items.into_iter().map(|it| {
+            let out = if it.tag == TAG_RAW {
+                it.data.to_vec()
+            } else {
+                it.out
             };
-            (enc.encode(unit, p, &mut out), out)
-        })
-        .collect();
+            (it.unit.index, it.tag, out)
+        }));
+    }
     g.bench_function("lz4", |b| {
         let mut dec = ferry_core::codec::CodecFactory::decoder(&factory);
-        let mut target = vec![0u8; PAGE];
+        let mut targets = vec![0u8; ferry_benches::BATCH * PAGE];
         b.iter(|| {
-            for (i, (tag, data)) in encoded.iter().enumerate() {
-                if *tag != TAG_RAW {
-                    let unit = Unit {
-                        kind: UnitKind::Page,
-                        index: i as u64,
-                    };
-                    dec.decode(unit, *tag, data, &mut target).unwrap();
-                }
+            for chunk in encoded.chunks(ferry_benches::BATCH) {
+                let mut items: Vec<DecodeItem<'_>> = chunk
+                    .iter()
+                    .zip(targets.chunks_mut(PAGE))
+                    .map(|((i, tag, data), target)| DecodeItem {
+                        unit: unit(*i),
+                        tag: *tag,
+                        input: data,
+                        target,
+                    })
+                    .collect();
+                dec.decode_batch(&mut items).unwrap();
             }
         })
     });
@@ -145,32 +145,28 @@ fn pipelines_on_a_second_round(c: &mut Criterion) {
     let bytes = (changed.len() * PAGE) as u64;
     let mut g = c.benchmark_group("second-round/corpus");
     g.throughput(Throughput::Bytes(bytes));
-    for spec in ["lz4", "zstd", "xor-delta,lz4", "xor-delta,zstd"] {
+    let t0_pages = indexed(&t0);
+    let t1_changed: Vec<(u64, &[u8])> = changed
+        .iter()
+        .map(|&i| (i as u64, &t1[i * PAGE..(i + 1) * PAGE]))
+        .collect();
+    for spec in [
+        "lz4",
+        "zstd",
+        "xor-delta,lz4",
+        "xor-delta,zstd",
+        "dedup,xor-delta,lz4",
+        "dedup,xor-delta,zstd",
+    ] {
         let factory = ferry_codecs::parse(spec).unwrap();
         // Prime an encoder with t0, then measure only the changed pages of t1.
         let primed = || {
             let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
-            let mut out = Vec::new();
-            for (i, p) in t0.chunks(PAGE).enumerate() {
-                out.clear();
-                let unit = Unit {
-                    kind: UnitKind::Page,
-                    index: i as u64,
-                };
-                // Zero pages go as flags; raw ones as they are: the codec hears of both.
-                if is_zero(p) || enc.encode(unit, p, &mut out) == TAG_RAW {
-                    enc.note_sent_plain(unit, p);
-                }
-            }
+            encode_as_engine(enc.as_mut(), &t0_pages);
             enc
         };
         let mut enc = primed();
-        let wire = wire_bytes(
-            enc.as_mut(),
-            changed
-                .iter()
-                .map(|&i| (i as u64, &t1[i * PAGE..(i + 1) * PAGE])),
-        );
+        let wire = encode_as_engine(enc.as_mut(), &t1_changed);
         eprintln!(
             "{spec}: {} changed pages of t1 after t0 -> ratio {:.1}",
             changed.len(),
@@ -179,20 +175,7 @@ fn pipelines_on_a_second_round(c: &mut Criterion) {
         g.bench_function(spec, |b| {
             b.iter_batched(
                 primed,
-                |mut enc| {
-                    let mut out = Vec::with_capacity(2 * PAGE);
-                    let mut n = 0usize;
-                    for &i in &changed {
-                        out.clear();
-                        let unit = Unit {
-                            kind: UnitKind::Page,
-                            index: i as u64,
-                        };
-                        enc.encode(unit, &t1[i * PAGE..(i + 1) * PAGE], &mut out);
-                        n += out.len();
-                    }
-                    n
-                },
+                |mut enc| encode_as_engine(enc.as_mut(), &t1_changed),
                 criterion::BatchSize::LargeInput,
             )
         });

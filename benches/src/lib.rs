@@ -65,3 +65,53 @@ pub fn memory_pages(pages: usize) -> (Vec<u8>, &'static str) {
         }
     }
 }
+
+/// Units per batch, as the engine frames them (256 KiB of 4 KiB pages).
+pub const BATCH: usize = 64;
+
+/// Encodes `pages` (index, content) as the engine does: zero pages go as flags (the codec
+/// hears of them), the rest in batches of [`BATCH`]. Returns the payload bytes on the wire.
+pub fn encode_as_engine(enc: &mut dyn ferry_core::codec::Encoder, pages: &[(u64, &[u8])]) -> usize {
+    use ferry_core::codec::{EncodeItem, Unit, UnitKind, TAG_RAW};
+    let unit = |index| Unit {
+        kind: UnitKind::Page,
+        index,
+    };
+    let mut wire = 0;
+    let mut items: Vec<EncodeItem<'_>> = Vec::with_capacity(BATCH);
+    for chunk in pages.chunks(BATCH) {
+        items.clear();
+        for &(i, p) in chunk {
+            if ferry_core::zero::is_zero(p) {
+                enc.note_sent_plain(unit(i), p);
+            } else {
+                items.push(EncodeItem {
+                    unit: unit(i),
+                    data: p,
+                    tag: TAG_RAW,
+                    out: Vec::new(),
+                });
+            }
+        }
+        enc.encode_batch(&mut items);
+        wire += items
+            .iter()
+            .map(|it| {
+                if it.tag == TAG_RAW {
+                    it.data.len()
+                } else {
+                    it.out.len()
+                }
+            })
+            .sum::<usize>();
+    }
+    wire
+}
+
+/// The pages of an image as (index, content).
+pub fn indexed(mem: &[u8]) -> Vec<(u64, &[u8])> {
+    mem.chunks(PAGE)
+        .enumerate()
+        .map(|(i, p)| (i as u64, p))
+        .collect()
+}

@@ -25,6 +25,9 @@ pub enum BenchCmd {
     /// Engine throughput (first full memory pass, two processes over loopback TCP) as a
     /// ratio of plain TCP moving the same memory, and of hot-buffer TCP, in the same run.
     Throughput(ThroughputArgs),
+    /// Whole migrations with each codec over a capped link (`--max-bandwidth`), compared:
+    /// ratio, effective MB/s, total time, downtime.
+    Codecs(crate::bench_codecs::CodecsArgs),
 }
 
 /// Options of `tcp-baseline`.
@@ -149,6 +152,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs a bench command.
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        BenchCmd::Codecs(a) => crate::bench_codecs::run(a),
         BenchCmd::TcpBaseline(a) => {
             let mut out = serde_json::Map::new();
             for (name, mode) in [("hot", Baseline::Hot), ("memory", Baseline::Memory)] {
@@ -195,6 +199,7 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
     };
     let mig = MigrationArgs {
         codec: a.codec.clone(),
+        xor_cache: "64MiB".into(),
         transport: "tcp".into(),
         channels: a.channels,
         downtime: "50ms".into(),

@@ -352,7 +352,7 @@ pub fn run_source(
     let cfg = args.source_config(to)?;
     let transport = ferry_transports::by_name(&args.transport, cfg.io_timeout)
         .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
-    let codec = ferry_codecs::resolve(&args.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+    let codec = args.codec()?;
     Ok(engine::migrate(guest, &*transport, codec, &cfg, emit))
 }
 

@@ -2,6 +2,7 @@
 //! hosts that share no storage.
 
 mod bench;
+mod bench_codecs;
 mod child;
 mod host;
 mod opts;

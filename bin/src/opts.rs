@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use ferry_core::codec::CodecFactory;
 use ferry_core::engine::{SourceConfig, StorageMode, Throttle};
 use ferry_core::policy::ConvergencePolicy;
 use ferry_core::wire::VerifyMode;
@@ -140,9 +141,14 @@ impl GuestArgs {
 /// How to migrate.
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MigrationArgs {
-    /// Codec pipeline, e.g. `raw` or `lz4`.
+    /// Codec pipeline, in order: `raw`, `auto` (chosen per batch from the measured link
+    /// and codec speed), or a list of `dedup[:SIZE]`, `xor-delta`, `lz4`, `zstd[:LEVEL]`,
+    /// e.g. `dedup,xor-delta,lz4`.
     #[arg(long, default_value = "raw")]
     pub codec: String,
+    /// Last-sent versions `xor-delta` keeps per channel on the source.
+    #[arg(long, default_value = "64MiB")]
+    pub xor_cache: String,
     /// Transport: tcp.
     #[arg(long, default_value = "tcp")]
     pub transport: String,
@@ -177,6 +183,17 @@ pub struct MigrationArgs {
 }
 
 impl MigrationArgs {
+    /// The codec pipeline `--codec` and `--xor-cache` ask for.
+    pub fn codec(&self) -> anyhow::Result<Arc<dyn CodecFactory>> {
+        let xor_cache =
+            parse_size(&self.xor_cache).map_err(|e| anyhow::anyhow!("--xor-cache: {e}"))?;
+        let pipeline =
+            ferry_codecs::parse(&self.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+        Ok(Arc::new(pipeline.with_xor_cache(
+            usize::try_from(xor_cache).map_err(|_| anyhow::anyhow!("--xor-cache: too large"))?,
+        )))
+    }
+
     /// Validates and converts into an engine config for `to`.
     pub fn source_config(&self, to: &str) -> anyhow::Result<SourceConfig> {
         let downtime =
@@ -197,7 +214,7 @@ impl MigrationArgs {
         if self.max_rounds == 0 {
             bail!("--max-rounds: must be at least 1");
         }
-        ferry_codecs::parse(&self.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+        self.codec()?;
         ferry_transports::by_name(&self.transport, timeout)
             .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
         let throttle = match self.throttle.as_str() {

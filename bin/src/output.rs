@@ -137,12 +137,13 @@ pub fn print_summary(r: &Report) {
     }
     for st in &r.codec_stats {
         eprintln!(
-            "  codec {}: applied to {} of {} units, ratio {:.2}, {:.2} s encoding{}",
+            "  codec {}: applied to {} of {} units, ratio {:.2}, CPU {:.2} s encoding, {:.2} s decoding{}",
             st.stage,
             st.units_applied,
             st.units_in,
-            st.ratio(),
+            st.applied_ratio(),
             st.encode_s,
+            st.decode_s,
             if st.cache_lookups > 0 {
                 format!(
                     ", cache hits {:.0}%",
@@ -152,6 +153,14 @@ pub fn print_summary(r: &Report) {
                 String::new()
             }
         );
+    }
+    if !r.codec_choices.is_empty() {
+        let choices: Vec<String> = r
+            .codec_choices
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        eprintln!("  codec auto: batches per choice: {}", choices.join(", "));
     }
     if let Some(s) = r.stop_reason {
         eprintln!(

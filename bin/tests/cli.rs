@@ -413,6 +413,11 @@ fn bad_input_names_the_flag() {
     for (args, flag) in [
         (&["demo", "--memory", "12parsecs"][..], "--memory"),
         (&["demo", "--codec", "lz5"][..], "--codec"),
+        (&["demo", "--codec", "lz4,xor-delta"][..], "--codec"),
+        (&["demo", "--codec", "zstd:99"][..], "--codec"),
+        (&["demo", "--codec", "auto,lz4"][..], "--codec"),
+        (&["demo", "--xor-cache", "lots"][..], "--xor-cache"),
+        (&["bench", "codecs", "--codec", "dedup:1"][..], "--codec"),
         (&["demo", "--max-bandwidth", "fast"][..], "--max-bandwidth"),
         (&["demo", "--workload", "busy"][..], "--workload"),
         (&["demo", "--fill", "/no/such/file"][..], "--fill"),

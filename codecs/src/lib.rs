@@ -1,17 +1,23 @@
-//! Codecs for Ferry. A codec spec such as `xor-delta,lz4` or `zstd:9` names an ordered
-//! pipeline of stages; each
-//! channel gets its own encoder and decoder (stages may keep history, and the engine pins
-//! every unit to one channel so its versions arrive in order).
+//! Codecs for Ferry. A codec spec such as `dedup,xor-delta,lz4`, `zstd:9` or `auto` names an
+//! ordered pipeline of stages; each channel gets its own encoder and decoder (stages may
+//! keep history, and the engine pins every unit to one channel so its versions arrive in
+//! order). Batches are encoded and decoded in parallel on rayon's pool.
 //!
 //! Zero pages never reach a codec: the engine sends them as a flag.
 
+mod auto;
+mod dedup;
 mod lz4;
 mod pipeline;
 mod sized;
+mod spec;
+mod stage;
 mod xor_delta;
 mod zstd_stage;
 
-pub use pipeline::{parse, Pipeline, SpecError, Stage, STAGE_NAMES};
+pub use pipeline::{parse, Pipeline, XOR_CACHE};
+pub use spec::{SpecError, StageSpec, STAGE_NAMES};
+pub use stage::Stage;
 
 use std::sync::Arc;
 
@@ -23,3 +29,6 @@ pub fn resolve(spec: &str) -> Result<Arc<dyn CodecFactory>, String> {
         .map(|p| Arc::new(p) as Arc<dyn CodecFactory>)
         .map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests;

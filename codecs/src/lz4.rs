@@ -2,8 +2,8 @@
 
 use ferry_core::codec::{CodecError, Unit};
 
-use crate::pipeline::Stage;
 use crate::sized;
+use crate::stage::Stage;
 
 /// The `lz4` stage.
 #[derive(Debug, Default)]
@@ -14,13 +14,13 @@ impl Stage for Lz4 {
         "lz4"
     }
 
-    fn encode(&mut self, _unit: Unit, input: &[u8], out: &mut Vec<u8>) -> bool {
+    fn encode(&self, _unit: Unit, input: &[u8], out: &mut Vec<u8>) -> bool {
         let worst = lz4_flex::block::get_maximum_output_size(input.len());
         sized::encode(input, out, worst, lz4_flex::block::compress_into)
     }
 
     fn decode(
-        &mut self,
+        &self,
         _unit: Unit,
         input: &[u8],
         _base: &[u8],

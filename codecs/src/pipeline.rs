@@ -1,522 +1,524 @@
-//! Pipelines: an ordered list of stages. The tag sent with a unit is the bit set of the
-//! stages that were applied (bit i = stage i), so a stage that does not pay for a unit is
-//! skipped for that unit alone; tag 0 means raw and never reaches a decoder.
+//! Pipelines: an ordered list of stages, built per channel. The tag sent with a unit is the
+//! bit set of the stages that were applied (bit i = stage i), so a stage that does not pay
+//! for a unit is skipped for that unit alone; tag 0 means raw and [`TAG_REFERENCE`] a
+//! `dedup` reference. With `dedup` first, its bit means "register this unit's content".
+//!
+//! A batch is encoded and decoded on rayon's pool: `dedup` hashes in parallel and then
+//! looks up and registers in batch order (so both sides number contents alike); every
+//! other stage runs per unit in parallel, with history kept per unit. A channel hands its
+//! next batch over only when this one is done, so memory stays bounded by the batch and a
+//! unit's versions never overtake each other.
 
-use ferry_core::codec::{CodecError, CodecFactory, Decoder, Encoder, StageStats, Unit, TAG_RAW};
+use std::time::{Duration, Instant};
+
+use ferry_core::codec::{
+    BatchDecodeError, CodecError, CodecFactory, DecodeItem, Decoder, EncodeItem, Encoder,
+    StageStats, Unit, TAG_RAW, TAG_REFERENCE,
+};
 use ferry_core::wire::CODEC_SLACK;
+use rayon::prelude::*;
 
+use crate::auto::Auto;
+use crate::dedup::{self, DedupIndex, DedupStore, Lookup};
 use crate::lz4::Lz4;
+use crate::spec::{parse_spec, Parsed, SpecError, StageSpec, MAX_STAGES, ZSTD_LEVEL};
+use crate::stage::Stage;
 use crate::xor_delta::XorDelta;
 use crate::zstd_stage::Zstd;
 
-/// Names of the stages this build knows, in their canonical spelling (`zstd` takes a
-/// level: `zstd:1` … `zstd:22`, 3 by default).
-pub const STAGE_NAMES: &[&str] = &["raw", "lz4", "zstd", "xor-delta"];
+/// Batches smaller than this are coded on the calling thread: handing one or two units
+/// to the pool costs more than it saves.
+const PARALLEL_FROM: usize = 4;
 
-/// Default zstd level.
-const ZSTD_LEVEL: i32 = 3;
-/// Last-sent versions the `xor-delta` stage keeps per channel.
+/// Default bytes of last-sent versions the `xor-delta` stage keeps per channel.
 pub const XOR_CACHE: usize = 64 << 20;
 
-/// Most stages a pipeline may have (the tag is a 7-bit set).
-const MAX_STAGES: usize = 7;
-
-/// One step of a pipeline.
-pub trait Stage: Send {
-    /// Canonical name.
-    fn name(&self) -> &'static str;
-    /// Encodes `input` into `out` (replacing its content); false when it does not pay.
-    fn encode(&mut self, unit: Unit, input: &[u8], out: &mut Vec<u8>) -> bool;
-    /// Decodes `input` into `out` (replacing its content), producing at most `max_len`
-    /// bytes; `base` is the destination's current copy of the unit (for deltas). Hostile
-    /// input: errors, never panics.
-    fn decode(
-        &mut self,
-        unit: Unit,
-        input: &[u8],
-        base: &[u8],
-        out: &mut Vec<u8>,
-        max_len: usize,
-    ) -> Result<(), CodecError>;
-    /// The unit was sent as `data` without this stage (history stays in step).
-    fn note_plain(&mut self, _unit: Unit, _data: &[u8]) {}
-    /// Whether decoding needs the destination's current copy.
-    fn needs_base(&self) -> bool {
-        false
-    }
-    /// (hits, lookups) of a history cache, for stages that keep one.
-    fn cache_stats(&self) -> (u64, u64) {
-        (0, 0)
-    }
-}
-
-/// A bad `--codec` value.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SpecError {
-    /// Nothing given.
-    #[error("empty codec list")]
-    Empty,
-    /// Unknown stage name.
-    #[error("unknown codec {name:?} (known: {known})")]
-    Unknown {
-        /// The name given.
-        name: String,
-        /// Known names.
-        known: String,
-    },
-    /// A stage listed twice.
-    #[error("codec {0:?} is listed twice")]
-    Duplicate(String),
-    /// `raw` combined with others.
-    #[error("\"raw\" means no encoding and cannot be combined with other codecs")]
-    RawCombined,
-    /// Too many stages.
-    #[error("at most {MAX_STAGES} codecs in one pipeline")]
-    TooMany,
-    /// A bad parameter.
-    #[error("{0}")]
-    BadParameter(String),
-    /// Stages in an order that cannot work.
-    #[error("{0}")]
-    Order(String),
-}
-
-/// A parsed pipeline spec; builds per-channel encoders and decoders.
+/// A parsed `--codec` value; builds per-channel encoders and decoders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pipeline {
-    /// Canonical stage specs (`lz4`, `zstd:3`, `xor-delta`).
-    stages: Vec<String>,
+    parsed: Parsed,
+    xor_cache: usize,
 }
 
-/// Parses a comma-separated spec such as `lz4` or `raw`.
+/// Parses a `--codec` value such as `lz4`, `raw`, `auto` or `dedup,xor-delta,zstd:9`.
 pub fn parse(spec: &str) -> Result<Pipeline, SpecError> {
-    let names: Vec<&str> = spec
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    if names.is_empty() {
-        return Err(SpecError::Empty);
-    }
-    if names.len() > MAX_STAGES {
-        return Err(SpecError::TooMany);
-    }
-    let mut stages: Vec<String> = Vec::new();
-    for n in &names {
-        let (name, param) = match n.split_once(':') {
-            Some((a, b)) => (a.trim(), Some(b.trim())),
-            None => (*n, None),
-        };
-        let canon = STAGE_NAMES
-            .iter()
-            .find(|k| k.eq_ignore_ascii_case(name))
-            .ok_or_else(|| SpecError::Unknown {
-                name: (*n).to_string(),
-                known: STAGE_NAMES.join(", "),
-            })?;
-        let spec = match (*canon, param) {
-            ("zstd", p) => {
-                let level = match p {
-                    None => ZSTD_LEVEL,
-                    Some(p) => p
-                        .parse::<i32>()
-                        .ok()
-                        .filter(|l| (1..=22).contains(l))
-                        .ok_or_else(|| {
-                            SpecError::BadParameter(format!("zstd level {p:?} is not 1..=22"))
-                        })?,
-                };
-                format!("zstd:{level}")
-            }
-            (c, Some(p)) => {
-                return Err(SpecError::BadParameter(format!(
-                    "{c} takes no parameter ({p:?})"
-                )))
-            }
-            (c, None) => c.to_string(),
-        };
-        let base = spec.split(':').next().unwrap_or_default().to_string();
-        if stages
-            .iter()
-            .any(|s| s.split(':').next() == Some(base.as_str()))
-        {
-            return Err(SpecError::Duplicate(base));
-        }
-        stages.push(spec);
-    }
-    if stages.iter().any(|s| s == "raw") {
-        if stages.len() > 1 {
-            return Err(SpecError::RawCombined);
-        }
-        stages.clear();
-    }
-    // A delta is computed against the raw unit, so it must come before any compressor.
-    if let Some(i) = stages.iter().position(|s| s == "xor-delta") {
-        if i > 0 {
-            return Err(SpecError::Order(format!(
-                "xor-delta must come before {} (it compares raw units)",
-                stages[..i].join(", ")
-            )));
-        }
-    }
-    Ok(Pipeline { stages })
+    Ok(Pipeline {
+        parsed: parse_spec(spec)?,
+        xor_cache: XOR_CACHE,
+    })
 }
 
-/// Builds a stage from its canonical spec (`parse` admits only known, valid ones).
-fn build(spec: &str) -> Box<dyn Stage> {
-    match spec.split_once(':') {
-        Some(("zstd", level)) => Box::new(Zstd::new(level.parse().unwrap_or(ZSTD_LEVEL))),
-        _ if spec == "xor-delta" => Box::new(XorDelta::new(XOR_CACHE)),
-        _ => Box::new(Lz4),
-    }
+/// The stages `auto` chooses among, in tag order: history stages, then compressors.
+pub(crate) fn auto_stages() -> Vec<StageSpec> {
+    vec![
+        StageSpec::Dedup {
+            capacity: dedup::DEFAULT_CAPACITY,
+        },
+        StageSpec::XorDelta,
+        StageSpec::Lz4,
+        StageSpec::Zstd(ZSTD_LEVEL),
+    ]
 }
 
 impl Pipeline {
-    /// The stage specs, in order (empty for raw).
-    pub fn stages(&self) -> &[String] {
-        &self.stages
+    /// Sets the bytes of last-sent versions `xor-delta` keeps per channel (`--xor-cache`);
+    /// only the source uses it, so it is not part of the negotiated spec.
+    pub fn with_xor_cache(mut self, bytes: usize) -> Self {
+        self.xor_cache = bytes;
+        self
+    }
+
+    /// The stages, in order (empty for raw; auto's full set for `auto`).
+    pub fn stages(&self) -> Vec<StageSpec> {
+        match &self.parsed {
+            Parsed::Fixed(s) => s.clone(),
+            Parsed::Auto => auto_stages(),
+        }
+    }
+
+    /// Whether the codec is chosen per batch.
+    pub fn is_auto(&self) -> bool {
+        self.parsed == Parsed::Auto
+    }
+
+    fn build(&self) -> Built {
+        let specs = self.stages();
+        let dedup = match specs.first() {
+            Some(StageSpec::Dedup { capacity }) => Some(*capacity),
+            _ => None,
+        };
+        let stages = specs
+            .iter()
+            .filter_map(|s| -> Option<Box<dyn Stage>> {
+                match s {
+                    StageSpec::Dedup { .. } => None,
+                    StageSpec::XorDelta => Some(Box::new(XorDelta::new(self.xor_cache))),
+                    StageSpec::Lz4 => Some(Box::new(Lz4)),
+                    StageSpec::Zstd(level) => Some(Box::new(Zstd::new(*level))),
+                }
+            })
+            .collect();
+        Built {
+            dedup,
+            stages,
+            names: specs.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// A pipeline's stages, built.
+pub(crate) struct Built {
+    /// The `dedup` store size when `dedup` is stage 0.
+    pub(crate) dedup: Option<usize>,
+    /// The other stages; stage `j` has tag bit `j + offset()`.
+    pub(crate) stages: Vec<Box<dyn Stage>>,
+    /// Canonical names of all stages, `dedup` included.
+    pub(crate) names: Vec<String>,
+}
+
+impl Built {
+    fn offset(&self) -> usize {
+        usize::from(self.dedup.is_some())
+    }
+
+    fn all(&self) -> u8 {
+        ((1u16 << self.names.len()) - 1) as u8
     }
 }
 
 impl CodecFactory for Pipeline {
     fn spec(&self) -> String {
-        if self.stages.is_empty() {
-            "raw".into()
-        } else {
-            self.stages.join(",")
+        match &self.parsed {
+            Parsed::Auto => "auto".into(),
+            Parsed::Fixed(s) if s.is_empty() => "raw".into(),
+            Parsed::Fixed(s) => s
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 
     fn encoder(&self) -> Box<dyn Encoder> {
+        let built = self.build();
         Box::new(PipelineEncoder {
-            stages: self.stages.iter().map(|n| build(n)).collect(),
-            specs: self.stages.clone(),
-            stats: vec![StageStats::default(); self.stages.len()],
-            a: Vec::new(),
-            b: Vec::new(),
+            index: built.dedup.map(DedupIndex::new),
+            stats: built
+                .names
+                .iter()
+                .map(|n| StageStats {
+                    stage: n.clone(),
+                    ..StageStats::default()
+                })
+                .collect(),
+            auto: self.is_auto().then(Auto::new),
+            mask: built.all(),
+            built,
         })
     }
 
     fn decoder(&self) -> Box<dyn Decoder> {
+        let built = self.build();
         Box::new(PipelineDecoder {
-            stages: self.stages.iter().map(|n| build(n)).collect(),
-            a: Vec::new(),
-            b: Vec::new(),
+            store: built.dedup.map(DedupStore::new),
+            decode_s: vec![0.0; built.names.len()],
+            built,
         })
     }
 }
 
+/// One batch's figures per stage, summed across worker threads.
+pub(crate) type Deltas = [StageStats; MAX_STAGES];
+
+fn no_deltas() -> Deltas {
+    std::array::from_fn(|_| StageStats::default())
+}
+
+fn add(mut a: Deltas, b: Deltas) -> Deltas {
+    for (x, y) in a.iter_mut().zip(&b) {
+        x.add(y);
+    }
+    a
+}
+
 struct PipelineEncoder {
-    stages: Vec<Box<dyn Stage>>,
-    specs: Vec<String>,
+    built: Built,
+    index: Option<DedupIndex>,
     stats: Vec<StageStats>,
-    a: Vec<u8>,
-    b: Vec<u8>,
+    auto: Option<Auto>,
+    /// Stages enabled for the last batch.
+    mask: u8,
+}
+
+/// Encodes one unit through the enabled stages after `dedup`.
+fn encode_one(
+    built: &Built,
+    mask: u8,
+    it: &mut EncodeItem<'_>,
+    register: bool,
+    a: &mut Vec<u8>,
+    b: &mut Vec<u8>,
+) -> Deltas {
+    let mut d = no_deltas();
+    let off = built.offset();
+    if it.tag == TAG_REFERENCE {
+        // The destination's copy is now this content: history stages follow it.
+        for st in &built.stages {
+            st.note_plain(it.unit, it.data);
+        }
+        return d;
+    }
+    let mut tag = 0u8;
+    let mut have = false; // whether `a` holds the current intermediate
+    for (j, st) in built.stages.iter().enumerate() {
+        let bit = 1u8 << (j + off);
+        if mask & bit == 0 {
+            st.forget(it.unit);
+            continue;
+        }
+        let input: &[u8] = if have { a } else { it.data };
+        let started = Instant::now();
+        let applied = st.encode(it.unit, input, b);
+        let s = &mut d[j + off];
+        s.encode_s += started.elapsed().as_secs_f64();
+        s.units_in += 1;
+        s.bytes_in += input.len() as u64;
+        if applied {
+            s.units_applied += 1;
+            s.bytes_in_applied += input.len() as u64;
+            s.bytes_out += b.len() as u64;
+            std::mem::swap(a, b);
+            have = true;
+            tag |= bit;
+        }
+    }
+    let register_bit = u8::from(register);
+    if have && a.len() < it.data.len() {
+        it.tag = tag | register_bit;
+        std::mem::swap(&mut it.out, a);
+    } else if register {
+        it.tag = register_bit;
+        it.out.extend_from_slice(it.data);
+    } else {
+        it.tag = TAG_RAW;
+    }
+    d
+}
+
+impl PipelineEncoder {
+    /// When `auto` switches to raw, the engine stops showing units to the encoder: history
+    /// that would go stale is dropped now. (`dedup`'s index stays valid: it names content
+    /// the destination registered, whatever happens to the units that held it.)
+    fn follow_auto(&mut self) {
+        let Some(auto) = &self.auto else { return };
+        let mask = auto.mask();
+        if mask == 0 && self.mask != 0 {
+            for st in &self.built.stages {
+                st.reset();
+            }
+        }
+        self.mask = mask;
+    }
+
+    /// Runs `dedup` over the batch: hashes in parallel, then looks up and registers in
+    /// order. Returns which units were registered.
+    fn dedup(&mut self, items: &mut [EncodeItem<'_>], d: &mut Deltas) -> Vec<bool> {
+        let mut registered = vec![false; items.len()];
+        let Some(index) = self.index.as_mut().filter(|_| self.mask & 1 != 0) else {
+            return registered;
+        };
+        let shared: &DedupIndex = index;
+        let hash = |it: &EncodeItem<'_>| {
+            let started = Instant::now();
+            let h = shared.hash(it.data);
+            (h, started.elapsed().as_secs_f64())
+        };
+        let hashes: Vec<(u128, f64)> = if items.len() < PARALLEL_FROM {
+            items.iter().map(hash).collect()
+        } else {
+            items.par_iter().map(hash).collect()
+        };
+        let s = &mut d[0];
+        for ((it, (h, ns)), reg) in items.iter_mut().zip(hashes).zip(&mut registered) {
+            s.units_in += 1;
+            s.bytes_in += it.data.len() as u64;
+            s.encode_s += ns;
+            match index.lookup(h, it.data.len()) {
+                Lookup::Known(distance) => {
+                    it.tag = TAG_REFERENCE;
+                    dedup::encode_reference(distance, &mut it.out);
+                    s.units_applied += 1;
+                    s.bytes_in_applied += it.data.len() as u64;
+                    s.bytes_out += it.out.len() as u64;
+                }
+                Lookup::Registered => *reg = true,
+                Lookup::TooLarge => {}
+            }
+        }
+        registered
+    }
 }
 
 impl Encoder for PipelineEncoder {
-    fn encode(&mut self, unit: Unit, data: &[u8], out: &mut Vec<u8>) -> u8 {
-        let mut tag = 0u8;
-        let mut have = false; // whether self.a holds the current intermediate
-        for (i, st) in self.stages.iter_mut().enumerate() {
-            let input: &[u8] = if have { &self.a } else { data };
-            let started = std::time::Instant::now();
-            let applied = st.encode(unit, input, &mut self.b);
-            let stats = &mut self.stats[i];
-            stats.encode_s += started.elapsed().as_secs_f64();
-            stats.units_in += 1;
-            stats.bytes_in += input.len() as u64;
-            if applied {
-                stats.units_applied += 1;
-                stats.bytes_in_applied += input.len() as u64;
-                stats.bytes_out += self.b.len() as u64;
-                std::mem::swap(&mut self.a, &mut self.b);
-                have = true;
-                tag |= 1 << i;
+    fn encode_batch(&mut self, items: &mut [EncodeItem<'_>]) {
+        let started = Instant::now();
+        for it in items.iter_mut() {
+            it.tag = TAG_RAW;
+            it.out.clear();
+        }
+        let mut deltas = no_deltas();
+        let registered = self.dedup(items, &mut deltas);
+        let (built, mask) = (&self.built, self.mask);
+        let rest = if items.len() < PARALLEL_FROM {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            items
+                .iter_mut()
+                .zip(&registered)
+                .map(|(it, reg)| encode_one(built, mask, it, *reg, &mut a, &mut b))
+                .fold(no_deltas(), add)
+        } else {
+            items
+                .par_iter_mut()
+                .zip(registered.par_iter())
+                .map_init(
+                    || (Vec::new(), Vec::new()),
+                    |(a, b), (it, reg)| encode_one(built, mask, it, *reg, a, b),
+                )
+                .reduce(no_deltas, add)
+        };
+        let deltas = add(deltas, rest);
+        for (st, d) in self.stats.iter_mut().zip(&deltas) {
+            st.add(d);
+        }
+        if let Some(auto) = &mut self.auto {
+            auto.after_batch(items, &deltas, started.elapsed());
+        }
+        self.follow_auto();
+    }
+
+    fn is_raw(&self) -> bool {
+        self.built.names.is_empty() || self.auto.as_ref().is_some_and(|a| a.mask() == 0)
+    }
+
+    fn sample_raw(&mut self, unit: Unit, data: &[u8]) -> bool {
+        match &mut self.auto {
+            Some(auto) if auto.wants_sample() => {
+                auto.trial_unit(unit, data);
+                self.follow_auto();
+                true
             }
+            _ => false,
         }
-        if tag == TAG_RAW || self.a.len() >= data.len() {
-            return TAG_RAW;
-        }
-        out.extend_from_slice(&self.a);
-        tag
     }
 
     fn note_sent_plain(&mut self, unit: Unit, data: &[u8]) {
-        for st in &mut self.stages {
-            st.note_plain(unit, data);
+        let off = self.built.offset();
+        for (j, st) in self.built.stages.iter().enumerate() {
+            if self.mask & (1 << (j + off)) != 0 {
+                st.note_plain(unit, data);
+            } else {
+                st.forget(unit);
+            }
         }
     }
 
+    fn note_link(&mut self, wire_bytes: u64, send: Duration, wall: Duration) {
+        if let Some(auto) = &mut self.auto {
+            auto.note_link(wire_bytes, send, wall);
+        }
+        self.follow_auto();
+    }
+
     fn stats(&self) -> Vec<StageStats> {
-        self.stats
-            .iter()
-            .zip(&self.stages)
-            .zip(&self.specs)
-            .map(|((s, st), spec)| {
-                let (cache_hits, cache_lookups) = st.cache_stats();
-                StageStats {
-                    stage: spec.clone(),
-                    cache_hits,
-                    cache_lookups,
-                    ..s.clone()
-                }
-            })
-            .collect()
+        let off = self.built.offset();
+        let mut out = self.stats.clone();
+        if let (Some(index), Some(s)) = (&self.index, out.first_mut()) {
+            s.cache_hits = index.hits;
+            s.cache_lookups = index.lookups;
+        }
+        for (j, st) in self.built.stages.iter().enumerate() {
+            let (hits, lookups) = st.cache_stats();
+            out[j + off].cache_hits = hits;
+            out[j + off].cache_lookups = lookups;
+        }
+        out
+    }
+
+    fn choices(&self) -> Vec<(String, u64)> {
+        self.auto.as_ref().map(Auto::choices).unwrap_or_default()
     }
 }
 
 struct PipelineDecoder {
-    stages: Vec<Box<dyn Stage>>,
-    a: Vec<u8>,
-    b: Vec<u8>,
+    built: Built,
+    store: Option<DedupStore>,
+    decode_s: Vec<f64>,
+}
+
+/// Decodes one unit through the stages its tag names (references are resolved later, in
+/// order).
+fn decode_one(
+    built: &Built,
+    it: &mut DecodeItem<'_>,
+    a: &mut Vec<u8>,
+    b: &mut Vec<u8>,
+) -> Result<Deltas, CodecError> {
+    let mut d = no_deltas();
+    let size = it.target.len();
+    let later = it.tag >> built.offset();
+    if it.tag == TAG_REFERENCE {
+        return Ok(d);
+    }
+    if later == 0 {
+        // Raw, or registered raw.
+        if it.input.len() != size {
+            return Err(CodecError::WrongSize {
+                got: it.input.len(),
+                expected: size,
+            });
+        }
+        it.target.copy_from_slice(it.input);
+        return Ok(d);
+    }
+    let max_len = size + CODEC_SLACK;
+    let mut have = false; // whether `a` holds the current intermediate
+    for j in (0..built.stages.len()).rev() {
+        if later & (1 << j) == 0 {
+            continue;
+        }
+        let input: &[u8] = if have { a } else { it.input };
+        let started = Instant::now();
+        built.stages[j].decode(it.unit, input, it.target, b, max_len)?;
+        d[j + built.offset()].decode_s += started.elapsed().as_secs_f64();
+        std::mem::swap(a, b);
+        have = true;
+    }
+    if a.len() != size {
+        return Err(CodecError::WrongSize {
+            got: a.len(),
+            expected: size,
+        });
+    }
+    it.target.copy_from_slice(a);
+    Ok(d)
 }
 
 impl Decoder for PipelineDecoder {
-    fn needs_base(&self) -> bool {
-        self.stages.iter().any(|s| s.needs_base())
-    }
-
-    fn decode(
-        &mut self,
-        unit: Unit,
-        tag: u8,
-        input: &[u8],
-        target: &mut [u8],
-    ) -> Result<(), CodecError> {
-        if tag == TAG_RAW || u32::from(tag) >> self.stages.len() != 0 {
-            return Err(CodecError::UnknownTag(tag));
-        }
-        let max_len = target.len() + CODEC_SLACK;
-        self.a.clear();
-        self.a.extend_from_slice(input);
-        for i in (0..self.stages.len()).rev() {
-            if tag & (1 << i) != 0 {
-                self.stages[i].decode(unit, &self.a, target, &mut self.b, max_len)?;
-                std::mem::swap(&mut self.a, &mut self.b);
+    fn decode_batch(&mut self, items: &mut [DecodeItem<'_>]) -> Result<(), BatchDecodeError> {
+        let n = self.built.names.len();
+        for it in items.iter() {
+            let known = if it.tag == TAG_REFERENCE {
+                self.store.is_some()
+            } else {
+                it.tag & TAG_REFERENCE == 0 && u32::from(it.tag) >> n == 0
+            };
+            if !known {
+                return Err(BatchDecodeError {
+                    unit: it.unit,
+                    error: CodecError::UnknownTag(it.tag),
+                });
             }
         }
-        if self.a.len() != target.len() {
-            return Err(CodecError::WrongSize {
-                got: self.a.len(),
-                expected: target.len(),
-            });
+        let built = &self.built;
+        let one = |it: &mut DecodeItem<'_>, a: &mut Vec<u8>, b: &mut Vec<u8>| {
+            decode_one(built, it, a, b).map_err(|error| BatchDecodeError {
+                unit: it.unit,
+                error,
+            })
+        };
+        let deltas = if items.len() < PARALLEL_FROM {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            items.iter_mut().try_fold(no_deltas(), |acc, it| {
+                one(it, &mut a, &mut b).map(|d| add(acc, d))
+            })?
+        } else {
+            items
+                .par_iter_mut()
+                .map_init(|| (Vec::new(), Vec::new()), |(a, b), it| one(it, a, b))
+                .try_reduce(no_deltas, |x, y| Ok(add(x, y)))?
+        };
+        for (s, d) in self.decode_s.iter_mut().zip(&deltas) {
+            *s += d.decode_s;
         }
-        target.copy_from_slice(&self.a);
+        if let Some(store) = &mut self.store {
+            let started = Instant::now();
+            for it in items.iter_mut() {
+                let r = if it.tag == TAG_REFERENCE {
+                    store.resolve(it.input).and_then(|content| {
+                        if content.len() == it.target.len() {
+                            it.target.copy_from_slice(content);
+                            Ok(())
+                        } else {
+                            Err(CodecError::WrongSize {
+                                got: content.len(),
+                                expected: it.target.len(),
+                            })
+                        }
+                    })
+                } else if it.tag & 1 != 0 {
+                    store.register(it.target)
+                } else {
+                    Ok(())
+                };
+                r.map_err(|error| BatchDecodeError {
+                    unit: it.unit,
+                    error,
+                })?;
+            }
+            self.decode_s[0] += started.elapsed().as_secs_f64();
+        }
         Ok(())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_core::codec::UnitKind;
-    use proptest::prelude::*;
-
-    fn unit(i: u64) -> Unit {
-        Unit {
-            kind: UnitKind::Page,
-            index: i,
-        }
+    fn is_raw(&self) -> bool {
+        self.built.names.is_empty()
     }
 
-    #[test]
-    fn specs_parse_and_bad_ones_say_why() {
-        assert_eq!(parse("raw").unwrap().spec(), "raw");
-        assert_eq!(parse(" LZ4 ").unwrap().spec(), "lz4");
-        assert_eq!(parse(""), Err(SpecError::Empty));
-        assert!(matches!(parse("lz5"), Err(SpecError::Unknown { .. })));
-        assert!(parse("lz5")
-            .unwrap_err()
-            .to_string()
-            .contains("known: raw, lz4"));
-        assert_eq!(parse("lz4,lz4"), Err(SpecError::Duplicate("lz4".into())));
-        assert_eq!(parse("raw,lz4"), Err(SpecError::RawCombined));
+    fn needs_base(&self) -> bool {
+        self.built.stages.iter().any(|s| s.needs_base())
     }
 
-    fn page(seed: u64, compressible: bool) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..4096)
-            .map(|i| {
-                if compressible && i % 64 > 8 {
-                    0x41
-                } else {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                }
-            })
-            .collect()
-    }
-
-    proptest! {
-        #[test]
-        fn roundtrip_every_pipeline(seeds in proptest::collection::vec((any::<u64>(), any::<bool>()), 1..20)) {
-            for spec in ["raw", "lz4"] {
-                let p = parse(spec).unwrap();
-                let mut enc = p.encoder();
-                let mut dec = p.decoder();
-                for (i, (seed, comp)) in seeds.iter().enumerate() {
-                    let data = page(*seed, *comp);
-                    let mut out = Vec::new();
-                    let tag = enc.encode(unit(i as u64), &data, &mut out);
-                    if tag == TAG_RAW {
-                        prop_assert!(out.is_empty());
-                        continue;
-                    }
-                    prop_assert!(out.len() < data.len());
-                    let mut target = vec![0u8; 4096];
-                    dec.decode(unit(i as u64), tag, &out, &mut target).unwrap();
-                    prop_assert_eq!(&target, &data);
-                }
-            }
-        }
-
-        #[test]
-        fn malformed_input_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), tag in 0u8..=255) {
-            let p = parse("lz4").unwrap();
-            let mut dec = p.decoder();
-            let mut target = vec![0u8; 4096];
-            let _ = dec.decode(unit(0), tag, &bytes, &mut target);
-        }
-    }
-
-    const SPECS: &[&str] = &[
-        "raw",
-        "lz4",
-        "zstd",
-        "zstd:9",
-        "xor-delta",
-        "xor-delta,lz4",
-        "xor-delta,zstd:1",
-    ];
-
-    /// A page that evolves: `flips` bytes change at pseudo-random places.
-    fn evolve(page: &mut [u8], seed: u64, flips: usize) {
-        let mut x = seed | 1;
-        for _ in 0..flips {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let i = (x as usize) % page.len();
-            page[i] = (x >> 32) as u8;
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn every_pipeline_roundtrips_random_version_histories(
-            steps in proptest::collection::vec((0u64..6, any::<u64>(), 0usize..300, any::<bool>()), 1..60)
-        ) {
-            for spec in SPECS {
-                let p = parse(spec).unwrap();
-                let mut enc = p.encoder();
-                let mut dec = p.decoder();
-                // The source's current pages and the destination's copies.
-                let mut src: Vec<Vec<u8>> = (0..6).map(|i| page(i, i % 2 == 0)).collect();
-                let mut dst: Vec<Vec<u8>> = vec![vec![0u8; 4096]; 6];
-                for (u, seed, flips, zero) in &steps {
-                    let i = *u as usize;
-                    if *zero {
-                        src[i].fill(0);
-                    } else {
-                        evolve(&mut src[i], *seed, *flips);
-                    }
-                    let unit = unit(*u);
-                    let data = src[i].clone();
-                    if data.iter().all(|b| *b == 0) {
-                        // The engine sends a zero flag and tells the codec.
-                        enc.note_sent_plain(unit, &data);
-                        dst[i].fill(0);
-                        continue;
-                    }
-                    let mut out = Vec::new();
-                    let tag = enc.encode(unit, &data, &mut out);
-                    if tag == TAG_RAW {
-                        dst[i].copy_from_slice(&data);
-                        continue;
-                    }
-                    prop_assert!(out.len() < data.len(), "{spec}: not smaller");
-                    let mut target = dst[i].clone();
-                    dec.decode(unit, tag, &out, &mut target).unwrap();
-                    prop_assert_eq!(&target, &data, "{} decoded wrong", spec);
-                    dst[i] = target;
-                }
-            }
-        }
-
-        #[test]
-        fn malformed_input_never_panics_any_pipeline(bytes in proptest::collection::vec(any::<u8>(), 0..600), tag in 1u8..=3) {
-            for spec in SPECS {
-                let mut dec = parse(spec).unwrap().decoder();
-                let mut target = vec![7u8; 4096];
-                let _ = dec.decode(unit(0), tag, &bytes, &mut target);
-            }
-        }
-    }
-
-    #[test]
-    fn an_unchanged_page_costs_almost_nothing_with_xor_delta() {
-        let p = parse("xor-delta").unwrap();
-        let mut enc = p.encoder();
-        let data = page(3, false);
-        let mut out = Vec::new();
-        assert_eq!(
-            enc.encode(unit(1), &data, &mut out),
-            TAG_RAW,
-            "first version has no base"
-        );
-        out.clear();
-        let tag = enc.encode(unit(1), &data, &mut out);
-        assert_ne!(tag, TAG_RAW);
-        assert!(out.len() <= 2, "{} bytes for an unchanged page", out.len());
-        let mut d2 = data.clone();
-        d2[100] ^= 1;
-        d2[3000] ^= 1;
-        out.clear();
-        enc.encode(unit(1), &d2, &mut out);
-        assert!(out.len() < 16, "{} bytes for a two-byte change", out.len());
-        let mut target = data.clone();
-        p.decoder().decode(unit(1), 1, &out, &mut target).unwrap();
-        assert_eq!(target, d2);
-    }
-
-    #[test]
-    fn specs_with_parameters_and_orders() {
-        assert_eq!(parse("zstd").unwrap().spec(), "zstd:3");
-        assert_eq!(parse("ZSTD:19").unwrap().spec(), "zstd:19");
-        assert!(matches!(parse("zstd:0"), Err(SpecError::BadParameter(_))));
-        assert!(matches!(parse("zstd:x"), Err(SpecError::BadParameter(_))));
-        assert!(matches!(parse("lz4:2"), Err(SpecError::BadParameter(_))));
-        assert!(matches!(parse("lz4,xor-delta"), Err(SpecError::Order(_))));
-        assert_eq!(
-            parse("zstd:3,zstd:5"),
-            Err(SpecError::Duplicate("zstd".into()))
-        );
-        assert_eq!(parse("xor-delta,lz4").unwrap().spec(), "xor-delta,lz4");
-    }
-
-    #[test]
-    fn truncated_and_lying_lz4_is_rejected() {
-        let p = parse("lz4").unwrap();
-        let data = page(5, true);
-        let mut out = Vec::new();
-        let tag = p.encoder().encode(unit(0), &data, &mut out);
-        assert_eq!(tag, 1);
-        let mut target = vec![0u8; 4096];
-        for cut in 0..out.len() {
-            assert!(p
-                .decoder()
-                .decode(unit(0), tag, &out[..cut], &mut target)
-                .is_err());
-        }
-        let mut lie = out.clone();
-        lie[..4].copy_from_slice(&100_000u32.to_le_bytes());
-        assert!(p.decoder().decode(unit(0), tag, &lie, &mut target).is_err());
-        assert_eq!(
-            p.decoder().decode(unit(0), 2, &out, &mut target),
-            Err(CodecError::UnknownTag(2))
-        );
+    fn decode_seconds(&self) -> Vec<f64> {
+        self.decode_s.clone()
     }
 }

@@ -1,6 +1,8 @@
 //! The codec seam. Implementations live in `ferry-codecs`; the engine only knows these
 //! traits. Zero units never reach a codec: the engine sends them as a flag.
 
+use std::time::Duration;
+
 /// What a unit of data is, so stateful codecs can key their history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UnitKind {
@@ -22,19 +24,101 @@ pub struct Unit {
 /// The tag that means "stored raw": the engine copies such data itself.
 pub const TAG_RAW: u8 = 0;
 
+/// The tag bit that means "a reference to content the destination already holds" (the
+/// `dedup` stage); the other seven bits name the pipeline stages that were applied.
+pub const TAG_REFERENCE: u8 = 0x80;
+
+/// One unit of a batch handed to [`Encoder::encode_batch`].
+#[derive(Debug)]
+pub struct EncodeItem<'a> {
+    /// Which unit.
+    pub unit: Unit,
+    /// Its current content (never all zero: zero units travel as a flag).
+    pub data: &'a [u8],
+    /// Set by the encoder: [`TAG_RAW`] (send `data` as is, `out` left empty) or the tag the
+    /// decoder needs for `out`.
+    pub tag: u8,
+    /// Set by the encoder: the encoded unit (empty for [`TAG_RAW`]).
+    pub out: Vec<u8>,
+}
+
 /// Encodes units for one channel. Stateful encoders see a unit's versions in order,
-/// because the engine pins every unit to one channel.
+/// because the engine pins every unit to one channel and hands batches over in order.
 pub trait Encoder: Send {
-    /// Encodes `data`, appending to `out`, and returns a non-zero tag the decoder needs;
-    /// or returns [`TAG_RAW`] with `out` untouched when encoding does not pay (a codec
-    /// never makes a unit bigger than raw).
-    fn encode(&mut self, unit: Unit, data: &[u8], out: &mut Vec<u8>) -> u8;
-    /// Tells the encoder the unit was sent raw or as zero (so history stays in step).
+    /// Encodes every item of one batch, in any order or in parallel, but with history
+    /// updated as if the items were encoded one after another in slice order. An encoder
+    /// never makes a unit bigger than raw by more than a few bytes of framing.
+    fn encode_batch(&mut self, items: &mut [EncodeItem<'_>]);
+    /// Encodes one unit into `out` (appending) and returns its tag; [`TAG_RAW`] leaves
+    /// `out` untouched.
+    fn encode(&mut self, unit: Unit, data: &[u8], out: &mut Vec<u8>) -> u8 {
+        let mut item = [EncodeItem {
+            unit,
+            data,
+            tag: TAG_RAW,
+            out: Vec::new(),
+        }];
+        self.encode_batch(&mut item);
+        let [item] = item;
+        if item.tag != TAG_RAW {
+            out.extend_from_slice(&item.out);
+        }
+        item.tag
+    }
+    /// Whether this encoder encodes nothing for the next batch: the engine then sends the
+    /// batch raw without showing it to the encoder (only offering units to
+    /// [`Encoder::sample_raw`]). An encoder with history must drop what would go stale
+    /// before saying so.
+    fn is_raw(&self) -> bool {
+        false
+    }
+    /// Offers a unit sent raw while [`Encoder::is_raw`] holds, for adaptive encoders that
+    /// measure candidates; returns whether it wants more.
+    fn sample_raw(&mut self, _unit: Unit, _data: &[u8]) -> bool {
+        false
+    }
+    /// Tells the encoder the unit was sent raw or as zero without passing through it
+    /// (so history stays in step).
     fn note_sent_plain(&mut self, _unit: Unit, _data: &[u8]) {}
+    /// What the link did with the last batch: `wire_bytes` left in `send` time (waiting
+    /// for the socket or the bandwidth cap) out of `wall` time since the previous batch.
+    /// Adaptive encoders measure the link with it.
+    fn note_link(&mut self, _wire_bytes: u64, _send: Duration, _wall: Duration) {}
     /// What each stage did so far on this channel.
     fn stats(&self) -> Vec<StageStats> {
         Vec::new()
     }
+    /// For adaptive encoders: batches encoded with each choice so far.
+    fn choices(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+}
+
+/// One unit of a batch handed to [`Decoder::decode_batch`]. Units that arrived raw or zero
+/// never reach a decoder (no codec keeps history of them on the destination: deltas use the
+/// destination's own copy, and `dedup` registers only what the encoder marked).
+#[derive(Debug)]
+pub struct DecodeItem<'a> {
+    /// Which unit.
+    pub unit: Unit,
+    /// The tag it arrived with.
+    pub tag: u8,
+    /// The bytes that arrived.
+    pub input: &'a [u8],
+    /// Where the decoded unit goes; it holds the destination's current copy on entry when
+    /// [`Decoder::needs_base`] says so.
+    pub target: &'a mut [u8],
+}
+
+/// A decoding failure of one item of a batch.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{unit:?}: {error}")]
+pub struct BatchDecodeError {
+    /// The unit that failed.
+    pub unit: Unit,
+    /// Why.
+    #[source]
+    pub error: CodecError,
 }
 
 /// One pipeline stage's figures on one channel (summed over channels in the report).
@@ -54,10 +138,16 @@ pub struct StageStats {
     pub bytes_in_applied: u64,
     /// CPU time spent in the stage's encoder, seconds.
     pub encode_s: f64,
+    /// CPU time spent in the stage's decoder on the destination, seconds.
+    #[serde(default)]
+    pub decode_s: f64,
     /// For history-keeping stages: lookups that found a previous version.
     pub cache_hits: u64,
     /// For history-keeping stages: lookups.
     pub cache_lookups: u64,
+    /// `bytes_in_applied / bytes_out` (set when the figures are final).
+    #[serde(default)]
+    pub ratio: f64,
 }
 
 impl StageStats {
@@ -69,12 +159,13 @@ impl StageStats {
         self.bytes_out += o.bytes_out;
         self.bytes_in_applied += o.bytes_in_applied;
         self.encode_s += o.encode_s;
+        self.decode_s += o.decode_s;
         self.cache_hits += o.cache_hits;
         self.cache_lookups += o.cache_lookups;
     }
 
     /// Compression ratio where the stage applied (input over output).
-    pub fn ratio(&self) -> f64 {
+    pub fn applied_ratio(&self) -> f64 {
         if self.bytes_out == 0 {
             0.0
         } else {
@@ -85,22 +176,38 @@ impl StageStats {
 
 /// Decodes units for one channel.
 pub trait Decoder: Send {
-    /// Decodes `input` encoded with `tag` into `target`, whose current content is the
-    /// destination's copy of the unit (the base for delta codecs). Input is hostile: any
-    /// inconsistency is an error, never a panic.
+    /// Decodes every item of one batch (in any order or in parallel, with history updated
+    /// in slice order). Input is hostile: any inconsistency is an error, never a panic.
+    fn decode_batch(&mut self, items: &mut [DecodeItem<'_>]) -> Result<(), BatchDecodeError>;
+    /// Decodes one unit encoded with `tag` into `target`.
     fn decode(
         &mut self,
         unit: Unit,
         tag: u8,
         input: &[u8],
         target: &mut [u8],
-    ) -> Result<(), CodecError>;
-    /// Whether `target` must hold the current content before `decode` (delta codecs).
+    ) -> Result<(), CodecError> {
+        let mut item = [DecodeItem {
+            unit,
+            tag,
+            input,
+            target,
+        }];
+        self.decode_batch(&mut item).map_err(|e| e.error)
+    }
+    /// Whether this decoder never decodes anything (the engine then writes raw units
+    /// straight from the frame).
+    fn is_raw(&self) -> bool {
+        false
+    }
+    /// Whether `target` must hold the current content before decoding (delta codecs).
     fn needs_base(&self) -> bool {
         false
     }
-    /// Tells the decoder a unit arrived raw or as zero.
-    fn note_received_plain(&mut self, _unit: Unit, _data: &[u8]) {}
+    /// Decoding CPU seconds per stage so far, in pipeline order.
+    fn decode_seconds(&self) -> Vec<f64> {
+        Vec::new()
+    }
 }
 
 /// Builds the encoders and decoders of one codec pipeline.

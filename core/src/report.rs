@@ -115,6 +115,9 @@ pub struct Report {
     /// Per codec stage, summed over channels: units in, units it paid for, bytes in/out,
     /// encode CPU seconds, history cache hits.
     pub codec_stats: Vec<crate::codec::StageStats>,
+    /// For `--codec auto`: batches encoded with each choice, summed over channels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub codec_choices: std::collections::BTreeMap<String, u64>,
     /// The destination guest's own check (pages, blocks, detail).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle: Option<OracleSummary>,

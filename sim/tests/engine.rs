@@ -25,6 +25,8 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
         ("lz4", 3, VerifyMode::Full),
         ("zstd", 2, VerifyMode::Full),
         ("xor-delta,lz4", 2, VerifyMode::Full),
+        ("dedup,xor-delta,zstd:1", 2, VerifyMode::Full),
+        ("auto", 2, VerifyMode::Full),
     ] {
         let src_dir = tempfile::tempdir().unwrap();
         let dst_dir = tempfile::tempdir().unwrap();
@@ -49,16 +51,30 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
         assert!(r.rounds.iter().filter(|x| x.phase == "memory").count() >= 1);
         assert!(r.blocks_sent > 0 && r.pages_sent >= 48 << 8);
         // Every stage of the pipeline reports what it did.
-        let stages = if codec == "raw" {
-            0
-        } else {
-            codec.split(',').count()
+        let stages = match codec {
+            "raw" => 0,
+            "auto" => 4,
+            _ => codec.split(',').count(),
         };
         assert_eq!(r.codec_stats.len(), stages, "{codec}");
-        assert!(r
-            .codec_stats
-            .iter()
-            .all(|s| s.units_in > 0 && s.bytes_in > 0));
+        if codec == "auto" {
+            // `auto` starts raw until it has measured the link.
+            assert!(
+                r.codec_choices.get("raw").copied().unwrap_or(0) > 0,
+                "{codec}"
+            );
+        } else {
+            assert!(r
+                .codec_stats
+                .iter()
+                .all(|s| s.units_in > 0 && s.bytes_in > 0));
+        }
+        // Stages that did work on the source also did work on the destination.
+        for s in &r.codec_stats {
+            if s.units_applied > 0 {
+                assert!(s.decode_s > 0.0, "{codec}: {s:?}");
+            }
+        }
         let oracle = r.oracle.as_ref().unwrap();
         assert!(
             oracle.pages_checked > 0,

@@ -11,7 +11,7 @@ use crate::guest::{Base, DiskPlan};
 use crate::wire::frame::{FrameHeader, FLAG_RECORD_DIGESTS};
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Capability: zero units travel as a flag.
 pub const CAP_ZERO_UNITS: u64 = 1 << 0;
@@ -194,6 +194,9 @@ pub struct Verdict {
     pub blocks_checked: u64,
     /// Detail for a human.
     pub detail: String,
+    /// Decoding CPU time per codec stage on the destination, nanoseconds, in pipeline
+    /// order (summed over channels).
+    pub decode_ns: Vec<u64>,
 }
 
 /// Every message, decoded.
@@ -532,6 +535,13 @@ impl Message<'_> {
                     pages_checked: c.u64()?,
                     blocks_checked: c.u64()?,
                     detail: c.string(MAX_TEXT)?,
+                    decode_ns: {
+                        let n = c.u8()? as usize;
+                        if n > 8 {
+                            return Err(c.invalid(format!("{n} codec stages")));
+                        }
+                        (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?
+                    },
                 };
                 c.end()?;
                 Ok(Message::Verdict(v))
@@ -692,6 +702,11 @@ impl Message<'_> {
                 out.extend_from_slice(&v.pages_checked.to_le_bytes());
                 out.extend_from_slice(&v.blocks_checked.to_le_bytes());
                 put_str(out, &v.detail, MAX_TEXT);
+                let n = v.decode_ns.len().min(8);
+                out.push(n as u8);
+                for d in &v.decode_ns[..n] {
+                    out.extend_from_slice(&d.to_le_bytes());
+                }
                 VERDICT
             }
         }

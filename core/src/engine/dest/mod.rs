@@ -306,7 +306,7 @@ pub fn receive(
             unflushed: 0,
             page_delta: DigestDelta::default(),
             disk_deltas: vec![DigestDelta::default(); layout.disks.len()],
-            buf: vec![0; max_unit],
+            staging: Vec::new(),
             zeros: vec![0; max_unit],
         };
         let out = ev_tx.clone();
@@ -317,6 +317,7 @@ pub fn receive(
     drop(flush_tx);
 
     let mut page_deltas = Vec::new();
+    let mut decode_s: Vec<f64> = Vec::new();
     let mut disk_deltas: Vec<DigestDelta> = vec![DigestDelta::default(); layout.disks.len()];
     let mut state: Option<StateBlob> = None;
     let mut manifest: Option<Manifest> = None;
@@ -350,7 +351,14 @@ pub fn receive(
                 channel,
                 pages: pd,
                 disks: dd,
+                decode_s: ds,
             } => {
+                for (i, s) in ds.into_iter().enumerate() {
+                    match decode_s.get_mut(i) {
+                        Some(sum) => *sum += s,
+                        None => decode_s.push(s),
+                    }
+                }
                 page_deltas.push(pd);
                 for (a, b) in disk_deltas.iter_mut().zip(dd) {
                     a.add(b);
@@ -551,6 +559,7 @@ pub fn receive(
                                 pages_checked: o.pages_checked,
                                 blocks_checked: o.blocks_checked,
                                 detail: report.oracle_detail.clone(),
+                                decode_ns: Vec::new(),
                             }
                         }
                         None => Verdict {
@@ -558,8 +567,10 @@ pub fn receive(
                             pages_checked: 0,
                             blocks_checked: 0,
                             detail: "no guest oracle; manifest matched".into(),
+                            decode_ns: Vec::new(),
                         },
                     };
+                    verdict.decode_ns = decode_s.iter().map(|s| (s * 1e9) as u64).collect();
                     if let Some(Err(e)) = postcopy {
                         verdict.ok = false;
                         verdict.detail = format!("post-copy: {e}");

@@ -28,7 +28,7 @@ use crate::report::{hex, OracleSummary, Progress, Report};
 use crate::transport::{Channel, CountingWriter, Transport};
 use crate::wire::{
     frame::write_frame, FrameBuf, FrameReader, Hello, Manifest, Message, Phase, VerifyMode,
-    CAPABILITIES, CODEC_SLACK, PROTOCOL_VERSION, REQUIRED_CAPABILITIES,
+    CAPABILITIES, PROTOCOL_VERSION, REQUIRED_CAPABILITIES,
 };
 
 use sender::*;
@@ -159,11 +159,10 @@ pub fn migrate(
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut closers = Vec::new();
-    let mut workers: Vec<JoinHandle<Vec<crate::codec::StageStats>>> = Vec::new();
+    let mut workers: Vec<JoinHandle<CodecFigures>> = Vec::new();
     let mut work_txs = Vec::new();
     let (ctl_tx, ctl_rx) = unbounded();
     let mut ctl_reader = None;
-    let max_unit = layout.max_unit_size();
     for (i, Channel { tx, rx, closer }) in channels.into_iter().enumerate() {
         if let Some(c) = closer {
             closers.push(c);
@@ -198,7 +197,10 @@ pub fn migrate(
             encoder: codec.encoder(),
             shared: Arc::clone(&shared),
             frame: FrameBuf::with_capacity(FRAME_DATA + 64 * 32),
-            scratch: Vec::with_capacity(max_unit + CODEC_SLACK),
+            staging: Vec::new(),
+            slots: Vec::new(),
+            spare: Vec::new(),
+            last_sent: None,
             pages: DigestDelta::default(),
             disks: vec![DigestDelta::default(); layout.disks.len()],
             channel: i,
@@ -279,14 +281,23 @@ pub fn migrate(
         c();
     }
     for w in workers {
-        if let Ok(stats) = w.join() {
+        if let Ok((stats, choices)) = w.join() {
             for (i, st) in stats.iter().enumerate() {
                 match report.codec_stats.get_mut(i) {
-                    Some(sum) => sum.add(st),
+                    Some(sum) => {
+                        sum.add(st);
+                        sum.stage.clone_from(&st.stage);
+                    }
                     None => report.codec_stats.push(st.clone()),
                 }
             }
+            for (name, n) in choices {
+                *report.codec_choices.entry(name).or_default() += n;
+            }
         }
+    }
+    for st in &mut report.codec_stats {
+        st.ratio = st.applied_ratio();
     }
     if let Some(r) = ctl_reader {
         let _ = r.join();
@@ -608,6 +619,15 @@ fn finish_after_commit(
     match s.expect("verdict", cfg.io_timeout.max(Duration::from_secs(120))) {
         Ok(Control::Verdict(v)) => {
             s.report.verified = v.ok;
+            // The channels' encoder figures are added to these when the senders finish.
+            s.report.codec_stats = v
+                .decode_ns
+                .iter()
+                .map(|ns| crate::codec::StageStats {
+                    decode_s: *ns as f64 / 1e9,
+                    ..Default::default()
+                })
+                .collect();
             s.report.oracle = Some(OracleSummary {
                 ok: v.ok,
                 pages_checked: v.pages_checked,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::codec::{Encoder, Unit, UnitKind, TAG_RAW};
+use crate::codec::{EncodeItem, Encoder, Unit, UnitKind, TAG_RAW};
 use crate::digest::{unit_digest, DigestDelta, DigestTable};
 use crate::guest::{GuestLayout, SourceGuest};
 use crate::pacer::Pacer;
@@ -83,6 +83,16 @@ pub(super) enum Work {
     },
 }
 
+/// What a channel's encoder did: per-stage figures and, for `auto`, its choices.
+pub(super) type CodecFigures = (Vec<crate::codec::StageStats>, Vec<(String, u64)>);
+
+/// One unit of a staged batch.
+pub(super) enum Slot {
+    Zero,
+    Raw,
+    Encoded { tag: u8, out: Vec<u8> },
+}
+
 pub(super) struct BarrierDone {
     pub(super) ok: bool,
     pub(super) pages: DigestDelta,
@@ -94,14 +104,21 @@ pub(super) struct SenderWorker {
     pub(super) encoder: Box<dyn Encoder>,
     pub(super) shared: Arc<Shared>,
     pub(super) frame: FrameBuf,
-    pub(super) scratch: Vec<u8>,
+    /// A batch's units as read, when a codec encodes them as a batch.
+    pub(super) staging: Vec<u8>,
+    /// What became of each unit of the staged batch.
+    pub(super) slots: Vec<Slot>,
+    /// Output buffers to reuse.
+    pub(super) spare: Vec<Vec<u8>>,
+    /// When the previous frame left (for the codec's link feedback).
+    pub(super) last_sent: Option<Instant>,
     pub(super) pages: DigestDelta,
     pub(super) disks: Vec<DigestDelta>,
     pub(super) channel: usize,
 }
 
 impl SenderWorker {
-    pub(super) fn run(mut self, work: Receiver<Work>) -> Vec<crate::codec::StageStats> {
+    pub(super) fn run(mut self, work: Receiver<Work>) -> CodecFigures {
         for w in work {
             let failed = self.shared.failed.load(Ordering::Acquire);
             match w {
@@ -145,7 +162,7 @@ impl SenderWorker {
                 }
             }
         }
-        self.encoder.stats()
+        (self.encoder.stats(), self.encoder.choices())
     }
 
     pub(super) fn done(&self, ok: bool) -> BarrierDone {
@@ -161,6 +178,64 @@ impl SenderWorker {
         let ty = m.encode(&mut body);
         write_frame(&mut self.tx, ty, &body).map_err(std::io::Error::other)?;
         self.tx.flush()
+    }
+
+    /// Reads a batch's units into the staging buffer and encodes the non-zero ones as one
+    /// batch (in parallel inside the codec). Fills `self.slots` in `indices` order.
+    fn stage_and_encode(
+        &mut self,
+        disk: Option<u16>,
+        indices: &[u64],
+        size: usize,
+        kind: UnitKind,
+    ) -> Result<(), String> {
+        let shared = Arc::clone(&self.shared);
+        self.staging.resize(indices.len() * size, 0);
+        for (&i, chunk) in indices.iter().zip(self.staging.chunks_mut(size)) {
+            match disk {
+                None => shared.guest.read_page(i, chunk),
+                Some(d) => shared.guest.read_block(d as usize, i, chunk),
+            }
+            .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
+        }
+        for s in self.slots.drain(..) {
+            if let Slot::Encoded { out, .. } = s {
+                self.spare.push(out);
+            }
+        }
+        let mut items = Vec::with_capacity(indices.len());
+        let mut at = Vec::with_capacity(indices.len());
+        for (k, (&i, chunk)) in indices.iter().zip(self.staging.chunks(size)).enumerate() {
+            let unit = Unit { kind, index: i };
+            if is_zero(chunk) {
+                self.encoder.note_sent_plain(unit, chunk);
+                self.slots.push(Slot::Zero);
+            } else {
+                self.slots.push(Slot::Raw);
+                at.push(k);
+                items.push(EncodeItem {
+                    unit,
+                    data: chunk,
+                    tag: TAG_RAW,
+                    out: self.spare.pop().unwrap_or_default(),
+                });
+            }
+        }
+        self.encoder.encode_batch(&mut items);
+        for (it, k) in items.into_iter().zip(at) {
+            if it.tag != TAG_RAW && it.out.len() < size + CODEC_SLACK {
+                self.slots[k] = Slot::Encoded {
+                    tag: it.tag,
+                    out: it.out,
+                };
+            } else {
+                if it.tag != TAG_RAW {
+                    self.encoder.note_sent_plain(it.unit, it.data);
+                }
+                self.spare.push(it.out);
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn send_units(
@@ -184,6 +259,14 @@ impl SenderWorker {
                 UnitKind::Block(d),
             ),
         };
+        // With a codec, the batch is read and encoded first; raw units are read straight
+        // into their place in the frame, never copied twice.
+        let staged = !self.encoder.is_raw();
+        if staged {
+            self.stage_and_encode(disk, indices, size, kind)?;
+        }
+        // An adaptive encoder sending raw may want a few units to measure its candidates.
+        let mut sampling = !staged;
         let c = &shared.counters;
         let body = self.frame.start();
         let at = BatchBuilder::begin(body, disk, round);
@@ -192,24 +275,34 @@ impl SenderWorker {
         let mut crc = 0u32;
         let mut count = 0u32;
         let (mut payload, mut encoded, mut zeros, mut skipped) = (0u64, 0u64, 0u64, 0u64);
-        for &i in indices {
-            // Read the unit straight into its place in the frame: a raw unit is never
-            // copied twice.
+        for (k, &i) in indices.iter().enumerate() {
             let rec = body.len();
             let data_at = rec + RECORD_HEADER;
             body.resize(data_at + size, 0);
-            match disk {
-                None => shared.guest.read_page(i, &mut body[data_at..]),
-                Some(d) => shared.guest.read_block(d as usize, i, &mut body[data_at..]),
-            }
-            .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
-            let unit = Unit { kind, index: i };
+            let data: &[u8] = if staged {
+                &self.staging[k * size..(k + 1) * size]
+            } else {
+                match disk {
+                    None => shared.guest.read_page(i, &mut body[data_at..]),
+                    Some(d) => shared.guest.read_block(d as usize, i, &mut body[data_at..]),
+                }
+                .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
+                &body[data_at..]
+            };
             let delta = match disk {
                 None => &mut self.pages,
                 Some(d) => &mut self.disks[d as usize],
             };
-            if is_zero(&body[data_at..]) {
-                self.encoder.note_sent_plain(unit, &body[data_at..]);
+            let zero = if staged {
+                matches!(self.slots[k], Slot::Zero)
+            } else {
+                let zero = is_zero(data);
+                if !zero && sampling {
+                    sampling = self.encoder.sample_raw(Unit { kind, index: i }, data);
+                }
+                zero
+            };
+            if zero {
                 body.truncate(rec);
                 if skip_zero {
                     skipped += 1;
@@ -220,24 +313,24 @@ impl SenderWorker {
                 BatchBuilder::record(body, i, true, 0, 0, d);
                 zeros += 1;
             } else {
-                let digest = unit_digest(i, &body[data_at..]);
+                let digest = unit_digest(i, data);
                 table.record(i, digest, delta);
-                self.scratch.clear();
-                let tag = self
-                    .encoder
-                    .encode(unit, &body[data_at..], &mut self.scratch);
-                if tag != TAG_RAW && self.scratch.len() < size + CODEC_SLACK {
-                    body.truncate(rec);
-                    BatchBuilder::record(body, i, false, tag, self.scratch.len(), digest);
-                    body.extend_from_slice(&self.scratch);
-                    encoded += self.scratch.len() as u64;
-                } else {
-                    if tag != TAG_RAW {
-                        self.encoder.note_sent_plain(unit, &body[data_at..]);
+                match self.slots.get(k).filter(|_| staged) {
+                    Some(Slot::Encoded { tag, out }) => {
+                        body.truncate(rec);
+                        BatchBuilder::record(body, i, false, *tag, out.len(), digest);
+                        body.extend_from_slice(out);
+                        encoded += out.len() as u64;
                     }
-                    body[rec..data_at]
-                        .copy_from_slice(&BatchBuilder::header(i, false, TAG_RAW, size, digest));
-                    encoded += size as u64;
+                    _ => {
+                        if staged {
+                            body[data_at..].copy_from_slice(&self.staging[k * size..][..size]);
+                        }
+                        body[rec..data_at].copy_from_slice(&BatchBuilder::header(
+                            i, false, TAG_RAW, size, digest,
+                        ));
+                        encoded += size as u64;
+                    }
                 }
                 payload += size as u64;
             }
@@ -253,6 +346,7 @@ impl SenderWorker {
                 count as usize * RECORD_HEADER,
             );
             let len = (self.frame.body_len() + HEADER_LEN) as u64;
+            let send_started = Instant::now();
             if let Some(p) = &shared.pacer {
                 let wait = p
                     .lock()
@@ -271,6 +365,12 @@ impl SenderWorker {
             self.tx
                 .write_all(frame)
                 .map_err(|e| format!("send failed: {e}"))?;
+            let now = Instant::now();
+            let wall = self
+                .last_sent
+                .map_or(now - send_started, |t| now.saturating_duration_since(t));
+            self.encoder.note_link(len, now - send_started, wall);
+            self.last_sent = Some(now);
         }
         let sent = u64::from(count);
         if disk.is_some() {
