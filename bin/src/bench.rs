@@ -200,7 +200,12 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
     let mig = MigrationArgs {
         codec: a.codec.clone(),
         xor_cache: "64MiB".into(),
-        transport: "tcp".into(),
+        // Loopback between our own processes: plain TCP, as the baseline it is compared to.
+        peer: crate::auth::PeerArgs {
+            transport: "tcp".into(),
+            insecure: true,
+            ..Default::default()
+        },
         channels: a.channels,
         downtime: "50ms".into(),
         max_rounds: 30,
@@ -219,7 +224,7 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         hot.push(tcp_once(a.memory, Baseline::Hot)?);
         tcp.push(tcp_once(a.memory, Baseline::Memory)?);
         let started = guest.start()?;
-        let mut dest = Destination::spawn("30s")?;
+        let mut dest = Destination::spawn("30s", &mig.peer)?;
         let r = crate::host::run_source(Arc::clone(&started.guest), &dest.addr, &mig, &|_| {})?;
         let _ = crate::host::request(&dest.control, &crate::host::Request::Stop, |_| {});
         dest.finish();

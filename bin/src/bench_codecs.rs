@@ -61,7 +61,12 @@ pub fn run(a: CodecsArgs) -> anyhow::Result<ExitCode> {
     let migration = |codec: &str| MigrationArgs {
         codec: codec.to_string(),
         xor_cache: "64MiB".into(),
-        transport: "tcp".into(),
+        // Loopback between our own processes: plain TCP, as the baseline it is compared to.
+        peer: crate::auth::PeerArgs {
+            transport: "tcp".into(),
+            insecure: true,
+            ..Default::default()
+        },
         channels: a.channels,
         downtime: "10ms".into(),
         max_rounds: 30,
@@ -81,7 +86,7 @@ pub fn run(a: CodecsArgs) -> anyhow::Result<ExitCode> {
             let n = rep as usize * a.codecs.len() + k + 1;
             eprintln!("[{n}/{total}] {codec} over {}...", a.max_bandwidth);
             let started = a.guest.start()?;
-            let mut dest = Destination::spawn("30s")?;
+            let mut dest = Destination::spawn("30s", &migration(codec).peer)?;
             let r = crate::host::run_source(
                 Arc::clone(&started.guest),
                 &dest.addr,

@@ -22,7 +22,7 @@ pub struct Destination {
 impl Destination {
     /// Starts `ferry listen` on a free loopback port with a control socket, and waits until
     /// it is listening. Its stderr is forwarded, prefixed.
-    pub fn spawn(timeout: &str) -> anyhow::Result<Self> {
+    pub fn spawn(timeout: &str, peer: &crate::auth::PeerArgs) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferry-dest-")
             .tempdir()
@@ -41,6 +41,7 @@ impl Destination {
             .arg(dir.path().join("images"))
             .arg("--control")
             .arg(&control)
+            .args(peer.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

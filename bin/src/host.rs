@@ -350,8 +350,7 @@ pub fn run_source(
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
     let cfg = args.source_config(to)?;
-    let transport = ferry_transports::by_name(&args.transport, cfg.io_timeout)
-        .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
     Ok(engine::migrate(guest, &*transport, codec, &cfg, emit))
 }

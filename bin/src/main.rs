@@ -1,6 +1,7 @@
 //! `ferry`: live-migrate a whole VM — memory, vCPU/device state and local disks — between
 //! hosts that share no storage.
 
+mod auth;
 mod bench;
 mod bench_codecs;
 mod child;
@@ -54,8 +55,22 @@ enum Cmd {
     Resume(VmArgs),
     /// Discard an in-doubt guest on a destination (the source is known to have kept it).
     Discard(VmArgs),
-    /// Migrate a guest between two processes on this machine over loopback TCP and report.
+    /// Migrate a guest between two processes on this machine over loopback and report
+    /// (TLS with a fresh pair of keys unless told otherwise).
     Demo(DemoArgs),
+    /// Make a self-signed certificate and key for `--cert`/`--key`, and print the
+    /// fingerprint the peer pins with `--peer`.
+    Keygen {
+        /// Directory for NAME.crt, NAME.key (mode 0600) and NAME.fingerprint.
+        #[arg(long)]
+        out: PathBuf,
+        /// File name stem (and the certificate's name).
+        #[arg(long, default_value = "ferry")]
+        name: String,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measurements: plain TCP baseline, engine throughput as a ratio of it.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -99,9 +114,9 @@ struct ListenArgs {
     /// Control socket for the received guest.
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Transport: tcp.
-    #[arg(long, default_value = "tcp")]
-    transport: String,
+    /// Transport and peer authentication.
+    #[command(flatten)]
+    peer: auth::PeerArgs,
     /// Silence from the source longer than this aborts the receive.
     #[arg(long, default_value = "10s")]
     timeout: String,
@@ -174,6 +189,7 @@ fn main() -> ExitCode {
         Cmd::Discard(a) => simple(a, Request::Discard),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Keygen { out, name, json } => keygen(&out, &name, json),
         Cmd::Image(ImageCmd::Info {
             path,
             block_size,
@@ -230,8 +246,7 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
     let timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-    let transport = ferry_transports::by_name(&a.transport, timeout)
-        .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+    let transport = a.peer.transport(timeout)?;
     let mut listener = transport
         .listen(&a.bind)
         .map_err(|e| anyhow::anyhow!("--bind {}: {}", a.bind, engine::error_chain(&e)))?;
@@ -345,8 +360,10 @@ fn report_exit(r: &ferry_core::Report) -> ExitCode {
     }
 }
 
-fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
-    // Validate everything before touching a guest.
+fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    // Validate everything before touching a guest; paths mean the same in the guest's
+    // process.
+    a.migration.peer = a.migration.peer.clone().absolute()?;
     a.migration.source_config(&a.to)?;
     let view = ProgressView::new(false);
     let report = match &a.vm {
@@ -456,10 +473,31 @@ fn simple(a: VmArgs, req: Request) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
+fn keygen(out: &std::path::Path, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let fp = auth::keygen(out, name)?;
+    let base = out.join(name);
+    if json {
+        println!(
+            "{}",
+            json!({"fingerprint": fp.to_string(),
+                "cert": format!("{}.crt", base.display()),
+                "key": format!("{}.key", base.display())})
+        );
+    }
+    eprintln!(
+        "ferry: wrote {0}.crt, {0}.key and {0}.fingerprint; peers pin it with --peer {fp}",
+        base.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(mut a: DemoArgs) -> anyhow::Result<ExitCode> {
+    // Both ends are ours: without credentials, make a pair that pins each other.
+    let ((source_peer, dest_peer), _keys) = a.migration.peer.clone().absolute()?.for_both_ends()?;
+    a.migration.peer = source_peer;
     a.migration.source_config("127.0.0.1:1")?;
     let warmup = parse_duration(&a.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?;
-    let mut dest = child::Destination::spawn(&a.migration.timeout)?;
+    let mut dest = child::Destination::spawn(&a.migration.timeout, &dest_peer)?;
     eprintln!(
         "ferry demo: destination process {} listening on {}",
         dest.pid(),

@@ -149,9 +149,9 @@ pub struct MigrationArgs {
     /// Last-sent versions `xor-delta` keeps per channel on the source.
     #[arg(long, default_value = "64MiB")]
     pub xor_cache: String,
-    /// Transport: tcp.
-    #[arg(long, default_value = "tcp")]
-    pub transport: String,
+    /// Transport and peer authentication.
+    #[command(flatten)]
+    pub peer: crate::auth::PeerArgs,
     /// Parallel channels (pages and blocks are pinned to channels by number). Two by
     /// default: on loopback here one channel reaches 0.76 of plain memory-to-memory TCP and
     /// two 1.36 (`ferry bench throughput`), as each side gets a core per channel.
@@ -215,8 +215,7 @@ impl MigrationArgs {
             bail!("--max-rounds: must be at least 1");
         }
         self.codec()?;
-        ferry_transports::by_name(&self.transport, timeout)
-            .map_err(|e| anyhow::anyhow!("--transport: {e}"))?;
+        self.peer.transport(timeout)?;
         let throttle = match self.throttle.as_str() {
             "auto" => Throttle::Auto,
             "off" => Throttle::Off,

@@ -61,21 +61,24 @@ fn run_guest(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
     (Proc(child), ctl)
 }
 
-/// Starts `ferry listen`; returns the process, its address and its control socket.
+/// Plain TCP: these tests freeze and inspect the frames on the wire.
+const PLAIN: [&str; 3] = ["--transport", "tcp", "--insecure"];
+
+/// Starts `ferry listen` over plain TCP; returns the process, its address and its control
+/// socket.
 fn listen(dir: &Path, timeout: &str) -> (Proc, String, PathBuf) {
+    listen_with(dir, timeout, "127.0.0.1:0", &PLAIN)
+}
+
+/// Starts `ferry listen` on `bind` with transport flags `peer`.
+fn listen_with(dir: &Path, timeout: &str, bind: &str, peer: &[&str]) -> (Proc, String, PathBuf) {
     let ctl = dir.join("dst.sock");
     let mut child = ferry()
-        .args([
-            "listen",
-            "--bind",
-            "127.0.0.1:0",
-            "--timeout",
-            timeout,
-            "--dir",
-        ])
+        .args(["listen", "--bind", bind, "--timeout", timeout, "--dir"])
         .arg(dir.join("dst"))
         .arg("--control")
         .arg(&ctl)
+        .args(peer)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -99,7 +102,9 @@ fn listen(dir: &Path, timeout: &str) -> (Proc, String, PathBuf) {
 /// `ferry migrate --json --timeout TIMEOUT --vm CTL --to ADDR`.
 fn migrate_with_timeout(ctl: &Path, to: &str, timeout: &str) -> Output {
     ferry()
-        .args(["migrate", "--json", "--timeout", timeout, "--vm"])
+        .args(["migrate", "--json", "--timeout", timeout])
+        .args(PLAIN)
+        .arg("--vm")
         .arg(ctl)
         .args(["--to", to])
         .output()
@@ -163,7 +168,9 @@ fn two_process_migration_keeps_the_guest_running_correctly() {
     assert_eq!(status(&dst_ctl)["state"], "listening");
     assert_advancing(&src_ctl, "source before");
     let out = ferry()
-        .args(["migrate", "--json", "--codec", "lz4", "--vm"])
+        .args(["migrate", "--json", "--codec", "lz4"])
+        .args(PLAIN)
+        .arg("--vm")
         .arg(&src_ctl)
         .args(["--to", &addr])
         .output()
@@ -218,7 +225,9 @@ fn killing_the_destination_mid_precopy_resumes_the_source() {
     let (mut dst, addr, _dst_ctl) = listen(dir.path(), "10s");
     // 64 MiB at 16 MiB/s: pre-copy takes seconds, plenty of time to kill the peer in it.
     let mig = ferry()
-        .args(["migrate", "--json", "--max-bandwidth", "16MiB/s", "--vm"])
+        .args(["migrate", "--json", "--max-bandwidth", "16MiB/s"])
+        .args(PLAIN)
+        .arg("--vm")
         .arg(&src_ctl)
         .args(["--to", &addr])
         .stdout(Stdio::piped())
@@ -257,9 +266,11 @@ enum Limit {
     AtType(u8),
 }
 
-/// Frame tracking for [`Limit::AtType`]: header bytes held back, body bytes left.
-#[derive(Default)]
+/// Frame tracking for [`Limit::AtType`]: bytes before the first frame (the channel
+/// preamble one way, the listener's one-byte answer the other), header bytes held back,
+/// body bytes left.
 struct FrameScan {
+    lead: usize,
     header: Vec<u8>,
     body_left: usize,
 }
@@ -270,6 +281,13 @@ impl FrameScan {
         let mut out = Vec::with_capacity(buf.len());
         let mut i = 0;
         while i < buf.len() {
+            if self.lead > 0 {
+                let n = self.lead.min(buf.len() - i);
+                out.extend_from_slice(&buf[i..i + n]);
+                self.lead -= n;
+                i += n;
+                continue;
+            }
             if self.body_left > 0 {
                 let n = self.body_left.min(buf.len() - i);
                 out.extend_from_slice(&buf[i..i + n]);
@@ -303,15 +321,19 @@ impl FreezableLink {
             for c in l.incoming() {
                 let Ok(c) = c else { return };
                 let d = TcpStream::connect(&target).unwrap();
-                for (mut from, mut to, limit) in [
-                    (c.try_clone().unwrap(), d.try_clone().unwrap(), fwd),
-                    (d, c, back),
+                for (mut from, mut to, limit, lead) in [
+                    (c.try_clone().unwrap(), d.try_clone().unwrap(), fwd, 20),
+                    (d, c, back, 1),
                 ] {
                     let f = f.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 16 << 10];
                         let mut total = 0u64;
-                        let mut scan = FrameScan::default();
+                        let mut scan = FrameScan {
+                            lead,
+                            header: Vec::new(),
+                            body_left: 0,
+                        };
                         loop {
                             if f.load(Ordering::SeqCst) {
                                 std::thread::sleep(Duration::from_millis(50));
@@ -422,6 +444,44 @@ fn bad_input_names_the_flag() {
         (&["demo", "--workload", "busy"][..], "--workload"),
         (&["demo", "--fill", "/no/such/file"][..], "--fill"),
         (&["status", "--vm", "/no/such/socket"][..], "--vm"),
+        (
+            &["migrate", "--to", "127.0.0.1:9", "--transport", "tcp"][..],
+            "--insecure",
+        ),
+        (&["migrate", "--to", "127.0.0.1:9"][..], "--cert"),
+        (
+            &["migrate", "--to", "127.0.0.1:9", "--transport", "quic2"][..],
+            "--transport",
+        ),
+        (
+            &[
+                "migrate",
+                "--to",
+                "x:9",
+                "--cert",
+                "/no/c",
+                "--key",
+                "/no/k",
+                "--peer",
+                "sha256:00",
+            ][..],
+            "--peer",
+        ),
+        (
+            &[
+                "migrate",
+                "--to",
+                "x:9",
+                "--cert",
+                "/no/c",
+                "--key",
+                "/no/k",
+                "--peer",
+                &"ab".repeat(32),
+            ][..],
+            "--cert",
+        ),
+        (&["keygen", "--out", "/tmp", "--name", "a/b"][..], "--name"),
     ] {
         let out = ferry().args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -431,4 +491,124 @@ fn bad_input_names_the_flag() {
             "{args:?}: error does not name {flag}: {err}"
         );
     }
+}
+
+/// Runs `ferry keygen` for `name` in `dir`; returns (cert, key, fingerprint).
+fn keygen(dir: &Path, name: &str) -> (String, String, String) {
+    let out = ferry()
+        .args(["keygen", "--json", "--out"])
+        .arg(dir)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out);
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    (s("cert"), s("key"), s("fingerprint"))
+}
+
+/// `ferry migrate` of a new 32 MiB guest started here, to `to`, with transport flags.
+fn migrate_new(to: &str, peer: &[&str]) -> Output {
+    ferry()
+        .args([
+            "migrate",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--disk-size",
+            "8MiB",
+            "--warmup",
+            "200ms",
+            "--timeout",
+            "5s",
+            "--to",
+            to,
+        ])
+        .args(peer)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tls_admits_only_the_pinned_source_and_nothing_is_written_for_strangers() {
+    pinned_peers_only("tls", "speaks TLS");
+}
+
+#[test]
+fn quic_admits_only_the_pinned_source_and_nothing_is_written_for_strangers() {
+    // Plain TCP finds no TCP listener on QUIC's UDP port.
+    pinned_peers_only("quic", "connect");
+}
+
+fn pinned_peers_only(transport: &str, plaintext_error: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (sc, sk, sfp) = keygen(&keys, "src");
+    let (dc, dk, dfp) = keygen(&keys, "dst");
+    let (xc, xk, xfp) = keygen(&keys, "stranger");
+    let t = ["--transport", transport];
+    let (mut dst, addr, dst_ctl) = listen_with(
+        dir.path(),
+        "10s",
+        "127.0.0.1:0",
+        &[&t[..], &["--cert", &dc, "--key", &dk, "--peer", &sfp]].concat(),
+    );
+    let refused = [
+        // A source the destination never pinned.
+        (
+            [&t[..], &["--cert", &xc, "--key", &xk, "--peer", &dfp]].concat(),
+            "refused our certificate",
+        ),
+        // The right source pinning the wrong destination.
+        (
+            [&t[..], &["--cert", &sc, "--key", &sk, "--peer", &xfp]].concat(),
+            "not the pinned one",
+        ),
+        // Plaintext.
+        (vec!["--transport", "tcp", "--insecure"], plaintext_error),
+    ];
+    for (flags, why) in &refused {
+        let out = migrate_new(&addr, flags);
+        let r = json_of(&out);
+        assert_eq!(r["ok"], false, "{flags:?} was let in: {r}");
+        assert_eq!(r["source_resumed"], true, "{r}");
+        let err = r["error"].as_str().unwrap_or_default();
+        assert!(err.contains(why), "{flags:?}: {err}");
+    }
+    // Nothing was received, so nothing was written; the destination still waits.
+    let written: Vec<_> = std::fs::read_dir(dir.path().join("dst"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "{written:?}");
+    assert_eq!(status(&dst_ctl)["state"], "listening");
+    let out = migrate_new(
+        &addr,
+        &[&t[..], &["--cert", &sc, "--key", &sk, "--peer", &dfp]].concat(),
+    );
+    let r = json_of(&out);
+    assert!(r["ok"] == true && r["verified"] == true, "{r}");
+    assert_eq!(r["transport"], transport);
+    assert_check_passes(&dst_ctl, "destination");
+    let _ = ferry().args(["stop", "--vm"]).arg(&dst_ctl).output();
+    let _ = wait_exit(&mut dst, Duration::from_secs(10));
+}
+
+#[test]
+fn a_unix_socket_carries_a_migration_on_one_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ferry.sock");
+    let sock = sock.to_str().unwrap();
+    let (mut dst, addr, dst_ctl) = listen_with(dir.path(), "10s", sock, &["--transport", "unix"]);
+    assert_eq!(addr, sock);
+    let out = migrate_new(&addr, &["--transport", "unix", "--codec", "lz4"]);
+    let r = json_of(&out);
+    assert!(r["ok"] == true && r["verified"] == true, "{r}");
+    assert_eq!(r["transport"], "unix");
+    assert_check_passes(&dst_ctl, "destination");
+    let _ = ferry().args(["stop", "--vm"]).arg(&dst_ctl).output();
+    let _ = wait_exit(&mut dst, Duration::from_secs(10));
 }

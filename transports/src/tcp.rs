@@ -3,15 +3,15 @@
 //! and hands over a complete, ordered set. Connections that do not speak the preamble are
 //! dropped without reaching the engine.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::Duration;
 
 use ferry_core::transport::{Channel, Listener, Transport, TransportError};
 
-const PREAMBLE_MAGIC: &[u8; 8] = b"FERRYCH1";
-const PREAMBLE_LEN: usize = 20;
+use crate::group::{self, Groups, PREAMBLE_LEN};
+use crate::io_err as io;
+
 /// Read timeout used as a poll interval, so readers can notice cancellation.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -28,12 +28,9 @@ impl TcpTransport {
     }
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TransportError {
-    let what = what.into();
-    move |source| TransportError::Io { what, source }
-}
-
-fn tune(stream: &TcpStream, io_timeout: Duration) -> std::io::Result<()> {
+/// Sets up a data connection: no Nagle, reads that time out as a poll interval, writes
+/// that fail when blocked past `io_timeout`.
+pub(crate) fn tune(stream: &TcpStream, io_timeout: Duration) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     // Socket buffers are left to the kernel's autotuning: an explicit SO_SNDBUF/SO_RCVBUF
     // turns autotuning off and is capped by net.core.[rw]mem_max, which can be far below
@@ -62,31 +59,17 @@ impl Transport for TcpTransport {
     }
 
     fn connect(&self, addr: &str, channels: usize) -> Result<Vec<Channel>, TransportError> {
-        if channels == 0 || channels > usize::from(ferry_core::wire::MAX_CHANNELS) {
-            return Err(TransportError::Config(format!(
-                "channel count {channels} out of range 1..={}",
-                ferry_core::wire::MAX_CHANNELS
-            )));
-        }
-        let target: SocketAddr = addr
-            .to_socket_addrs()
-            .map_err(io(format!("resolving {addr}")))?
-            .next()
-            .ok_or_else(|| TransportError::Config(format!("{addr} resolves to nothing")))?;
-        let mut group = [0u8; 8];
-        ferry_core::engine::fill_random(&mut group);
+        group::check_count(channels)?;
+        let target = crate::resolve(addr)?;
+        let g = group::new_group();
         let mut out = Vec::with_capacity(channels);
         for i in 0..channels {
             let mut s = TcpStream::connect_timeout(&target, self.io_timeout)
                 .map_err(io(format!("connecting to {addr}")))?;
             tune(&s, self.io_timeout).map_err(io("configuring a socket"))?;
-            let mut pre = [0u8; PREAMBLE_LEN];
-            pre[..8].copy_from_slice(PREAMBLE_MAGIC);
-            pre[8..16].copy_from_slice(&group);
-            pre[16..18].copy_from_slice(&(i as u16).to_le_bytes());
-            pre[18..20].copy_from_slice(&(channels as u16).to_le_bytes());
-            s.write_all(&pre)
+            s.write_all(&group::preamble(g, i, channels))
                 .map_err(io("sending the channel preamble"))?;
+            admitted(&mut s, self.io_timeout)?;
             out.push(channel(s)?);
         }
         Ok(out)
@@ -97,18 +80,57 @@ impl Transport for TcpTransport {
         Ok(Box::new(TcpChannelListener {
             listener: l,
             io_timeout: self.io_timeout,
-            partial: HashMap::new(),
+            groups: Groups::default(),
         }))
     }
 }
 
-type Group = (u16, Vec<Option<TcpStream>>, Instant);
+/// What the listener answers once a channel's preamble is accepted.
+const ADMITTED: u8 = b'K';
+
+/// Waits (at most `timeout`) for the listener's answer, explaining a refusal.
+fn admitted(s: &mut TcpStream, timeout: Duration) -> Result<(), TransportError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut b = [0u8; 1];
+    let refused =
+        |why: &str| TransportError::Setup(format!("the destination refused the channel: {why}"));
+    loop {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == ADMITTED => return Ok(()),
+            // A TLS alert record.
+            Ok(1) if b[0] == 0x15 => {
+                return Err(refused(
+                    "it speaks TLS (use --transport tls with --cert, --key, --peer)",
+                ))
+            }
+            Ok(_) => {
+                return Err(refused(
+                    "it closed the connection (does it expect another transport?)",
+                ))
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                // The poll interval; the listener answers at once unless it is stuck.
+                if std::time::Instant::now() >= deadline {
+                    return Err(refused("no answer to the channel preamble"));
+                }
+            }
+            Err(e) => {
+                return Err(refused(&format!(
+                    "{e} (does it expect another transport, e.g. --transport tls?)"
+                )))
+            }
+        }
+    }
+}
 
 /// A listener that assembles channel groups.
 pub struct TcpChannelListener {
     listener: TcpListener,
     io_timeout: Duration,
-    partial: HashMap<[u8; 8], Group>,
+    groups: Groups<TcpStream>,
 }
 
 fn read_preamble(s: &mut TcpStream) -> Result<([u8; 8], u16, u16), String> {
@@ -117,17 +139,10 @@ fn read_preamble(s: &mut TcpStream) -> Result<([u8; 8], u16, u16), String> {
     let mut pre = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut pre)
         .map_err(|e| format!("no channel preamble: {e}"))?;
-    if &pre[..8] != PREAMBLE_MAGIC {
-        return Err("peer does not speak the ferry channel preamble".into());
+    if pre[0] == 0x16 {
+        return Err("the peer speaks TLS: use --transport tls on both sides".into());
     }
-    let mut group = [0u8; 8];
-    group.copy_from_slice(&pre[8..16]);
-    let index = u16::from_le_bytes([pre[16], pre[17]]);
-    let count = u16::from_le_bytes([pre[18], pre[19]]);
-    if count == 0 || count > ferry_core::wire::MAX_CHANNELS || index >= count {
-        return Err(format!("bad channel preamble (index {index} of {count})"));
-    }
-    Ok((group, index, count))
+    group::parse(&pre)
 }
 
 impl Listener for TcpChannelListener {
@@ -141,34 +156,21 @@ impl Listener for TcpChannelListener {
     fn accept(&mut self) -> Result<Vec<Channel>, TransportError> {
         loop {
             let (mut s, peer) = self.listener.accept().map_err(io("accepting"))?;
-            let (group, index, count) = match read_preamble(&mut s) {
+            let pre = match read_preamble(&mut s) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(%peer, "dropping connection: {e}");
                     continue;
                 }
             };
-            if let Err(e) = tune(&s, self.io_timeout) {
+            if let Err(e) = tune(&s, self.io_timeout).and_then(|_| s.write_all(&[ADMITTED])) {
                 tracing::warn!(%peer, "dropping connection: {e}");
                 continue;
             }
-            // Forget groups that never completed.
-            self.partial
-                .retain(|_, g| g.2.elapsed() < Duration::from_secs(30));
-            let entry = self
-                .partial
-                .entry(group)
-                .or_insert_with(|| (count, (0..count).map(|_| None).collect(), Instant::now()));
-            if entry.0 != count || entry.1[index as usize].is_some() {
-                tracing::warn!(%peer, "dropping connection: inconsistent channel group");
-                continue;
-            }
-            entry.1[index as usize] = Some(s);
-            if entry.1.iter().all(Option::is_some) {
-                let Some((_, streams, _)) = self.partial.remove(&group) else {
-                    continue;
-                };
-                return streams.into_iter().flatten().map(channel).collect();
+            match self.groups.add(pre, s) {
+                Ok(Some(set)) => return set.into_iter().map(channel).collect(),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%peer, "dropping connection: {e}"),
             }
         }
     }
