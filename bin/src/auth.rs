@@ -39,7 +39,8 @@ pub struct PeerArgs {
     #[arg(long, default_value = "connections")]
     #[serde(default = "default_layout")]
     pub quic_layout: String,
-    /// QUIC congestion control: `cubic`, `newreno`, or `bbr` (experimental).
+    /// Congestion control of the source's connections (tcp, tls, quic): `cubic`, `newreno`,
+    /// or `bbr` (experimental in quinn).
     #[arg(long, default_value = "cubic")]
     #[serde(default = "default_congestion")]
     pub congestion: String,

@@ -28,6 +28,9 @@ pub enum BenchCmd {
     /// Whole migrations with each codec over a capped link (`--max-bandwidth`), compared:
     /// ratio, effective MB/s, total time, downtime.
     Codecs(crate::bench_codecs::CodecsArgs),
+    /// Transports × channels × codecs × link profiles × workloads through the WAN emulator
+    /// (root) or loopback; CSV, JSON and a summary table; resumes a partly finished run.
+    Matrix(crate::bench_matrix::MatrixArgs),
 }
 
 /// Options of `tcp-baseline`.
@@ -153,6 +156,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Codecs(a) => crate::bench_codecs::run(a),
+        BenchCmd::Matrix(a) => crate::bench_matrix::run(a),
         BenchCmd::TcpBaseline(a) => {
             let mut out = serde_json::Map::new();
             for (name, mode) in [("hot", Baseline::Hot), ("memory", Baseline::Memory)] {

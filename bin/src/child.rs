@@ -23,21 +23,33 @@ impl Destination {
     /// Starts `ferry listen` on a free loopback port with a control socket, and waits until
     /// it is listening. Its stderr is forwarded, prefixed.
     pub fn spawn(timeout: &str, peer: &crate::auth::PeerArgs) -> anyhow::Result<Self> {
+        Self::spawn_at(timeout, peer, None, "127.0.0.1:0")
+    }
+
+    /// Like [`Destination::spawn`], inside network namespace `netns` (via `ip netns exec`)
+    /// and bound to `bind`.
+    pub fn spawn_at(
+        timeout: &str,
+        peer: &crate::auth::PeerArgs,
+        netns: Option<&str>,
+        bind: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferry-dest-")
             .tempdir()
             .context("creating the destination's directory")?;
         let control = dir.path().join("control.sock");
         let exe = std::env::current_exe().context("finding the ferry executable")?;
-        let mut child = Command::new(exe)
-            .args([
-                "listen",
-                "--bind",
-                "127.0.0.1:0",
-                "--timeout",
-                timeout,
-                "--dir",
-            ])
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
+            .args(["listen", "--bind", bind, "--timeout", timeout, "--dir"])
             .arg(dir.path().join("images"))
             .arg("--control")
             .arg(&control)

@@ -4,11 +4,14 @@
 mod auth;
 mod bench;
 mod bench_codecs;
+mod bench_matrix;
 mod child;
 mod host;
 mod opts;
 mod output;
+mod plots;
 mod units;
+mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +61,9 @@ enum Cmd {
     /// Migrate a guest between two processes on this machine over loopback and report
     /// (TLS with a fresh pair of keys unless told otherwise).
     Demo(DemoArgs),
+    /// Two network namespaces joined by an emulated WAN link (bandwidth, delay, jitter,
+    /// loss); measure it with `--check`, or run a command while it is up. Needs root.
+    Wan(wan::WanArgs),
     /// Make a self-signed certificate and key for `--cert`/`--key`, and print the
     /// fingerprint the peer pins with `--peer`.
     Keygen {
@@ -189,6 +195,7 @@ fn main() -> ExitCode {
         Cmd::Discard(a) => simple(a, Request::Discard),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Wan(a) => wan::run(a),
         Cmd::Keygen { out, name, json } => keygen(&out, &name, json),
         Cmd::Image(ImageCmd::Info {
             path,

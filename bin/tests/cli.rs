@@ -482,6 +482,15 @@ fn bad_input_names_the_flag() {
             "--cert",
         ),
         (&["keygen", "--out", "/tmp", "--name", "a/b"][..], "--name"),
+        (&["wan", "--profile", "mars"][..], "--profile"),
+        (&["wan", "--loss", "150%"][..], "--loss"),
+        (&["wan", "--rtt", "soon"][..], "--rtt"),
+        (
+            &["bench", "matrix", "--transports", "pigeon"][..],
+            "--transports",
+        ),
+        (&["bench", "matrix", "--profiles", "moon"][..], "--profiles"),
+        (&["bench", "matrix", "--codecs", "lz4;lz5"][..], "--codecs"),
     ] {
         let out = ferry().args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -40,7 +40,7 @@ pub struct TransportOptions {
     pub identity: Option<Arc<Identity>>,
     /// The operator accepts an unauthenticated, unencrypted transport (`tcp`).
     pub insecure: bool,
-    /// `quic` settings.
+    /// `quic` settings; its congestion controller applies to `tcp` and `tls` too.
     pub quic: QuicOptions,
 }
 
@@ -52,9 +52,14 @@ pub fn by_name(name: &str, opts: &TransportOptions) -> Result<Box<dyn Transport>
              with --auth FILE (or --cert, --key and --peer; `ferry keygen` makes them)"
                 .into(),
         ),
-        "tcp" => Ok(Box::new(TcpTransport::new(opts.io_timeout))),
+        "tcp" => Ok(Box::new(
+            TcpTransport::new(opts.io_timeout).with_congestion(opts.quic.congestion),
+        )),
         "tls" => match &opts.identity {
-            Some(id) => Ok(Box::new(TlsTransport::new(opts.io_timeout, Arc::clone(id)))),
+            Some(id) => Ok(Box::new(
+                TlsTransport::new(opts.io_timeout, Arc::clone(id))
+                    .with_congestion(opts.quic.congestion),
+            )),
             None => Err(
                 "tls needs an identity: --auth FILE, or --cert, --key and --peer \
                          (`ferry keygen` makes them)"

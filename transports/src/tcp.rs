@@ -5,12 +5,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use ferry_core::transport::{Channel, Listener, Transport, TransportError};
 
 use crate::group::{self, Groups, PREAMBLE_LEN};
 use crate::io_err as io;
+use crate::quic::Congestion;
 
 /// Read timeout used as a poll interval, so readers can notice cancellation.
 const POLL: Duration = Duration::from_millis(200);
@@ -19,12 +21,22 @@ const POLL: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone)]
 pub struct TcpTransport {
     io_timeout: Duration,
+    congestion: Option<Congestion>,
 }
 
 impl TcpTransport {
     /// Writes that block longer than `io_timeout` fail (a stopped network).
     pub fn new(io_timeout: Duration) -> Self {
-        Self { io_timeout }
+        Self {
+            io_timeout,
+            congestion: None,
+        }
+    }
+
+    /// Uses congestion controller `cc` for the connections it opens.
+    pub fn with_congestion(mut self, cc: Congestion) -> Self {
+        self.congestion = Some(cc);
+        self
     }
 }
 
@@ -38,6 +50,35 @@ pub(crate) fn tune(stream: &TcpStream, io_timeout: Duration) -> std::io::Result<
     // the cache before the receiver copies it.
     stream.set_read_timeout(Some(POLL))?;
     stream.set_write_timeout(Some(io_timeout))?;
+    Ok(())
+}
+
+/// Chooses the socket's congestion controller (the kernel's default otherwise, which on
+/// some machines is bbr: benchmarks comparing transports must say which they ran).
+pub(crate) fn set_congestion(stream: &TcpStream, cc: Option<Congestion>) -> std::io::Result<()> {
+    let Some(cc) = cc else { return Ok(()) };
+    let name: &[u8] = match cc {
+        Congestion::Cubic => b"cubic",
+        Congestion::NewReno => b"reno",
+        Congestion::Bbr => b"bbr",
+    };
+    // SAFETY: TCP_CONGESTION reads `name.len()` bytes from a live buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("congestion control {}: {e}", String::from_utf8_lossy(name)),
+        ));
+    }
     Ok(())
 }
 
@@ -67,6 +108,7 @@ impl Transport for TcpTransport {
             let mut s = TcpStream::connect_timeout(&target, self.io_timeout)
                 .map_err(io(format!("connecting to {addr}")))?;
             tune(&s, self.io_timeout).map_err(io("configuring a socket"))?;
+            set_congestion(&s, self.congestion).map_err(io("configuring a socket"))?;
             s.write_all(&group::preamble(g, i, channels))
                 .map_err(io("sending the channel preamble"))?;
             admitted(&mut s, self.io_timeout)?;

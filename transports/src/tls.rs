@@ -19,7 +19,8 @@ use rustls::pki_types::ServerName;
 use crate::auth::Identity;
 use crate::group::{self, Groups, PREAMBLE_LEN};
 use crate::io_err as io;
-use crate::tcp::tune;
+use crate::quic::Congestion;
+use crate::tcp::{set_congestion, tune};
 
 /// ALPN protocol id of Ferry's channels.
 pub const ALPN: &[u8] = b"ferry/2";
@@ -31,6 +32,7 @@ const HANDSHAKE: Duration = Duration::from_secs(5);
 pub struct TlsTransport {
     io_timeout: Duration,
     identity: Arc<Identity>,
+    congestion: Option<Congestion>,
 }
 
 impl TlsTransport {
@@ -39,7 +41,14 @@ impl TlsTransport {
         Self {
             io_timeout,
             identity,
+            congestion: None,
         }
+    }
+
+    /// Uses congestion controller `cc` for the connections it opens.
+    pub fn with_congestion(mut self, cc: Congestion) -> Self {
+        self.congestion = Some(cc);
+        self
     }
 }
 
@@ -211,6 +220,7 @@ impl Transport for TlsTransport {
             let mut s = TcpStream::connect_timeout(&target, self.io_timeout)
                 .map_err(io(format!("connecting to {addr}")))?;
             tune(&s, self.io_timeout).map_err(io("configuring a socket"))?;
+            set_congestion(&s, self.congestion).map_err(io("configuring a socket"))?;
             s.set_read_timeout(Some(HANDSHAKE))
                 .map_err(io("configuring a socket"))?;
             let mut conn = rustls::ClientConnection::new(Arc::clone(&config), name.clone())

@@ -47,7 +47,10 @@ pub struct Profile {
 impl Profile {
     /// The same in both directions.
     pub fn symmetric(d: Direction) -> Self {
-        Self { a_to_b: d, b_to_a: d }
+        Self {
+            a_to_b: d,
+            b_to_a: d,
+        }
     }
 
     /// A named profile: `lan`, `metro`, `wan`, `lossy`, `intercontinental`.
@@ -71,5 +74,6 @@ impl Profile {
     }
 
     /// Names of the built-in profiles.
-    pub const NAMES: &'static [&'static str] = &["lan", "metro", "wan", "lossy", "intercontinental"];
+    pub const NAMES: &'static [&'static str] =
+        &["lan", "metro", "wan", "lossy", "intercontinental"];
 }

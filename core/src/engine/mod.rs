@@ -73,6 +73,7 @@ pub(crate) enum Control {
     },
     PostcopyDone(Vec<u64>),
     RoundAck(u32),
+    Progress(u64),
 }
 
 impl Control {
@@ -101,6 +102,7 @@ impl Control {
             Message::PullBlocks { disk, blocks } => Control::PullBlocks { disk, blocks },
             Message::PostcopyDone(s) => Control::PostcopyDone(s),
             Message::RoundAck(r) => Control::RoundAck(r),
+            Message::Progress(n) => Control::Progress(n),
             Message::Hello(_) | Message::Batch(_) | Message::RoundEnd(_) => return None,
         })
     }
@@ -124,6 +126,7 @@ impl Control {
             Control::PullBlocks { .. } => "pull-blocks",
             Control::PostcopyDone(_) => "postcopy-done",
             Control::RoundAck(_) => "round-ack",
+            Control::Progress(_) => "progress",
         }
     }
 }

@@ -81,6 +81,9 @@ pub mod ty {
     pub const POSTCOPY_DONE: u8 = 21;
     /// Destination → source: every channel's barrier of a pre-copy round was processed.
     pub const ROUND_ACK: u8 = 22;
+    /// Destination → source: units received so far (a heartbeat while data flows, so a
+    /// slow link is not mistaken for a dead one).
+    pub const PROGRESS: u8 = 23;
 }
 
 /// Most chunks in one block-digests frame (64 KiB of digests each way per 1000 chunks).
@@ -271,6 +274,8 @@ pub enum Message<'a> {
     PostcopyDone(Vec<u64>),
     /// The destination processed round `0` on every channel.
     RoundAck(u32),
+    /// Units the destination received so far.
+    Progress(u64),
     /// Block digests of requested chunks; `last` ends the answer.
     BlockDigests {
         /// Disk number.
@@ -490,6 +495,12 @@ impl Message<'_> {
                 c.end()?;
                 Ok(Message::PullBlocks { disk, blocks })
             }
+            PROGRESS => {
+                let mut c = Cursor::new(body, "progress");
+                let n = c.u64()?;
+                c.end()?;
+                Ok(Message::Progress(n))
+            }
             ROUND_ACK => {
                 let mut c = Cursor::new(body, "round-ack");
                 let r = c.u32()?;
@@ -620,6 +631,10 @@ impl Message<'_> {
             Message::RoundAck(r) => {
                 out.extend_from_slice(&r.to_le_bytes());
                 ROUND_ACK
+            }
+            Message::Progress(n) => {
+                out.extend_from_slice(&n.to_le_bytes());
+                PROGRESS
             }
             Message::PostcopyDone(sums) => {
                 out.extend_from_slice(&(sums.len() as u16).to_le_bytes());

@@ -107,6 +107,7 @@ fn all_messages() -> Vec<Message<'static>> {
             decode_ns: vec![1_500, 7],
         }),
         Message::Abort("bye".into()),
+        Message::Progress(123_456),
     ]
 }
 

@@ -325,7 +325,18 @@ pub fn receive(
     let mut t_commit = None;
 
     // Event loop.
+    let mut heartbeat = (Instant::now(), 0u64);
     loop {
+        // While data flows, tell the source every second: over a slow link a round's
+        // acknowledgement can take longer than its timeout, and silence would look dead.
+        if heartbeat.0.elapsed() >= Duration::from_secs(1) {
+            let units =
+                received.pages.load(Ordering::Relaxed) + received.blocks.load(Ordering::Relaxed);
+            if units != heartbeat.1 {
+                let _ = send_shared(&tx0, &Message::Progress(units));
+            }
+            heartbeat = (Instant::now(), units);
+        }
         let ev = match ev_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(ev) => ev,
             Err(RecvTimeoutError::Timeout) => {

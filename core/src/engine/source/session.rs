@@ -71,6 +71,7 @@ impl Session<'_> {
             match m {
                 // Early: the destination was quicker than our own barrier bookkeeping.
                 Ok(Control::RoundAck(r)) => self.acks.borrow_mut().push(r),
+                Ok(Control::Progress(_)) => {}
                 Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
                 Ok(other) => {
                     return Err(Failure(format!(
@@ -396,7 +397,7 @@ impl Session<'_> {
 
     /// Waits for a control message from the destination.
     pub(super) fn expect(&self, what: &str, timeout: Duration) -> Result<Control, Failure> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         loop {
             if self.cfg.cancel.load(Ordering::Relaxed) {
                 return Err(Failure("cancelled".into()));
@@ -417,6 +418,8 @@ impl Session<'_> {
                 }
                 // Late pulls for blocks already pushed.
                 Ok(Ok(Control::PullBlocks { .. })) => {}
+                // Data is still arriving over a slow link: the peer is alive.
+                Ok(Ok(Control::Progress(_))) => deadline = Instant::now() + timeout,
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e)) => return Err(Failure(e)),
                 Err(RecvTimeoutError::Timeout) => {}

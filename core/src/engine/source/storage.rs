@@ -59,6 +59,7 @@ pub(super) fn postcopy_push(
                     }
                 }
                 Ok(Control::Abort(r)) => return Err(Failure(format!("destination aborted: {r}"))),
+                Ok(Control::Progress(_)) => {}
                 Ok(other) => {
                     return Err(Failure(format!(
                         "unexpected {} during post-copy",
