@@ -201,23 +201,11 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         fill: "random".into(),
         seed: 1,
     };
+    // Loopback between our own processes: plain TCP, as the baseline it is compared to.
     let mig = MigrationArgs {
-        codec: a.codec.clone(),
-        xor_cache: "64MiB".into(),
-        // Loopback between our own processes: plain TCP, as the baseline it is compared to.
-        peer: crate::auth::PeerArgs {
-            transport: "tcp".into(),
-            insecure: true,
-            ..Default::default()
-        },
-        channels: a.channels,
         downtime: "50ms".into(),
-        max_rounds: 30,
-        max_bandwidth: None,
-        verify: "digest".into(),
-        timeout: "30s".into(),
         throttle: "off".into(),
-        storage_mode: "precopy".into(),
+        ..MigrationArgs::for_bench(&a.codec, "tcp", a.channels)
     };
     mig.source_config("127.0.0.1:1")?;
     let mut hot = Vec::new();

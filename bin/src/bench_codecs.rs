@@ -58,23 +58,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the comparison.
 pub fn run(a: CodecsArgs) -> anyhow::Result<ExitCode> {
+    // Loopback between our own processes: plain TCP, capped at the link's rate.
     let migration = |codec: &str| MigrationArgs {
-        codec: codec.to_string(),
-        xor_cache: "64MiB".into(),
-        // Loopback between our own processes: plain TCP, as the baseline it is compared to.
-        peer: crate::auth::PeerArgs {
-            transport: "tcp".into(),
-            insecure: true,
-            ..Default::default()
-        },
-        channels: a.channels,
-        downtime: "10ms".into(),
-        max_rounds: 30,
         max_bandwidth: Some(a.max_bandwidth.clone()).filter(|b| b != "none"),
-        verify: "digest".into(),
-        timeout: "30s".into(),
-        throttle: "auto".into(),
-        storage_mode: "precopy".into(),
+        ..MigrationArgs::for_bench(codec, "tcp", a.channels)
     };
     for c in &a.codecs {
         migration(c).source_config("127.0.0.1:1")?;

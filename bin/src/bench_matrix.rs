@@ -14,7 +14,6 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use crate::auth::PeerArgs;
 use crate::child::Destination;
 use crate::opts::{GuestArgs, MigrationArgs};
 use crate::units::{human_bytes, parse_size};
@@ -307,23 +306,7 @@ fn one(
         fill: a.fill.clone(),
         seed: 7 + u64::from(row.run),
     };
-    let mut mig = MigrationArgs {
-        codec: row.codec.clone(),
-        xor_cache: "64MiB".into(),
-        peer: PeerArgs {
-            transport: row.transport.clone(),
-            insecure: row.transport == "tcp",
-            ..PeerArgs::default()
-        },
-        channels: row.channels,
-        downtime: "10ms".into(),
-        max_rounds: 30,
-        max_bandwidth: None,
-        verify: "digest".into(),
-        timeout: "30s".into(),
-        throttle: "auto".into(),
-        storage_mode: "precopy".into(),
-    };
+    let mut mig = MigrationArgs::for_bench(&row.codec, &row.transport, row.channels);
     let ((src_peer, dst_peer), _keys) = mig.peer.clone().for_both_ends()?;
     mig.peer = src_peer;
     let (netns, bind) = match wan {

@@ -183,6 +183,29 @@ pub struct MigrationArgs {
 }
 
 impl MigrationArgs {
+    /// The settings the bench commands start from: `codec` over `transport` with
+    /// `channels`, the flags' defaults otherwise, and plain `tcp` accepted (both ends are
+    /// ours, on loopback or in namespaces we made).
+    pub fn for_bench(codec: &str, transport: &str, channels: u16) -> Self {
+        Self {
+            codec: codec.to_string(),
+            xor_cache: "64MiB".into(),
+            peer: crate::auth::PeerArgs {
+                transport: transport.to_string(),
+                insecure: transport == "tcp",
+                ..Default::default()
+            },
+            channels,
+            downtime: "10ms".into(),
+            max_rounds: 30,
+            max_bandwidth: None,
+            verify: "digest".into(),
+            timeout: "30s".into(),
+            throttle: "auto".into(),
+            storage_mode: "precopy".into(),
+        }
+    }
+
     /// The codec pipeline `--codec` and `--xor-cache` ask for.
     pub fn codec(&self) -> anyhow::Result<Arc<dyn CodecFactory>> {
         let xor_cache =

@@ -5,7 +5,14 @@
 //! never mix; with `tls` the preamble travels inside the authenticated stream.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+use ferry_core::transport::{Channel, TransportError};
+
+use crate::io_err;
 
 /// Preamble magic.
 pub const PREAMBLE_MAGIC: &[u8; 8] = b"FERRYCH1";
@@ -99,4 +106,48 @@ impl<S> Groups<S> {
             .remove(&group)
             .map(|p| p.streams.into_iter().flatten().collect()))
     }
+}
+
+/// A connected stream socket: `tcp`, `unix`, and the socket under `tls`.
+pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
+    /// Another handle to the same socket.
+    fn dup(&self) -> std::io::Result<Self>;
+    /// Shuts both directions down, so a thread blocked on it returns.
+    fn close(&self);
+}
+
+impl Socket for TcpStream {
+    fn dup(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+
+    fn close(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Socket for UnixStream {
+    fn dup(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+
+    fn close(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+/// A closer for a channel over `s` (it shuts the socket down).
+pub fn closer<S: Socket>(s: &S) -> Result<Box<dyn Fn() + Send + Sync>, TransportError> {
+    let handle = s.dup().map_err(io_err("cloning a socket"))?;
+    Ok(Box::new(move || handle.close()))
+}
+
+/// A channel that reads and writes `s` directly (one handle each).
+pub fn socket_channel<S: Socket>(s: S) -> Result<Channel, TransportError> {
+    let tx = s.dup().map_err(io_err("cloning a socket"))?;
+    Ok(Channel {
+        closer: Some(closer(&s)?),
+        tx: Box::new(tx),
+        rx: Box::new(s),
+    })
 }

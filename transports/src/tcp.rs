@@ -4,7 +4,7 @@
 //! dropped without reaching the engine.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -83,15 +83,7 @@ pub(crate) fn set_congestion(stream: &TcpStream, cc: Option<Congestion>) -> std:
 }
 
 fn channel(stream: TcpStream) -> Result<Channel, TransportError> {
-    let tx = stream.try_clone().map_err(io("cloning a socket"))?;
-    let closer = stream.try_clone().map_err(io("cloning a socket"))?;
-    Ok(Channel {
-        tx: Box::new(tx),
-        rx: Box::new(stream),
-        closer: Some(Box::new(move || {
-            let _ = closer.shutdown(Shutdown::Both);
-        })),
-    })
+    group::socket_channel(stream)
 }
 
 impl Transport for TcpTransport {

@@ -9,7 +9,7 @@
 //! encrypts under the connection lock, and writes outside it.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,26 +52,31 @@ impl TlsTransport {
     }
 }
 
-/// Says what a failed handshake means for the operator.
+/// Says what a failed handshake means for the operator, from the rustls error inside.
 fn explain(e: &io::Error, we_are_client: bool) -> String {
-    let text = e.to_string();
-    let lower = text.to_lowercase();
-    if lower.contains("applicationverificationfailure") || lower.contains("not pinned") {
-        if we_are_client {
-            "the destination's certificate is not the pinned one (check --peer)".into()
-        } else {
-            "the source's certificate is not pinned here (check --peer)".into()
-        }
-    } else if lower.contains("accessdenied") || lower.contains("certificaterequired") {
-        if we_are_client {
-            "the destination refused our certificate (is our fingerprint pinned there?)".into()
-        } else {
-            "the source refused our certificate (is our fingerprint pinned there?)".into()
-        }
-    } else if lower.contains("corrupt message") || lower.contains("invalid content type") {
-        "the peer does not speak TLS (plaintext tcp? both sides need --transport tls)".into()
+    use rustls::AlertDescription as A;
+    let peer = if we_are_client {
+        "destination"
     } else {
-        format!("TLS handshake failed: {text}")
+        "source"
+    };
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        // Our verifier turned the peer's certificate down.
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            format!("the {peer}'s certificate is not the pinned one (check --peer)")
+        }
+        // The peer's verifier turned ours down.
+        Some(rustls::Error::AlertReceived(
+            A::AccessDenied
+            | A::BadCertificate
+            | A::CertificateRequired
+            | A::CertificateUnknown
+            | A::UnknownCA,
+        )) => format!("the {peer} refused our certificate (is our fingerprint pinned there?)"),
+        Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
+            "the peer does not speak TLS (plaintext tcp? both sides need --transport tls)".into()
+        }
+        _ => format!("TLS handshake failed: {e}"),
     }
 }
 
@@ -175,7 +180,7 @@ impl Write for TlsWriter {
 
 fn channel(conn: rustls::Connection, sock: TcpStream) -> Result<Channel, TransportError> {
     let send = sock.try_clone().map_err(io("cloning a socket"))?;
-    let closer = sock.try_clone().map_err(io("cloning a socket"))?;
+    let closer = group::closer(&sock)?;
     let shared = Arc::new(Shared {
         conn: Mutex::new(conn),
         send: Mutex::new(send),
@@ -193,9 +198,7 @@ fn channel(conn: rustls::Connection, sock: TcpStream) -> Result<Channel, Transpo
             len: 0,
             scratch: Vec::new(),
         }),
-        closer: Some(Box::new(move || {
-            let _ = closer.shutdown(Shutdown::Both);
-        })),
+        closer: Some(closer),
     })
 }
 

@@ -2,7 +2,6 @@
 //! address is the socket's path; who may connect is decided by its file permissions.
 
 use std::io::{Read, Write};
-use std::net::Shutdown;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -34,15 +33,7 @@ fn channel(s: UnixStream, io_timeout: Duration) -> Result<Channel, TransportErro
         .map_err(io("configuring a socket"))?;
     s.set_write_timeout(Some(io_timeout))
         .map_err(io("configuring a socket"))?;
-    let tx = s.try_clone().map_err(io("cloning a socket"))?;
-    let closer = s.try_clone().map_err(io("cloning a socket"))?;
-    Ok(Channel {
-        tx: Box::new(tx),
-        rx: Box::new(s),
-        closer: Some(Box::new(move || {
-            let _ = closer.shutdown(Shutdown::Both);
-        })),
-    })
+    group::socket_channel(s)
 }
 
 impl Transport for UnixTransport {
