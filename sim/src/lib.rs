@@ -9,7 +9,6 @@
 //! [0] header | page ledger (8 B per page) | block ledger (8 B per block) | data pages ...
 //! ```
 
-mod disk;
 mod fill;
 mod memory;
 mod state;
@@ -24,8 +23,8 @@ use std::thread::JoinHandle;
 use ferry_core::bitmap::DirtyBitmap;
 use ferry_core::guest::{DiskLayout, GuestError, GuestLayout, OracleReport};
 
-pub use disk::SimDisk;
-pub use fill::{random_bytes, Fill};
+pub use ferry_disk::DiskImage;
+pub use ferry_disk::{random_bytes, Fill};
 pub use memory::GuestMemory;
 pub use workload::{Pattern, Regs, WorkloadConfig};
 
@@ -153,7 +152,7 @@ type CheckResult = (u64, Vec<String>);
 /// Shared state of a sim guest (the threads hold an `Arc` of it).
 pub struct Inner {
     mem: GuestMemory,
-    disks: Vec<SimDisk>,
+    disks: Vec<DiskImage>,
     map: MemMap,
     page_log: DirtyBitmap,
     ctl: RunControl,
@@ -335,11 +334,11 @@ impl SimGuest {
     fn build(
         pages: u64,
         page_size: u32,
-        disks: Vec<SimDisk>,
+        disks: Vec<DiskImage>,
         workload: WorkloadConfig,
         incoming: bool,
     ) -> Result<Self, SimError> {
-        let blocks = disks.first().map_or(0, SimDisk::blocks);
+        let blocks = disks.first().map_or(0, DiskImage::blocks);
         let map = MemMap::new(pages, u64::from(page_size), blocks).map_err(SimError::Config)?;
         let mem = GuestMemory::new(pages, page_size as usize, incoming).map_err(|source| {
             SimError::Io {
@@ -423,18 +422,20 @@ impl SimGuest {
                     cfg.disk_size
                 )));
             }
-            let (disk, created) = SimDisk::open_or_create(path, cfg.block_size, cfg.disk_size / bs)
-                .map_err(|source| SimError::Io {
-                    what: format!("opening disk image {}", path.display()),
-                    source,
-                })?;
+            let (disk, created) =
+                DiskImage::open_or_create(path, cfg.block_size, cfg.disk_size / bs).map_err(
+                    |source| SimError::Io {
+                        what: format!("opening disk image {}", path.display()),
+                        source,
+                    },
+                )?;
             if created {
-                fill::prefill_disk(&disk, cfg.disk_used, cfg.workload.seed).map_err(|source| {
-                    SimError::Io {
+                ferry_disk::prefill_disk(&disk, cfg.disk_used, cfg.workload.seed).map_err(
+                    |source| SimError::Io {
                         what: format!("filling disk image {}", path.display()),
                         source,
-                    }
-                })?;
+                    },
+                )?;
                 // Generation 1 began with the empty image: the fill is written since.
                 if let Ok(a) = disk.allocated() {
                     for b in a.iter_ones() {
@@ -473,12 +474,12 @@ impl SimGuest {
             let path = dir.join(&d.name);
             // An image of the right size already here is kept: it may be a base for an
             // incremental migration (the source decides; `prepare_disk` applies it).
-            let (disk, new) = match SimDisk::open_or_create(&path, d.block_size, d.blocks) {
+            let (disk, new) = match DiskImage::open_or_create(&path, d.block_size, d.blocks) {
                 Ok(x) => x,
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
                     tracing::warn!("replacing {}: {e}", path.display());
                     std::fs::remove_file(&path).map_err(gerr("replacing a disk image"))?;
-                    SimDisk::open_or_create(&path, d.block_size, d.blocks)
+                    DiskImage::open_or_create(&path, d.block_size, d.blocks)
                         .map_err(gerr("creating a disk image"))?
                 }
                 Err(e) => return Err(gerr("opening a disk image")(e)),
@@ -548,7 +549,7 @@ impl SimGuest {
     }
 
     /// The disks (for inspection).
-    pub fn disks(&self) -> &[SimDisk] {
+    pub fn disks(&self) -> &[DiskImage] {
         &self.inner.disks
     }
 
@@ -613,7 +614,7 @@ impl SimGuest {
         self.inner.mem.read(index, buf)
     }
 
-    fn disk(&self, d: usize) -> Result<&SimDisk, GuestError> {
+    fn disk(&self, d: usize) -> Result<&DiskImage, GuestError> {
         self.inner.disks.get(d).ok_or(GuestError::OutOfRange {
             what: "disk",
             index: d as u64,

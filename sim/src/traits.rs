@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_core::bitmap::Bitmap;
 use ferry_core::guest::{DestGuest, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob};
 
-use crate::{gerr, state, SimDisk, SimGuest};
+use crate::{gerr, state, DiskImage, SimGuest};
 
 impl SimGuest {
     pub(crate) fn current_layout(&self) -> GuestLayout {
@@ -132,7 +132,7 @@ impl DestGuest for SimGuest {
         self.inner
             .disks
             .get(disk)
-            .map_or(ferry_core::guest::Base::None, SimDisk::base)
+            .map_or(ferry_core::guest::Base::None, DiskImage::base)
     }
 
     fn set_owed(

@@ -12,7 +12,7 @@ use ferry_core::guest::{Base, DiskPlan};
 use ferry_core::image::{sidecar_path, ImageIdentity, Sidecar, SidecarState, SidecarStatus};
 
 /// One disk image.
-pub struct SimDisk {
+pub struct DiskImage {
     file: File,
     path: PathBuf,
     block_size: u32,
@@ -58,7 +58,7 @@ fn new_id() -> [u8; 16] {
     id
 }
 
-impl SimDisk {
+impl DiskImage {
     /// Opens `path`, creating it sparse with `blocks` blocks when missing; an existing
     /// image must have exactly that size. Reads its sidecar: a valid, closed one continues
     /// the image's generation; an open one (a crash), a corrupt one or none leaves the
@@ -230,8 +230,8 @@ impl SimDisk {
 
     /// A migration arrived here: this image now continues `source`'s image in the
     /// generation after `source.generation`, with nothing written yet. Recorded in memory
-    /// only: until the next [`SimDisk::persist`] the image has no sidecar (removed by
-    /// [`SimDisk::prepare`]), so a crash leaves it untrusted, never wrongly trusted.
+    /// only: until the next [`DiskImage::persist`] the image has no sidecar (removed by
+    /// [`DiskImage::prepare`]), so a crash leaves it untrusted, never wrongly trusted.
     pub fn adopt(&self, source: ImageIdentity) -> Result<(), ferry_core::image::SidecarError> {
         {
             let mut m = self.meta();
@@ -514,7 +514,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("d.img");
         let _ = std::fs::remove_file(&path);
-        let (disk, _) = SimDisk::open_or_create(&path, 4096, 8).unwrap();
+        let (disk, _) = DiskImage::open_or_create(&path, 4096, 8).unwrap();
         let disk = Arc::new(disk);
         let pulls = Arc::new(AtomicU64::new(0));
         let mut owed = Bitmap::new(8);

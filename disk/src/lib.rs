@@ -1,0 +1,9 @@
+//! Guest storage shared by Ferry's backends (the sim guest, KVM, Xen's block back-end):
+//! raw, sparse disk images with a dirty-block log, generation metadata for incremental
+//! migration back, and post-copy owed blocks; plus the initial content of new guests.
+
+pub mod content;
+pub mod image;
+
+pub use content::{prefill_disk, random_bytes, Fill};
+pub use image::DiskImage;
