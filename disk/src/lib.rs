@@ -4,6 +4,8 @@
 
 pub mod content;
 pub mod image;
+pub mod set;
 
 pub use content::{prefill_disk, random_bytes, Fill};
 pub use image::DiskImage;
+pub use set::{DiskSpec, GuestDisks};

@@ -21,8 +21,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use ferry_core::bitmap::DirtyBitmap;
-use ferry_core::guest::{DiskLayout, GuestError, GuestLayout, OracleReport};
+use ferry_core::guest::{GuestError, GuestLayout, OracleReport};
 
+use ferry_disk::set::{DiskSpec, GuestDisks};
 pub use ferry_disk::DiskImage;
 pub use ferry_disk::{random_bytes, Fill};
 pub use memory::GuestMemory;
@@ -152,7 +153,7 @@ type CheckResult = (u64, Vec<String>);
 /// Shared state of a sim guest (the threads hold an `Arc` of it).
 pub struct Inner {
     mem: GuestMemory,
-    disks: Vec<DiskImage>,
+    disks: GuestDisks,
     map: MemMap,
     page_log: DirtyBitmap,
     ctl: RunControl,
@@ -209,7 +210,7 @@ impl Inner {
 
     /// One guest disk write: a sequence-numbered block, then its ledger entry.
     fn write_block_version(&self, b: u64) -> std::io::Result<()> {
-        let Some(disk) = self.disks.first() else {
+        let Some(disk) = self.disks.images().first() else {
             return Ok(());
         };
         let lo = self.map.bledger(b);
@@ -257,7 +258,7 @@ impl Inner {
 
     /// Checks every block of disk 0 against the block ledger.
     fn check_blocks(&self) -> CheckResult {
-        let Some(disk) = self.disks.first() else {
+        let Some(disk) = self.disks.images().first() else {
             return (0, Vec::new());
         };
         let mut checked = 0;
@@ -319,26 +320,18 @@ pub struct SimGuest {
     started: AtomicBool,
     incoming: bool,
     /// For a received guest: each disk's source identity, and whether we created the file.
-    incoming_disks: Vec<(Option<ferry_core::image::ImageIdentity>, bool)>,
     layout: GuestLayout,
-}
-
-fn gerr(what: &str) -> impl FnOnce(std::io::Error) -> GuestError + '_ {
-    move |source| GuestError::Io {
-        what: what.to_string(),
-        source,
-    }
 }
 
 impl SimGuest {
     fn build(
         pages: u64,
         page_size: u32,
-        disks: Vec<DiskImage>,
+        disks: GuestDisks,
         workload: WorkloadConfig,
         incoming: bool,
     ) -> Result<Self, SimError> {
-        let blocks = disks.first().map_or(0, DiskImage::blocks);
+        let blocks = disks.images().first().map_or(0, DiskImage::blocks);
         let map = MemMap::new(pages, u64::from(page_size), blocks).map_err(SimError::Config)?;
         let mem = GuestMemory::new(pages, page_size as usize, incoming).map_err(|source| {
             SimError::Io {
@@ -359,19 +352,7 @@ impl SimGuest {
             backend: BACKEND.into(),
             page_size,
             pages,
-            disks: disks
-                .iter()
-                .map(|d| DiskLayout {
-                    name: d
-                        .path()
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "disk0.img".into()),
-                    block_size: d.block_size(),
-                    blocks: d.blocks(),
-                    identity: Some(d.identity()),
-                })
-                .collect(),
+            disks: disks.layouts(),
         };
         let inner = Inner {
             mem,
@@ -398,7 +379,6 @@ impl SimGuest {
             threads: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
             incoming,
-            incoming_disks: Vec::new(),
             layout,
         })
     }
@@ -413,42 +393,21 @@ impl SimGuest {
                 cfg.memory
             )));
         }
-        let mut disks = Vec::new();
-        if let Some(path) = &cfg.disk_path {
-            let bs = u64::from(cfg.block_size);
-            if cfg.disk_size == 0 || !cfg.disk_size.is_multiple_of(bs) {
-                return Err(SimError::Config(format!(
-                    "disk size {} is not a positive multiple of the block size {bs}",
-                    cfg.disk_size
-                )));
-            }
-            let (disk, created) =
-                DiskImage::open_or_create(path, cfg.block_size, cfg.disk_size / bs).map_err(
-                    |source| SimError::Io {
-                        what: format!("opening disk image {}", path.display()),
-                        source,
-                    },
-                )?;
-            if created {
-                ferry_disk::prefill_disk(&disk, cfg.disk_used, cfg.workload.seed).map_err(
-                    |source| SimError::Io {
-                        what: format!("filling disk image {}", path.display()),
-                        source,
-                    },
-                )?;
-                // Generation 1 began with the empty image: the fill is written since.
-                if let Ok(a) = disk.allocated() {
-                    for b in a.iter_ones() {
-                        disk.gen_log.set(b);
-                    }
-                }
-            }
-            disk.start_live().map_err(|e| SimError::Io {
-                what: format!("writing metadata for {}", path.display()),
-                source: std::io::Error::other(ferry_core::engine::error_chain(&e)),
-            })?;
-            disks.push(disk);
-        }
+        let specs: Vec<DiskSpec> = cfg
+            .disk_path
+            .iter()
+            .map(|path| DiskSpec {
+                path: path.clone(),
+                block_size: cfg.block_size,
+                size: cfg.disk_size,
+                used: cfg.disk_used,
+                seed: cfg.workload.seed,
+            })
+            .collect();
+        let disks = GuestDisks::open_live(&specs).map_err(|e| match e {
+            GuestError::Io { what, source } => SimError::Io { what, source },
+            e => SimError::Config(e.to_string()),
+        })?;
         let g = Self::build(cfg.memory / ps, cfg.page_size, disks, cfg.workload, false)?;
         let map = g.inner.map;
         fill::fill_memory(&g.inner.mem, map.data_start, &cfg.fill, cfg.workload.seed)
@@ -467,28 +426,9 @@ impl SimGuest {
                 layout.backend
             )));
         }
-        std::fs::create_dir_all(dir).map_err(gerr("creating the destination directory"))?;
-        let mut disks = Vec::new();
-        let mut created = Vec::new();
-        for d in &layout.disks {
-            let path = dir.join(&d.name);
-            // An image of the right size already here is kept: it may be a base for an
-            // incremental migration (the source decides; `prepare_disk` applies it).
-            let (disk, new) = match DiskImage::open_or_create(&path, d.block_size, d.blocks) {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                    tracing::warn!("replacing {}: {e}", path.display());
-                    std::fs::remove_file(&path).map_err(gerr("replacing a disk image"))?;
-                    DiskImage::open_or_create(&path, d.block_size, d.blocks)
-                        .map_err(gerr("creating a disk image"))?
-                }
-                Err(e) => return Err(gerr("opening a disk image")(e)),
-            };
-            disks.push(disk);
-            created.push(new);
-        }
+        let disks = GuestDisks::incoming(&layout.disks, dir)?;
         // The real workload settings arrive with the state; a placeholder until then.
-        let mut g = Self::build(
+        let g = Self::build(
             layout.pages,
             layout.page_size,
             disks,
@@ -496,12 +436,6 @@ impl SimGuest {
             true,
         )
         .map_err(|e| GuestError::Unsupported(e.to_string()))?;
-        g.incoming_disks = layout
-            .disks
-            .iter()
-            .zip(created)
-            .map(|(d, c)| (d.identity, c))
-            .collect();
         Ok(g)
     }
 
@@ -540,17 +474,13 @@ impl SimGuest {
             let _ = t.join();
         }
         if self.started.load(Ordering::SeqCst) {
-            for d in &self.inner.disks {
-                if let Err(e) = d.persist(ferry_core::image::SidecarState::Closed) {
-                    tracing::warn!("{}", ferry_core::engine::error_chain(&e));
-                }
-            }
+            self.inner.disks.close();
         }
     }
 
     /// The disks (for inspection).
     pub fn disks(&self) -> &[DiskImage] {
-        &self.inner.disks
+        self.inner.disks.images()
     }
 
     /// Workload progress.
@@ -602,24 +532,12 @@ impl SimGuest {
 
     /// Disk images.
     pub fn disk_paths(&self) -> Vec<PathBuf> {
-        self.inner
-            .disks
-            .iter()
-            .map(|d| d.path().to_path_buf())
-            .collect()
+        self.inner.disks.paths()
     }
 
     /// Reads page `index` (tests).
     pub fn peek_page(&self, index: u64, buf: &mut [u8]) -> bool {
         self.inner.mem.read(index, buf)
-    }
-
-    fn disk(&self, d: usize) -> Result<&DiskImage, GuestError> {
-        self.inner.disks.get(d).ok_or(GuestError::OutOfRange {
-            what: "disk",
-            index: d as u64,
-            limit: self.inner.disks.len() as u64,
-        })
     }
 
     fn page_range(&self, index: u64) -> Result<(), GuestError> {

@@ -6,12 +6,12 @@ use std::time::Duration;
 use ferry_core::bitmap::Bitmap;
 use ferry_core::guest::{DestGuest, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob};
 
-use crate::{gerr, state, DiskImage, SimGuest};
+use crate::{state, SimGuest};
 
 impl SimGuest {
     pub(crate) fn current_layout(&self) -> GuestLayout {
         let mut l = self.layout.clone();
-        for (dl, d) in l.disks.iter_mut().zip(&self.inner.disks) {
+        for (dl, d) in l.disks.iter_mut().zip(self.inner.disks.images()) {
             dl.identity = Some(d.identity());
         }
         l
@@ -24,7 +24,7 @@ impl SourceGuest for SimGuest {
     }
 
     fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
-        self.inner.disks.get(disk)?.written_since(generation)
+        self.inner.disks.written_since(disk, generation)
     }
 
     fn limit_disk_writes(&self, blocks_per_second: Option<u64>) {
@@ -52,28 +52,22 @@ impl SourceGuest for SimGuest {
     }
 
     fn start_block_log(&self) -> Result<(), GuestError> {
-        for d in &self.inner.disks {
-            d.log.clear();
-        }
+        self.inner.disks.start_block_log();
         Ok(())
     }
 
     fn stop_block_log(&self) {}
 
     fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        Ok(self.disk(disk)?.log.take())
+        self.inner.disks.fetch_dirty_blocks(disk)
     }
 
     fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
-        if let Ok(d) = self.disk(disk) {
-            d.log.merge(blocks);
-        }
+        self.inner.disks.merge_dirty_blocks(disk, blocks);
     }
 
     fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.disk(disk)?
-            .allocated()
-            .map_err(gerr("finding allocated blocks"))
+        self.inner.disks.allocated_blocks(disk)
     }
 
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
@@ -83,9 +77,7 @@ impl SourceGuest for SimGuest {
     }
 
     fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.disk(disk)?
-            .read(index, buf)
-            .map_err(gerr("reading a block"))
+        self.inner.disks.read_block(disk, index, buf)
     }
 
     fn pause(&self) -> Result<(), GuestError> {
@@ -114,11 +106,7 @@ impl SourceGuest for SimGuest {
 
     fn handed_over(&self) {
         // Copies left here become the base the next generation starts from.
-        for d in &self.inner.disks {
-            if let Err(e) = d.hand_over() {
-                tracing::warn!("{}", ferry_core::engine::error_chain(&e));
-            }
-        }
+        self.inner.disks.hand_over();
         self.stop();
     }
 }
@@ -129,10 +117,7 @@ impl DestGuest for SimGuest {
     }
 
     fn base(&self, disk: usize) -> ferry_core::guest::Base {
-        self.inner
-            .disks
-            .get(disk)
-            .map_or(ferry_core::guest::Base::None, DiskImage::base)
+        self.inner.disks.base(disk)
     }
 
     fn set_owed(
@@ -141,14 +126,11 @@ impl DestGuest for SimGuest {
         owed: Bitmap,
         pull: ferry_core::guest::PullFn,
     ) -> Result<(), GuestError> {
-        self.disk(disk)?.set_owed(disk, owed, pull);
-        Ok(())
+        self.inner.disks.set_owed(disk, owed, pull)
     }
 
     fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
-        self.disk(disk)?
-            .fill_owed(index, data)
-            .map_err(gerr("writing a late block"))
+        self.inner.disks.fill_owed(disk, index, data)
     }
 
     fn prepare_disk(
@@ -156,9 +138,7 @@ impl DestGuest for SimGuest {
         disk: usize,
         plan: ferry_core::guest::DiskPlan,
     ) -> Result<(), GuestError> {
-        self.disk(disk)?
-            .prepare(plan)
-            .map_err(gerr("preparing a disk image"))
+        self.inner.disks.prepare(disk, plan)
     }
 
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
@@ -182,39 +162,19 @@ impl DestGuest for SimGuest {
     }
 
     fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.disk(disk)?
-            .write(index, data)
-            .map_err(gerr("writing a block"))
+        self.inner.disks.write_block(disk, index, data)
     }
 
     fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
-        self.disk(disk)?
-            .zero(index)
-            .map_err(gerr("zeroing a block"))
+        self.inner.disks.zero_block(disk, index)
     }
 
     fn flush(&self) -> Result<(), GuestError> {
-        for d in &self.inner.disks {
-            d.flush().map_err(gerr("flushing a disk image"))?;
-        }
-        // After resuming, record the images' new identity (kept out of the downtime).
-        if self.started.load(Ordering::SeqCst) {
-            for d in &self.inner.disks {
-                d.persist(ferry_core::image::SidecarState::Open)
-                    .map_err(|e| GuestError::Io {
-                        what: "writing image metadata".into(),
-                        source: std::io::Error::other(ferry_core::engine::error_chain(&e)),
-                    })?;
-            }
-        }
-        Ok(())
+        self.inner.disks.flush(self.started.load(Ordering::SeqCst))
     }
 
     fn start_writeback(&self) -> Result<(), GuestError> {
-        for d in &self.inner.disks {
-            d.start_writeback().map_err(gerr("starting write-back"))?;
-        }
-        Ok(())
+        self.inner.disks.start_writeback()
     }
 
     fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {
@@ -254,14 +214,7 @@ impl DestGuest for SimGuest {
     fn resume(&self) -> Result<(), GuestError> {
         if self.incoming && !self.started.load(Ordering::SeqCst) {
             // The images continue the source's, one generation on.
-            for (d, (id, _)) in self.inner.disks.iter().zip(&self.incoming_disks) {
-                if let Some(id) = id {
-                    d.adopt(*id).map_err(|e| GuestError::Io {
-                        what: "writing image metadata".into(),
-                        source: std::io::Error::other(ferry_core::engine::error_chain(&e)),
-                    })?;
-                }
-            }
+            self.inner.disks.adopt_incoming()?;
         }
         self.start();
         Ok(())
@@ -308,15 +261,6 @@ impl DestGuest for SimGuest {
 
     fn discard(&self) {
         self.stop();
-        for (i, d) in self.inner.disks.iter().enumerate() {
-            d.retire();
-            // Images created for this migration go; a pre-existing one (a base) stays,
-            // its metadata already removed by `prepare_disk`, so it is never trusted.
-            let created = self.incoming_disks.get(i).is_none_or(|(_, c)| *c);
-            if created {
-                let _ = std::fs::remove_file(d.path());
-                let _ = std::fs::remove_file(ferry_core::image::sidecar_path(d.path()));
-            }
-        }
+        self.inner.disks.discard();
     }
 }
