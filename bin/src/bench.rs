@@ -5,7 +5,6 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -188,19 +187,8 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
 }
 
 fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
-    let guest = GuestArgs {
-        memory: a.memory,
-        disk: None,
-        disk_size: 0,
-        no_disk: true,
-        disk_used: 0.0,
-        workload: ferry_sim::Pattern::Idle,
-        dirty_rate: "0".into(),
-        disk_rate: 0,
-        threads: 1,
-        fill: "random".into(),
-        seed: 1,
-    };
+    let guest = GuestArgs::for_bench(a.memory, "random", "idle", "0", 1);
+
     // Loopback between our own processes: plain TCP, as the baseline it is compared to.
     let mig = MigrationArgs {
         downtime: "50ms".into(),
@@ -217,7 +205,7 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         tcp.push(tcp_once(a.memory, Baseline::Memory)?);
         let started = guest.start()?;
         let mut dest = Destination::spawn("30s", &mig.peer)?;
-        let r = crate::host::run_source(Arc::clone(&started.guest), &dest.addr, &mig, &|_| {})?;
+        let r = crate::host::run_source(started.guest.clone(), &dest.addr, &mig, &|_| {})?;
         let _ = crate::host::request(&dest.control, &crate::host::Request::Stop, |_| {});
         dest.finish();
         anyhow::ensure!(r.ok && r.verified, "migration {i} failed: {:?}", r.error);

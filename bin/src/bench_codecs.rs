@@ -3,7 +3,6 @@
 //! ratio, effective throughput, total time and downtime.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Args;
 use serde_json::json;
@@ -75,7 +74,7 @@ pub fn run(a: CodecsArgs) -> anyhow::Result<ExitCode> {
             let started = a.guest.start()?;
             let mut dest = Destination::spawn("30s", &migration(codec).peer)?;
             let r = crate::host::run_source(
-                Arc::clone(&started.guest),
+                started.guest.clone(),
                 &dest.addr,
                 &migration(codec),
                 &|_| {},
@@ -143,7 +142,7 @@ pub fn run(a: CodecsArgs) -> anyhow::Result<ExitCode> {
             "{}",
             json!({"max_bandwidth": a.max_bandwidth, "channels": a.channels,
                 "memory_bytes": a.guest.memory, "fill": a.guest.fill,
-                "workload": format!("{:?}", a.guest.workload).to_lowercase(), "codecs": rows})
+                "workload": a.guest.workload_name(), "codecs": rows})
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
@@ -293,19 +292,14 @@ fn one(
     wan: Option<&ferry_wan::Wan>,
     row: &Row,
 ) -> anyhow::Result<ferry_core::Report> {
-    let guest = GuestArgs {
-        memory: parse_size(&a.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
-        disk: None,
-        disk_size: 0,
-        no_disk: true,
-        disk_used: 0.0,
-        workload: ferry_sim::Pattern::parse(&row.workload).map_err(|e| anyhow::anyhow!(e))?,
-        dirty_rate: a.dirty_rate.clone(),
-        disk_rate: 0,
-        threads: 1,
-        fill: a.fill.clone(),
-        seed: 7 + u64::from(row.run),
-    };
+    let guest = GuestArgs::for_bench(
+        parse_size(&a.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
+        &a.fill,
+        &row.workload,
+        &a.dirty_rate,
+        7 + u64::from(row.run),
+    );
+
     let mut mig = MigrationArgs::for_bench(&row.codec, &row.transport, row.channels);
     let ((src_peer, dst_peer), _keys) = mig.peer.clone().for_both_ends()?;
     mig.peer = src_peer;
@@ -316,7 +310,7 @@ fn one(
     let mut dest = Destination::spawn_at("30s", &dst_peer, netns, &bind)?;
     let started = guest.start()?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let g = Arc::clone(&started.guest);
+    let g = started.guest.clone();
     let to = dest.addr.clone();
     let report = std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<ferry_core::Report> {

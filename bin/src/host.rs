@@ -12,10 +12,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use anyhow::Context;
 use ferry_core::engine;
 use ferry_core::report::{Progress, Report};
-use ferry_sim::SimGuest;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::guest::Hosted;
 use crate::opts::MigrationArgs;
 
 /// Lifecycle of the hosted guest.
@@ -63,7 +63,7 @@ pub enum Request {
 
 /// The process-wide host.
 pub struct Host {
-    guest: Mutex<Option<Arc<SimGuest>>>,
+    guest: Mutex<Option<Hosted>>,
     state: Mutex<HostState>,
     last_report: Mutex<Option<Value>>,
     role: &'static str,
@@ -72,7 +72,7 @@ pub struct Host {
 
 impl Host {
     /// Hosts `guest` in `state`.
-    pub fn new(guest: Arc<SimGuest>, state: HostState, role: &'static str) -> Arc<Self> {
+    pub fn new(guest: Hosted, state: HostState, role: &'static str) -> Arc<Self> {
         let h = Self::listening(role);
         h.attach(guest, state);
         h
@@ -90,7 +90,7 @@ impl Host {
     }
 
     /// Installs the guest (a migration arrived) in `state`.
-    pub fn attach(&self, guest: Arc<SimGuest>, state: HostState) {
+    pub fn attach(&self, guest: Hosted, state: HostState) {
         *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = Some(guest);
         self.set_state(state);
     }
@@ -105,7 +105,7 @@ impl Host {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
-    fn guest(&self) -> Option<Arc<SimGuest>> {
+    fn guest(&self) -> Option<Hosted> {
         self.guest.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -133,28 +133,27 @@ impl Host {
     /// The state as reported by `status`.
     pub fn status(&self) -> Value {
         let guest = self.guest();
-        let (stats, workload, memory, disks) = match &guest {
+        let (stats, workload, memory, disks, backend) = match &guest {
             Some(g) => {
-                let s = g.stats();
-                let w = g.workload();
-                let l = ferry_core::SourceGuest::layout(&**g);
+                let (stats, workload) = g.status();
                 (
-                    json!({"page_writes": s.page_writes, "block_writes": s.block_writes, "running": s.running}),
-                    json!({"pattern": w.pattern.name(), "dirty_rate": w.dirty_rate, "disk_rate": w.disk_rate, "threads": w.threads}),
-                    l.memory_bytes(),
+                    stats,
+                    workload,
+                    g.source().layout().memory_bytes(),
                     g.disk_paths()
                         .iter()
                         .map(|p| p.display().to_string())
                         .collect::<Vec<_>>(),
+                    Value::from(g.backend()),
                 )
             }
-            None => (Value::Null, Value::Null, 0, Vec::new()),
+            None => (Value::Null, Value::Null, 0, Vec::new(), Value::Null),
         };
         json!({
             "event": "status",
             "state": self.state(),
             "role": self.role,
-            "backend": ferry_sim::BACKEND,
+            "backend": backend,
             "pid": std::process::id(),
             "memory_bytes": memory,
             "disks": disks,
@@ -270,7 +269,7 @@ impl Host {
                     self.set_state(HostState::Running);
                     send(json!({"event": "ok"}))
                 } else {
-                    ferry_core::DestGuest::discard(&*g);
+                    g.dest().discard();
                     *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.set_state(HostState::Stopped);
                     // Answer before the process is told to exit.
@@ -344,7 +343,7 @@ impl Drop for ControlSocket {
 
 /// Runs the source side of a migration of `guest` to `to`.
 pub fn run_source(
-    guest: Arc<SimGuest>,
+    guest: Hosted,
     to: &str,
     args: &MigrationArgs,
     emit: &(dyn Fn(Progress) + Sync),
@@ -352,7 +351,7 @@ pub fn run_source(
     let cfg = args.source_config(to)?;
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
-    Ok(engine::migrate(guest, &*transport, codec, &cfg, emit))
+    Ok(engine::migrate(guest.source(), &*transport, codec, &cfg, emit))
 }
 
 /// Sends `req` to the control socket at `path` and calls `on_line` for each answer line;

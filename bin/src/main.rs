@@ -6,6 +6,7 @@ mod bench;
 mod bench_codecs;
 mod bench_matrix;
 mod child;
+mod guest;
 mod host;
 mod opts;
 mod output;
@@ -15,15 +16,15 @@ mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ferry_core::engine::{self, DestConfig, DestOutcome};
-use ferry_core::{DestGuest, GuestLayout};
-use ferry_sim::SimGuest;
+use ferry_core::GuestLayout;
 use serde_json::{json, Value};
 
+use guest::Hosted;
 use host::{Host, HostState, Request};
 use opts::{GuestArgs, MigrationArgs};
 use output::{print_summary, ProgressView};
@@ -42,7 +43,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a sim guest in this process until it is stopped or migrated away.
+    /// Run a guest (sim, or kvm with `--backend kvm`) in this process until it is stopped
+    /// or migrated away.
     Run(RunArgs),
     /// Receive a migration, verify it, resume the guest and keep running it.
     Listen(ListenArgs),
@@ -126,6 +128,10 @@ struct ListenArgs {
     /// Silence from the source longer than this aborts the receive.
     #[arg(long, default_value = "10s")]
     timeout: String,
+    /// For a received kvm guest: how its dirty pages are collected when it migrates on,
+    /// `bitmap` or `ring`.
+    #[arg(long, default_value = "bitmap", value_parser = ["bitmap", "ring"])]
+    dirty_log: String,
     /// Print the destination's report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -219,14 +225,15 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn describe(g: &GuestArgs) -> String {
     format!(
-        "{} memory, {}, workload {} at {} page writes/s{}",
+        "{} {} memory, {}, workload {} at {} page writes/s{}",
+        g.backend,
         units::human_bytes(g.memory),
         if g.no_disk {
             "no disk".to_string()
         } else {
             format!("{} disk", units::human_bytes(g.disk_size))
         },
-        g.workload.name(),
+        g.workload_name(),
         g.dirty_rate,
         if g.no_disk {
             String::new()
@@ -238,7 +245,7 @@ fn describe(g: &GuestArgs) -> String {
 
 fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let started = a.guest.start()?;
-    let host = Host::new(Arc::clone(&started.guest), HostState::Running, "source");
+    let host = Host::new(started.guest.clone(), HostState::Running, "source");
     let _sock = host.serve(&a.control)?;
     eprintln!(
         "ferry: guest running ({}); control socket {}",
@@ -264,15 +271,16 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
     let channels = listener
         .accept()
         .map_err(|e| anyhow::anyhow!("accepting: {}", engine::error_chain(&e)))?;
-    let slot: Mutex<Option<Arc<SimGuest>>> = Mutex::new(None);
+    let slot: Mutex<Option<Hosted>> = Mutex::new(None);
     let dir = a.dir.clone();
+    let dirty_log = ferry_kvm::DirtyMode::parse(&a.dirty_log).map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
     let outcome = engine::receive(
         channels,
         &|layout: &GuestLayout| {
-            let g = Arc::new(SimGuest::incoming(layout, &dir)?);
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&g));
+            let g = Hosted::incoming(layout, &dir, dirty_log)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(g.clone());
             host.set_state(HostState::Receiving);
-            Ok(g as Arc<dyn DestGuest>)
+            Ok(g.dest())
         },
         &ferry_codecs::resolve,
         &DestConfig {
@@ -404,7 +412,7 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
             let started = a.guest.start()?;
             eprintln!("ferry: started a guest here ({})", describe(&a.guest));
             std::thread::sleep(warmup);
-            host::run_source(Arc::clone(&started.guest), &a.to, &a.migration, &|p| {
+            host::run_source(started.guest.clone(), &a.to, &a.migration, &|p| {
                 view.on(&p)
             })?
         }
@@ -519,7 +527,7 @@ fn demo(mut a: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     std::thread::sleep(warmup);
     let view = ProgressView::new(false);
-    let report = host::run_source(Arc::clone(&started.guest), &dest.addr, &a.migration, &|p| {
+    let report = host::run_source(started.guest.clone(), &dest.addr, &a.migration, &|p| {
         view.on(&p)
     })?;
     let mut after = json!(null);
@@ -535,7 +543,7 @@ fn demo(mut a: DemoArgs) -> anyhow::Result<ExitCode> {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
         };
-        let advancing = w(&s2) > w(&s1) || a.guest.workload == ferry_sim::Pattern::Idle;
+        let advancing = w(&s2) > w(&s1) || a.guest.workload_name() == "idle";
         let check_ok = check.get("ok").and_then(Value::as_bool).unwrap_or(false);
         dest_ok = advancing && check_ok;
         eprintln!(

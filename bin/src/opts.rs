@@ -9,13 +9,21 @@ use ferry_core::codec::CodecFactory;
 use ferry_core::engine::{SourceConfig, StorageMode, Throttle};
 use ferry_core::policy::ConvergencePolicy;
 use ferry_core::wire::VerifyMode;
+use ferry_disk::DiskSpec;
 use ferry_sim::{Fill, Pattern, SimConfig, SimGuest, WorkloadConfig};
+
+use crate::guest::Hosted;
 
 use crate::units::{parse_duration, parse_fraction, parse_rate, parse_size};
 
-/// The sim guest to start.
+/// The guest to start.
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
+    /// Guest backend: `sim` (the embedded default: memory, disk and workload threads in
+    /// this process) or `kvm` (a hardware-virtualized VM on /dev/kvm running Ferry's
+    /// bundled ring-3 guest program and block device).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
+    pub backend: String,
     /// Guest memory size.
     #[arg(long, value_parser = parse_size, default_value = "256MiB")]
     pub memory: u64,
@@ -31,16 +39,17 @@ pub struct GuestArgs {
     /// Share of a new disk image filled with data (0..1 or a percentage).
     #[arg(long, value_parser = parse_fraction, default_value = "0.5")]
     pub disk_used: f64,
-    /// Write pattern: uniform, hotspot, sequential, idle.
-    #[arg(long, value_parser = Pattern::parse, default_value = "hotspot")]
-    pub workload: Pattern,
+    /// Write pattern. sim: uniform, hotspot (default), sequential, idle. kvm: sequential
+    /// (default), scatter (every page once per pass in a scrambled order), idle.
+    #[arg(long)]
+    pub workload: Option<String>,
     /// Page writes per second (`100000`), or a byte rate (`400MiB/s`); 0 = unthrottled.
     #[arg(long, default_value = "100000")]
     pub dirty_rate: String,
     /// Disk block writes per second (0 = none).
     #[arg(long, default_value_t = 500)]
     pub disk_rate: u64,
-    /// Workload threads ("vCPUs").
+    /// Workload threads (sim) or vCPUs (kvm).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
     /// Initial memory content: zero (a fresh guest), random, or a file (a memory image,
@@ -50,6 +59,10 @@ pub struct GuestArgs {
     /// Workload seed.
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
+    /// kvm: how dirty pages are collected, `bitmap` (KVM_GET_DIRTY_LOG) or `ring` (the
+    /// per-vCPU dirty ring).
+    #[arg(long, default_value = "bitmap", value_parser = ["bitmap", "ring"])]
+    pub dirty_log: String,
 }
 
 /// Parses `--dirty-rate` into page writes per second.
@@ -64,12 +77,45 @@ pub fn dirty_rate_pages(s: &str, page_size: u64) -> anyhow::Result<u64> {
 /// A started guest plus the temporary directory holding its default disk.
 pub struct StartedGuest {
     /// The guest.
-    pub guest: Arc<SimGuest>,
+    pub guest: Hosted,
     /// Keeps the temporary disk alive.
     pub _tmp: Option<tempfile::TempDir>,
 }
 
 impl GuestArgs {
+    /// An idle-or-not sim guest without a disk, as the bench commands start.
+    pub fn for_bench(memory: u64, fill: &str, workload: &str, dirty_rate: &str, seed: u64) -> Self {
+        Self {
+            backend: "sim".into(),
+            memory,
+            disk: None,
+            disk_size: 0,
+            no_disk: true,
+            disk_used: 0.0,
+            workload: Some(workload.to_string()),
+            dirty_rate: dirty_rate.to_string(),
+            disk_rate: 0,
+            threads: 1,
+            fill: fill.to_string(),
+            seed,
+            dirty_log: "bitmap".into(),
+        }
+    }
+
+    /// The workload pattern's name (the backend's default when not given).
+    pub fn workload_name(&self) -> &str {
+        match (&self.workload, self.backend.as_str()) {
+            (Some(w), _) => w,
+            (None, "kvm") => "sequential",
+            (None, _) => "hotspot",
+        }
+    }
+
+    /// The sim workload pattern.
+    fn sim_pattern(&self) -> anyhow::Result<Pattern> {
+        Pattern::parse(self.workload_name()).map_err(|e| anyhow::anyhow!("--workload: {e}"))
+    }
+
     /// Builds the sim config; a default disk goes into a new temporary directory.
     pub fn config(&self) -> anyhow::Result<(SimConfig, Option<tempfile::TempDir>)> {
         let page_size = 4096u64;
@@ -115,7 +161,12 @@ impl GuestArgs {
                 disk_used: self.disk_used,
                 fill,
                 workload: WorkloadConfig {
-                    pattern: self.workload,
+                    // The KVM guest parses its own patterns (`kvm_guest`).
+                    pattern: if self.backend == "kvm" {
+                        Pattern::Idle
+                    } else {
+                        self.sim_pattern()?
+                    },
                     dirty_rate: dirty_rate_pages(&self.dirty_rate, page_size)?,
                     disk_rate: self.disk_rate,
                     threads: self.threads,
@@ -129,12 +180,46 @@ impl GuestArgs {
     /// Creates and starts the guest.
     pub fn start(&self) -> anyhow::Result<StartedGuest> {
         let (cfg, tmp) = self.config()?;
-        let guest = SimGuest::create(&cfg).context("creating the sim guest")?;
+        let guest = match self.backend.as_str() {
+            "kvm" => Hosted::Kvm(Arc::new(self.kvm_guest(&cfg)?)),
+            _ => Hosted::Sim(Arc::new(
+                SimGuest::create(&cfg).context("creating the sim guest")?,
+            )),
+        };
         guest.start();
-        Ok(StartedGuest {
-            guest: Arc::new(guest),
-            _tmp: tmp,
-        })
+        Ok(StartedGuest { guest, _tmp: tmp })
+    }
+
+    /// The KVM guest these flags describe (memory, disk and fill checked by `config`).
+    fn kvm_guest(&self, cfg: &SimConfig) -> anyhow::Result<ferry_kvm::KvmGuest> {
+        let pattern =
+            ferry_kvm::Pattern::parse(self.workload_name()).map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+        let dirty_mode =
+            ferry_kvm::DirtyMode::parse(&self.dirty_log).map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
+        ferry_kvm::layout::check_memory(self.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+        if usize::from(self.threads) > ferry_kvm::layout::MAX_VCPUS {
+            bail!("--threads: at most {} vCPUs", ferry_kvm::layout::MAX_VCPUS);
+        }
+        let kc = ferry_kvm::KvmConfig {
+            memory: self.memory,
+            vcpus: usize::from(self.threads),
+            workload: ferry_kvm::Workload {
+                pattern,
+                dirty_rate: cfg.workload.dirty_rate,
+                disk_rate: cfg.workload.disk_rate,
+            },
+            disk: cfg.disk_path.as_ref().map(|path| DiskSpec {
+                path: path.clone(),
+                block_size: 4096,
+                size: cfg.disk_size,
+                used: cfg.disk_used,
+                seed: cfg.workload.seed,
+            }),
+            fill: cfg.fill.clone(),
+            seed: self.seed,
+            dirty_mode,
+        };
+        ferry_kvm::KvmGuest::create(&kc).context("--backend kvm: creating the KVM guest")
     }
 }
 

@@ -399,7 +399,8 @@ impl DiskImage {
         self.owed_lock().as_ref().map_or(0, |o| o.bits.count())
     }
 
-    /// A guest write: it wins over an owed block's late copy.
+    /// A guest write: logged for the migration in progress and for the generation, and
+    /// it wins over an owed block's late copy.
     pub fn guest_write(&self, index: u64, data: &[u8]) -> std::io::Result<()> {
         {
             let mut g = self.owed_lock();
@@ -410,7 +411,10 @@ impl DiskImage {
                 }
             }
         }
-        self.write(index, data)
+        self.write(index, data)?;
+        self.log.set(index);
+        self.gen_log.set(index);
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at the start of block `index`.

@@ -228,8 +228,6 @@ impl Inner {
             w.copy_from_slice(&v.to_le_bytes());
         }
         disk.guest_write(b, &block)?;
-        disk.log.set(b);
-        disk.gen_log.set(b);
         self.mem.store(lo, s);
         self.mark(lo / self.map.page_size);
         Ok(())
