@@ -20,7 +20,11 @@ pub enum Hosted {
 
 impl Hosted {
     /// Builds an empty guest to receive `layout` into (the layout names the backend).
-    pub fn incoming(layout: &GuestLayout, dir: &Path, dirty: DirtyMode) -> Result<Self, GuestError> {
+    pub fn incoming(
+        layout: &GuestLayout,
+        dir: &Path,
+        dirty: DirtyMode,
+    ) -> Result<Self, GuestError> {
         match layout.backend.as_str() {
             ferry_sim::BACKEND => Ok(Self::Sim(Arc::new(SimGuest::incoming(layout, dir)?))),
             ferry_kvm::BACKEND => Ok(Self::Kvm(Arc::new(KvmGuest::incoming(layout, dir, dirty)?))),

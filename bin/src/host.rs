@@ -351,7 +351,13 @@ pub fn run_source(
     let cfg = args.source_config(to)?;
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
-    Ok(engine::migrate(guest.source(), &*transport, codec, &cfg, emit))
+    Ok(engine::migrate(
+        guest.source(),
+        &*transport,
+        codec,
+        &cfg,
+        emit,
+    ))
 }
 
 /// Sends `req` to the control socket at `path` and calls `on_line` for each answer line;

@@ -273,7 +273,8 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("accepting: {}", engine::error_chain(&e)))?;
     let slot: Mutex<Option<Hosted>> = Mutex::new(None);
     let dir = a.dir.clone();
-    let dirty_log = ferry_kvm::DirtyMode::parse(&a.dirty_log).map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
+    let dirty_log = ferry_kvm::DirtyMode::parse(&a.dirty_log)
+        .map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
     let outcome = engine::receive(
         channels,
         &|layout: &GuestLayout| {
@@ -412,9 +413,7 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
             let started = a.guest.start()?;
             eprintln!("ferry: started a guest here ({})", describe(&a.guest));
             std::thread::sleep(warmup);
-            host::run_source(started.guest.clone(), &a.to, &a.migration, &|p| {
-                view.on(&p)
-            })?
+            host::run_source(started.guest.clone(), &a.to, &a.migration, &|p| view.on(&p))?
         }
     };
     print_summary(&report);

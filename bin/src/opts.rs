@@ -192,11 +192,12 @@ impl GuestArgs {
 
     /// The KVM guest these flags describe (memory, disk and fill checked by `config`).
     fn kvm_guest(&self, cfg: &SimConfig) -> anyhow::Result<ferry_kvm::KvmGuest> {
-        let pattern =
-            ferry_kvm::Pattern::parse(self.workload_name()).map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
-        let dirty_mode =
-            ferry_kvm::DirtyMode::parse(&self.dirty_log).map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
-        ferry_kvm::layout::check_memory(self.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+        let pattern = ferry_kvm::Pattern::parse(self.workload_name())
+            .map_err(|e| anyhow::anyhow!("--workload: {e}"))?;
+        let dirty_mode = ferry_kvm::DirtyMode::parse(&self.dirty_log)
+            .map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
+        ferry_kvm::layout::check_memory(self.memory)
+            .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
         if usize::from(self.threads) > ferry_kvm::layout::MAX_VCPUS {
             bail!("--threads: at most {} vCPUs", ferry_kvm::layout::MAX_VCPUS);
         }

@@ -220,8 +220,21 @@ fn two_process_migration_keeps_the_guest_running_correctly() {
 
 #[test]
 fn killing_the_destination_mid_precopy_resumes_the_source() {
+    killing_the_destination_mid_precopy_resumes(&[]);
+}
+
+#[test]
+fn killing_the_destination_mid_precopy_resumes_the_kvm_source() {
+    if kvm_here() {
+        killing_the_destination_mid_precopy_resumes(&KVM);
+    }
+}
+
+fn killing_the_destination_mid_precopy_resumes(backend: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let (_src, src_ctl) = run_guest(dir.path(), &["--fill", "random"]);
+    let mut extra = vec!["--fill", "random"];
+    extra.extend_from_slice(backend);
+    let (_src, src_ctl) = run_guest(dir.path(), &extra);
     let (mut dst, addr, _dst_ctl) = listen(dir.path(), "10s");
     // 64 MiB at 16 MiB/s: pre-copy takes seconds, plenty of time to kill the peer in it.
     let mig = ferry()
@@ -246,6 +259,90 @@ fn killing_the_destination_mid_precopy_resumes_the_source() {
     assert_eq!(status(&src_ctl)["state"], "running");
     assert_advancing(&src_ctl, "source after a failed migration");
     assert_check_passes(&src_ctl, "source after a failed migration");
+}
+
+/// A KVM guest with two vCPUs, each with its share of memory and disk.
+const KVM: [&str; 6] = [
+    "--backend",
+    "kvm",
+    "--threads",
+    "2",
+    "--dirty-rate",
+    "20000",
+];
+
+fn kvm_here() -> bool {
+    if std::fs::File::open("/dev/kvm").is_err() {
+        eprintln!("skipped: /dev/kvm cannot be opened here");
+        return false;
+    }
+    true
+}
+
+/// A running KVM guest moves between two processes over TCP while it dirties memory and
+/// disk; the destination's check (one step in the page counters, the SSE copy, an
+/// unbroken block sequence) passes, and the guest keeps running and passing for seconds.
+#[test]
+fn a_running_kvm_guest_migrates_live_between_two_processes() {
+    if !kvm_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, src_ctl) = run_guest(dir.path(), &KVM);
+    let (mut dst, addr, dst_ctl) = listen(dir.path(), "10s");
+    assert_eq!(status(&src_ctl)["backend"], "kvm");
+    assert_advancing(&src_ctl, "KVM source before");
+    // A link of 200 MiB/s: the guest dirties pages faster than a round takes, so pre-copy
+    // needs several rounds.
+    let out = ferry()
+        .args(["migrate", "--json", "--max-bandwidth", "200MiB/s"])
+        .args(PLAIN)
+        .arg("--vm")
+        .arg(&src_ctl)
+        .args(["--to", &addr])
+        .output()
+        .unwrap();
+    let r = json_of(&out);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["oracle"]["ok"], true, "{r}");
+    let rounds = r["rounds"].as_array().unwrap();
+    let memory_rounds = rounds.iter().filter(|x| x["phase"] == "memory").count();
+    assert!(
+        memory_rounds >= 2,
+        "only {memory_rounds} memory rounds: {r}"
+    );
+    assert!(rounds
+        .iter()
+        .any(|x| x["phase"] == "storage" && x["blocks"].as_u64().unwrap() > 0));
+    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    let st = status(&dst_ctl);
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["backend"], "kvm");
+    assert_eq!(st["workload"]["vcpus"], 2);
+    // It keeps running, and correct, for a few seconds.
+    for i in 0..4 {
+        assert_advancing(&dst_ctl, &format!("KVM destination, {i} s after"));
+        assert_check_passes(&dst_ctl, &format!("KVM destination, {i} s after"));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    assert!(
+        status(&dst_ctl)["progress"]["block_writes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    ferry()
+        .args(["stop", "--vm"])
+        .arg(&dst_ctl)
+        .output()
+        .unwrap();
+    assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(0));
 }
 
 /// A TCP forwarder whose link can be frozen (nothing moves, nothing closes), like a
