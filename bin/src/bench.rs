@@ -30,6 +30,9 @@ pub enum BenchCmd {
     /// Transports × channels × codecs × link profiles × workloads through the WAN emulator
     /// (root) or loopback; CSV, JSON and a summary table; resumes a partly finished run.
     Matrix(crate::bench_matrix::MatrixArgs),
+    /// KVM guests migrated between two processes: memory sizes × dirty rates × dirty-log
+    /// modes (bitmap, ring); rounds, total time, downtime, pause and state-save times.
+    Kvm(crate::bench_kvm::KvmBenchArgs),
 }
 
 /// Options of `tcp-baseline`.
@@ -156,6 +159,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Codecs(a) => crate::bench_codecs::run(a),
         BenchCmd::Matrix(a) => crate::bench_matrix::run(a),
+        BenchCmd::Kvm(a) => crate::bench_kvm::run(a),
         BenchCmd::TcpBaseline(a) => {
             let mut out = serde_json::Map::new();
             for (name, mode) in [("hot", Baseline::Hot), ("memory", Baseline::Memory)] {

@@ -4,6 +4,7 @@
 mod auth;
 mod bench;
 mod bench_codecs;
+mod bench_kvm;
 mod bench_matrix;
 mod child;
 mod guest;

@@ -345,6 +345,54 @@ fn a_running_kvm_guest_migrates_live_between_two_processes() {
     assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(0));
 }
 
+/// The KVM guest goes through the same engine as the sim guest: every transport and
+/// codec works for it unchanged.
+#[test]
+fn kvm_demo_runs_over_each_transport_with_codecs() {
+    if !kvm_here() {
+        return;
+    }
+    for (transport, codec) in [
+        ("tls", "auto"),
+        ("quic", "dedup,xor-delta,lz4"),
+        ("unix", "zstd"),
+    ] {
+        let out = ferry()
+            .args([
+                "demo",
+                "--backend",
+                "kvm",
+                "--memory",
+                "64MiB",
+                "--disk-size",
+                "16MiB",
+            ])
+            .args(["--warmup", "300ms", "--fill", "random", "--json"])
+            .args([
+                "--transport",
+                transport,
+                "--codec",
+                codec,
+                "--verify",
+                "full",
+            ])
+            .output()
+            .unwrap();
+        let r = json_of(&out);
+        assert!(
+            out.status.success(),
+            "{transport}/{codec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(r["verified"], true, "{transport}/{codec}");
+        assert_eq!(r["oracle"]["ok"], true, "{transport}/{codec}");
+        assert_eq!(
+            r["destination_after"]["advancing"], true,
+            "{transport}/{codec}"
+        );
+    }
+}
+
 /// A TCP forwarder whose link can be frozen (nothing moves, nothing closes), like a
 /// network that stopped.
 struct FreezableLink {
@@ -539,6 +587,16 @@ fn bad_input_names_the_flag() {
         (&["bench", "codecs", "--codec", "dedup:1"][..], "--codec"),
         (&["demo", "--max-bandwidth", "fast"][..], "--max-bandwidth"),
         (&["demo", "--workload", "busy"][..], "--workload"),
+        (&["demo", "--backend", "xen"][..], "--backend"),
+        (&["demo", "--dirty-log", "rings"][..], "--dirty-log"),
+        (
+            &["demo", "--backend", "kvm", "--workload", "hotspot"][..],
+            "--workload",
+        ),
+        (
+            &["demo", "--backend", "kvm", "--memory", "1MiB"][..],
+            "--memory",
+        ),
         (&["demo", "--fill", "/no/such/file"][..], "--fill"),
         (&["status", "--vm", "/no/such/socket"][..], "--vm"),
         (

@@ -76,9 +76,13 @@ fn the_guest_runs_writes_its_disk_and_passes_its_own_check() {
 /// Every page whose content changed between two pauses is in the dirty log of that
 /// interval — for KVM's bitmap and for its dirty ring — including the page the VMM wrote
 /// (the block device's buffer).
-fn dirty_log_is_complete(mode: DirtyMode) {
+fn dirty_log_is_complete(mode: DirtyMode, memory: u64, vcpus: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let g = KvmGuest::create(&config(dir.path(), 1, Pattern::Sequential, mode)).unwrap();
+    let g = KvmGuest::create(&KvmConfig {
+        memory,
+        ..config(dir.path(), vcpus, Pattern::Sequential, mode)
+    })
+    .unwrap();
     let pages = SourceGuest::layout(&g).pages;
     let snapshot = |g: &KvmGuest| {
         let mut all = vec![0u8; (pages * 4096) as usize];
@@ -108,11 +112,13 @@ fn dirty_log_is_complete(mode: DirtyMode) {
         }
     }
     assert!(changed > 100, "{mode:?}: only {changed} pages changed");
-    let io_page = ferry_kvm::layout::io_page(0) / 4096;
-    assert!(
-        log.get(io_page),
-        "{mode:?}: the VMM's write into the I/O page was not logged"
-    );
+    for v in 0..vcpus {
+        let io_page = ferry_kvm::layout::io_page(v) / 4096;
+        assert!(
+            log.get(io_page),
+            "{mode:?}: the VMM's write into vCPU {v}'s I/O page was not logged"
+        );
+    }
     eprintln!("{mode:?}: {changed} pages changed, {} logged", log.count());
     g.stop_dirty_log();
     g.stop();
@@ -121,14 +127,24 @@ fn dirty_log_is_complete(mode: DirtyMode) {
 #[test]
 fn the_dirty_bitmap_sees_every_write() {
     if kvm_here() {
-        dirty_log_is_complete(DirtyMode::Bitmap);
+        dirty_log_is_complete(DirtyMode::Bitmap, 16 << 20, 1);
     }
 }
 
 #[test]
 fn the_dirty_ring_sees_every_write() {
     if kvm_here() {
-        dirty_log_is_complete(DirtyMode::Ring);
+        dirty_log_is_complete(DirtyMode::Ring, 16 << 20, 1);
+    }
+}
+
+/// 1.5 GiB is two memory slots; the third vCPU's pages lie in the second one.
+#[test]
+fn the_dirty_log_spans_memory_slots() {
+    if kvm_here() {
+        assert_eq!(ferry_kvm::layout::slots(3 << 29).len(), 2);
+        dirty_log_is_complete(DirtyMode::Bitmap, 3 << 29, 3);
+        dirty_log_is_complete(DirtyMode::Ring, 3 << 29, 3);
     }
 }
 
