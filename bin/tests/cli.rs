@@ -111,6 +111,29 @@ fn migrate_with_timeout(ctl: &Path, to: &str, timeout: &str) -> Output {
         .unwrap()
 }
 
+/// `ferry migrate --json` of the guest at `ctl` to `to` over plain TCP, which must succeed
+/// and verify; returns the report.
+fn migrate_verified(ctl: &Path, to: &str, extra: &[&str]) -> Value {
+    let out = ferry()
+        .args(["migrate", "--json"])
+        .args(PLAIN)
+        .args(extra)
+        .arg("--vm")
+        .arg(ctl)
+        .args(["--to", to])
+        .output()
+        .unwrap();
+    let r = json_of(&out);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["verified"], true);
+    r
+}
+
 fn status(ctl: &Path) -> Value {
     json_of(
         &ferry()
@@ -149,6 +172,12 @@ fn assert_check_passes(ctl: &Path, what: &str) {
     );
 }
 
+/// `ferry stop` of the guest at `ctl`, whose process must then exit cleanly.
+fn stop_and_wait(p: &mut Proc, ctl: &Path) {
+    ferry().args(["stop", "--vm"]).arg(ctl).output().unwrap();
+    assert_eq!(wait_exit(p, Duration::from_secs(10)), Some(0));
+}
+
 fn wait_exit(p: &mut Proc, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -167,22 +196,7 @@ fn two_process_migration_keeps_the_guest_running_correctly() {
     let (mut dst, addr, dst_ctl) = listen(dir.path(), "10s");
     assert_eq!(status(&dst_ctl)["state"], "listening");
     assert_advancing(&src_ctl, "source before");
-    let out = ferry()
-        .args(["migrate", "--json", "--codec", "lz4"])
-        .args(PLAIN)
-        .arg("--vm")
-        .arg(&src_ctl)
-        .args(["--to", &addr])
-        .output()
-        .unwrap();
-    let r = json_of(&out);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["ok"], true);
-    assert_eq!(r["verified"], true);
+    let r = migrate_verified(&src_ctl, &addr, &["--codec", "lz4"]);
     for key in [
         "transport",
         "channels",
@@ -210,12 +224,7 @@ fn two_process_migration_keeps_the_guest_running_correctly() {
     assert_check_passes(&dst_ctl, "destination after");
     let img = dir.path().join("dst").join("src.img");
     assert_eq!(std::fs::metadata(img).unwrap().len(), 16 << 20);
-    ferry()
-        .args(["stop", "--vm"])
-        .arg(&dst_ctl)
-        .output()
-        .unwrap();
-    assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(0));
+    stop_and_wait(&mut dst, &dst_ctl);
 }
 
 #[test]
@@ -294,22 +303,7 @@ fn a_running_kvm_guest_migrates_live_between_two_processes() {
     assert_advancing(&src_ctl, "KVM source before");
     // A link of 200 MiB/s: the guest dirties pages faster than a round takes, so pre-copy
     // needs several rounds.
-    let out = ferry()
-        .args(["migrate", "--json", "--max-bandwidth", "200MiB/s"])
-        .args(PLAIN)
-        .arg("--vm")
-        .arg(&src_ctl)
-        .args(["--to", &addr])
-        .output()
-        .unwrap();
-    let r = json_of(&out);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["ok"], true);
-    assert_eq!(r["verified"], true);
+    let r = migrate_verified(&src_ctl, &addr, &["--max-bandwidth", "200MiB/s"]);
     assert_eq!(r["oracle"]["ok"], true, "{r}");
     let rounds = r["rounds"].as_array().unwrap();
     let memory_rounds = rounds.iter().filter(|x| x["phase"] == "memory").count();
@@ -337,12 +331,7 @@ fn a_running_kvm_guest_migrates_live_between_two_processes() {
             .unwrap()
             > 0
     );
-    ferry()
-        .args(["stop", "--vm"])
-        .arg(&dst_ctl)
-        .output()
-        .unwrap();
-    assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(0));
+    stop_and_wait(&mut dst, &dst_ctl);
 }
 
 /// The KVM guest goes through the same engine as the sim guest: every transport and

@@ -97,6 +97,24 @@ fn fail(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |source| StateError { what, source }
 }
 
+/// Reads the MSRs of `list`; returns them and how many KVM read (it stops at the first
+/// it cannot read).
+fn read_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<(Msrs, usize), StateError> {
+    let entries: Vec<kvm_msr_entry> = list
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError {
+        what: "building the MSR list",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(fail("reading MSRs"))?;
+    Ok((msrs, n))
+}
+
 /// MSRs to save: KVM's index list minus those this host cannot read (found once).
 pub fn readable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
     let mut list: Vec<u32> = kvm
@@ -105,18 +123,7 @@ pub fn readable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, S
         .as_slice()
         .to_vec();
     loop {
-        let entries: Vec<kvm_msr_entry> = list
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError {
-            what: "building the MSR list",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(fail("reading MSRs"))?;
+        let (_, n) = read_msrs(vcpu, &list)?;
         if n >= list.len() {
             return Ok(list);
         }
@@ -132,18 +139,7 @@ pub fn save_vcpu(
     irqchip: bool,
     dev: DeviceState,
 ) -> Result<VcpuState, StateError> {
-    let entries: Vec<kvm_msr_entry> = msr_list
-        .iter()
-        .map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError {
-        what: "building the MSR list",
-        source: kvm_ioctls::Error::new(libc::E2BIG),
-    })?;
-    let n = vcpu.get_msrs(&mut msrs).map_err(fail("reading MSRs"))?;
+    let (msrs, n) = read_msrs(vcpu, msr_list)?;
     Ok(VcpuState {
         cpuid: vcpu
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)

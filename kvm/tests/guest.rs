@@ -148,40 +148,47 @@ fn the_dirty_log_spans_memory_slots() {
     }
 }
 
+/// A running source with `vcpus`, paused after 300 ms, and its state.
+fn paused_source(dir: &std::path::Path, vcpus: usize) -> (KvmGuest, StateBlob) {
+    let src =
+        KvmGuest::create(&config(dir, vcpus, Pattern::Sequential, DirtyMode::Bitmap)).unwrap();
+    src.start();
+    std::thread::sleep(Duration::from_millis(300));
+    src.pause().unwrap();
+    let blob = src.save_state().unwrap();
+    (src, blob)
+}
+
+/// A new VM in `dir` holding `src`'s memory (but page `skip`) and disk, not restored yet.
+fn copy_of(src: &KvmGuest, dir: &std::path::Path, skip: Option<u64>) -> KvmGuest {
+    let layout = SourceGuest::layout(src);
+    let dst = KvmGuest::incoming(&layout, dir, DirtyMode::Bitmap).unwrap();
+    let mut page = vec![0u8; 4096];
+    for p in (0..layout.pages).filter(|p| Some(*p) != skip) {
+        SourceGuest::read_page(src, p, &mut page).unwrap();
+        dst.write_page(p, &page).unwrap();
+    }
+    for b in 0..layout.disks[0].blocks {
+        SourceGuest::read_block(src, 0, b, &mut page).unwrap();
+        dst.write_block(0, b, &page).unwrap();
+    }
+    dst
+}
+
 #[test]
 fn state_saved_in_one_vm_resumes_in_another() {
     if !kvm_here() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let src = KvmGuest::create(&config(
-        dir.path(),
-        2,
-        Pattern::Sequential,
-        DirtyMode::Bitmap,
-    ))
-    .unwrap();
-    src.start();
-    std::thread::sleep(Duration::from_millis(300));
-    src.pause().unwrap();
-    let blob = src.save_state().unwrap();
+    let (src, blob) = paused_source(dir.path(), 2);
     let passes = src.stats().passes;
     // The blob decodes and re-encodes to the same bytes.
     let again = ferry_kvm::state::encode(&ferry_kvm::state::decode(&blob.bytes).unwrap());
     assert_eq!(again, blob.bytes);
 
-    let layout = SourceGuest::layout(&src);
     let dest_dir = tempfile::tempdir().unwrap();
-    let dst = KvmGuest::incoming(&layout, dest_dir.path(), DirtyMode::Bitmap).unwrap();
-    let mut page = vec![0u8; 4096];
-    for p in 0..layout.pages {
-        SourceGuest::read_page(&src, p, &mut page).unwrap();
-        dst.write_page(p, &page).unwrap();
-    }
-    for b in 0..layout.disks[0].blocks {
-        SourceGuest::read_block(&src, 0, b, &mut page).unwrap();
-        dst.write_block(0, b, &page).unwrap();
-    }
+    let dst = copy_of(&src, dest_dir.path(), None);
     // A damaged blob is refused before anything is created.
     let mut bad = blob.bytes.clone();
     bad.truncate(bad.len() - 3);
@@ -215,31 +222,11 @@ fn the_check_finds_a_lost_page_and_lost_sse_state() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let src = KvmGuest::create(&config(
-        dir.path(),
-        1,
-        Pattern::Sequential,
-        DirtyMode::Bitmap,
-    ))
-    .unwrap();
-    src.start();
-    std::thread::sleep(Duration::from_millis(300));
-    src.pause().unwrap();
-    let blob = src.save_state().unwrap();
-    let layout = SourceGuest::layout(&src);
+    let (src, blob) = paused_source(dir.path(), 1);
     let lost = ferry_kvm::layout::WORK / 4096 + 100;
     let receive = |skip: Option<u64>, blob: &StateBlob| {
         let d = tempfile::tempdir().unwrap();
-        let dst = KvmGuest::incoming(&layout, d.path(), DirtyMode::Bitmap).unwrap();
-        let mut page = vec![0u8; 4096];
-        for p in (0..layout.pages).filter(|p| Some(*p) != skip) {
-            SourceGuest::read_page(&src, p, &mut page).unwrap();
-            dst.write_page(p, &page).unwrap();
-        }
-        for b in 0..layout.disks[0].blocks {
-            SourceGuest::read_block(&src, 0, b, &mut page).unwrap();
-            dst.write_block(0, b, &page).unwrap();
-        }
+        let dst = copy_of(&src, d.path(), skip);
         dst.restore_state(blob).unwrap();
         DestGuest::resume(&dst).unwrap();
         let r = dst.self_check().unwrap();
