@@ -114,7 +114,7 @@ impl Machine {
         })
     }
 
-    fn add_vcpu(&self, id: usize, dev: DeviceState) -> Result<(Arc<Vcpu>, ()), KvmError> {
+    fn add_vcpu(&self, id: usize, dev: DeviceState) -> Result<Arc<Vcpu>, KvmError> {
         let fd = self
             .vm
             .create_vcpu(id as u64)
@@ -125,7 +125,7 @@ impl Machine {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::clone(&v));
-        Ok((v, ()))
+        Ok(v)
     }
 
     pub(crate) fn vcpus(&self) -> Vec<Arc<Vcpu>> {
@@ -252,7 +252,7 @@ impl KvmGuest {
             cfg.workload.pattern == Pattern::Scatter,
         );
         for (id, p) in parts.iter().enumerate() {
-            let (v, ()) = m.add_vcpu(
+            let v = m.add_vcpu(
                 id,
                 DeviceState {
                     part: *p,
@@ -503,7 +503,7 @@ impl KvmGuest {
         }
         *self.m.workload.lock().unwrap_or_else(|p| p.into_inner()) = s.workload;
         for (i, vs) in s.vcpus.iter().enumerate() {
-            let (v, ()) = self.m.add_vcpu(i, vs.dev).map_err(KvmError::into_guest)?;
+            let v = self.m.add_vcpu(i, vs.dev).map_err(KvmError::into_guest)?;
             let fd = v.fd.lock().unwrap_or_else(|p| p.into_inner());
             state::restore_vcpu(&fd, vs).map_err(|e| GuestError::BadState(e.to_string()))?;
         }
