@@ -1,7 +1,7 @@
 //! The guest a `ferry` process hosts, whichever backend runs it. Backend differences stay
 //! here: the engine only sees the `SourceGuest`/`DestGuest` seams.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ferry_core::guest::{DestGuest, GuestError, GuestLayout, OracleReport, SourceGuest};
@@ -16,21 +16,75 @@ pub enum Hosted {
     Sim(Arc<SimGuest>),
     /// A hardware-virtualized guest on `/dev/kvm`.
     Kvm(Arc<KvmGuest>),
+    /// A Xen domain (this process runs in dom0 and steers it).
+    #[cfg(feature = "xen")]
+    Xen(Arc<ferry_xen::domain::XenGuest>),
 }
+
+/// How a destination builds what arrives.
+pub struct Incoming {
+    /// Directory for disk images.
+    pub dir: PathBuf,
+    /// Dirty logging of a received KVM guest.
+    pub dirty: DirtyMode,
+    /// xl configuration the Xen target domain is created from (paused).
+    pub domain_config: Option<PathBuf>,
+    /// Name for that domain (default: the configuration's).
+    pub domain_name: Option<String>,
+}
+
+/// The error for `--backend xen` in a build without it.
+#[cfg(not(feature = "xen"))]
+pub const NO_XEN: &str = "this ferry was built without Xen support: install libxen-dev and libclang-dev, then cargo build --release -p ferry --features xen";
 
 impl Hosted {
     /// Builds an empty guest to receive `layout` into (the layout names the backend).
-    pub fn incoming(
-        layout: &GuestLayout,
-        dir: &Path,
-        dirty: DirtyMode,
-    ) -> Result<Self, GuestError> {
+    pub fn incoming(layout: &GuestLayout, how: &Incoming) -> Result<Self, GuestError> {
         match layout.backend.as_str() {
-            ferry_sim::BACKEND => Ok(Self::Sim(Arc::new(SimGuest::incoming(layout, dir)?))),
-            ferry_kvm::BACKEND => Ok(Self::Kvm(Arc::new(KvmGuest::incoming(layout, dir, dirty)?))),
+            ferry_sim::BACKEND => Ok(Self::Sim(Arc::new(SimGuest::incoming(layout, &how.dir)?))),
+            ferry_kvm::BACKEND => Ok(Self::Kvm(Arc::new(KvmGuest::incoming(
+                layout, &how.dir, how.dirty,
+            )?))),
+            #[cfg(feature = "xen")]
+            ferry_xen::BACKEND => {
+                let cfg = how.domain_config.as_deref().ok_or_else(|| {
+                    GuestError::Unsupported(
+                        "a Xen guest arrived but this listener has no --domain-config".into(),
+                    )
+                })?;
+                let xerr = |e: ferry_xen::XenError| GuestError::Unsupported(e.to_string());
+                let dom =
+                    ferry_xen::create_paused(cfg, how.domain_name.as_deref()).map_err(xerr)?;
+                match ferry_xen::domain::XenGuest::destination(dom, layout) {
+                    Ok(g) => Ok(Self::Xen(Arc::new(g))),
+                    Err(e) => {
+                        let _ = std::process::Command::new("xl")
+                            .args(["destroy", &dom.to_string()])
+                            .status();
+                        Err(xerr(e))
+                    }
+                }
+            }
+            #[cfg(not(feature = "xen"))]
+            "xen" => Err(GuestError::Unsupported(NO_XEN.into())),
             other => Err(GuestError::Unsupported(format!(
-                "backend {other:?} (this ferry runs sim and kvm guests)"
+                "backend {other:?} (this ferry runs sim, kvm and xen guests)"
             ))),
+        }
+    }
+
+    /// A running Xen domain to migrate (by name or id).
+    pub fn xen_domain(name: &str) -> anyhow::Result<Self> {
+        #[cfg(feature = "xen")]
+        {
+            let dom = ferry_xen::resolve_domain(name)?;
+            Ok(Self::Xen(Arc::new(ferry_xen::domain::XenGuest::source(
+                dom,
+            )?)))
+        }
+        #[cfg(not(feature = "xen"))]
+        {
+            anyhow::bail!("--backend xen --domain {name}: {NO_XEN}")
         }
     }
 
@@ -39,6 +93,8 @@ impl Hosted {
         match self {
             Self::Sim(_) => ferry_sim::BACKEND,
             Self::Kvm(_) => ferry_kvm::BACKEND,
+            #[cfg(feature = "xen")]
+            Self::Xen(_) => ferry_xen::BACKEND,
         }
     }
 
@@ -47,6 +103,8 @@ impl Hosted {
         match self {
             Self::Sim(g) => Arc::clone(g) as Arc<dyn SourceGuest>,
             Self::Kvm(g) => Arc::clone(g) as Arc<dyn SourceGuest>,
+            #[cfg(feature = "xen")]
+            Self::Xen(g) => Arc::clone(g) as Arc<dyn SourceGuest>,
         }
     }
 
@@ -55,6 +113,8 @@ impl Hosted {
         match self {
             Self::Sim(g) => Arc::clone(g) as Arc<dyn DestGuest>,
             Self::Kvm(g) => Arc::clone(g) as Arc<dyn DestGuest>,
+            #[cfg(feature = "xen")]
+            Self::Xen(g) => Arc::clone(g) as Arc<dyn DestGuest>,
         }
     }
 
@@ -63,6 +123,10 @@ impl Hosted {
         match self {
             Self::Sim(g) => g.start(),
             Self::Kvm(g) => g.start(),
+            // A Xen domain runs under the hypervisor already; a received one was unpaused
+            // by the engine.
+            #[cfg(feature = "xen")]
+            Self::Xen(_) => {}
         }
     }
 
@@ -71,6 +135,9 @@ impl Hosted {
         match self {
             Self::Sim(g) => g.stop(),
             Self::Kvm(g) => g.stop(),
+            // The toolstack owns a Xen domain's life: `xl shutdown`/`xl destroy`.
+            #[cfg(feature = "xen")]
+            Self::Xen(_) => {}
         }
     }
 
@@ -79,6 +146,10 @@ impl Hosted {
         match self {
             Self::Sim(g) => g.check_now(),
             Self::Kvm(g) => g.check_now(),
+            #[cfg(feature = "xen")]
+            Self::Xen(_) => Err(GuestError::Unsupported(
+                "a Xen guest has no self-check here".into(),
+            )),
         }
     }
 
@@ -87,6 +158,8 @@ impl Hosted {
         match self {
             Self::Sim(g) => g.disk_paths(),
             Self::Kvm(g) => g.disk_paths(),
+            #[cfg(feature = "xen")]
+            Self::Xen(_) => Vec::new(),
         }
     }
 
@@ -111,6 +184,30 @@ impl Hosted {
                         "vcpus": g.vcpu_count(), "dirty_log": g.dirty_mode().name()}),
                 )
             }
+            #[cfg(feature = "xen")]
+            Self::Xen(g) => (json!({"domid": g.domid()}), Value::Null),
+        }
+    }
+}
+
+impl Incoming {
+    /// Checks the Xen options before anything arrives.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(n) = &self.domain_name {
+            if n.is_empty() || n.contains(['"', '\'', '\n']) {
+                anyhow::bail!("--domain-name: {n:?} is not a usable domain name");
+            }
+        }
+        match &self.domain_config {
+            None => Ok(()),
+            #[cfg(not(feature = "xen"))]
+            Some(_) => anyhow::bail!("--domain-config: {NO_XEN}"),
+            #[cfg(feature = "xen")]
+            Some(p) if !p.is_file() => {
+                anyhow::bail!("--domain-config: {} is not a file", p.display())
+            }
+            #[cfg(feature = "xen")]
+            Some(_) => Ok(()),
         }
     }
 }

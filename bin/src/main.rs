@@ -86,6 +86,23 @@ enum Cmd {
     /// Disk image metadata.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// The Xen backend's checks on a live domain (in dom0, a build with `--features xen`).
+    #[command(subcommand)]
+    Xen(XenCmd),
+}
+
+#[derive(Subcommand)]
+enum XenCmd {
+    /// Log-dirty on and off, dirty counts while the guest runs, batched foreign reads
+    /// equal to single-page ones, HVM context get/set round trip.
+    Probe {
+        /// The domain (name or id); it should be running a guest that writes memory.
+        #[arg(long)]
+        domain: String,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +150,13 @@ struct ListenArgs {
     /// `bitmap` or `ring`.
     #[arg(long, default_value = "bitmap", value_parser = ["bitmap", "ring"])]
     dirty_log: String,
+    /// For a received Xen guest: the xl configuration its domain is created from
+    /// (`xl create -p`), the source's configuration.
+    #[arg(long)]
+    domain_config: Option<PathBuf>,
+    /// For a received Xen guest: the new domain's name (default: the configuration's).
+    #[arg(long)]
+    domain_name: Option<String>,
     /// Print the destination's report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -204,6 +228,7 @@ fn main() -> ExitCode {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Wan(a) => wan::run(a),
         Cmd::Keygen { out, name, json } => keygen(&out, &name, json),
+        Cmd::Xen(XenCmd::Probe { domain, json }) => xen_probe(&domain, json),
         Cmd::Image(ImageCmd::Info {
             path,
             block_size,
@@ -260,6 +285,15 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
+    let dirty = ferry_kvm::DirtyMode::parse(&a.dirty_log)
+        .map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
+    let how = guest::Incoming {
+        dir: a.dir.clone(),
+        dirty,
+        domain_config: a.domain_config.clone(),
+        domain_name: a.domain_name.clone(),
+    };
+    how.check()?;
     let timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
     let transport = a.peer.transport(timeout)?;
     let mut listener = transport
@@ -273,13 +307,10 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
         .accept()
         .map_err(|e| anyhow::anyhow!("accepting: {}", engine::error_chain(&e)))?;
     let slot: Mutex<Option<Hosted>> = Mutex::new(None);
-    let dir = a.dir.clone();
-    let dirty_log = ferry_kvm::DirtyMode::parse(&a.dirty_log)
-        .map_err(|e| anyhow::anyhow!("--dirty-log: {e}"))?;
     let outcome = engine::receive(
         channels,
         &|layout: &GuestLayout| {
-            let g = Hosted::incoming(layout, &dir, dirty_log)?;
+            let g = Hosted::incoming(layout, &how)?;
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(g.clone());
             host.set_state(HostState::Receiving);
             Ok(g.dest())
@@ -571,6 +602,38 @@ fn demo(mut a: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(feature = "xen")]
+fn xen_probe(domain: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let dom = ferry_xen::resolve_domain(domain).map_err(|e| anyhow::anyhow!("--domain: {e}"))?;
+    let r = ferry_xen::probe::probe(dom)?;
+    let v = json!({"ok": r.ok(), "domid": r.domid, "pages": r.pages, "scan_ms": r.scan_ms,
+        "dirty_peek": r.dirty_peek, "dirty_first": r.dirty_first, "dirty_second": r.dirty_second,
+        "pages_compared": r.pages_compared, "pages_differing": r.pages_differing,
+        "read_all_ms": r.read_all_ms, "context_bytes": r.context_bytes,
+        "context_round_trip": r.context_round_trip, "problems": r.problems});
+    if json {
+        print_json(&v)?;
+    }
+    eprintln!(
+        "ferry xen probe: domain {} ({} RAM pages, physmap scan {:.0} ms): dirty {} (peek) / {} / {} per second; \
+         {} pages read in {:.0} ms, {} compared with single mappings, {} differ; HVM context {} bytes, round trip {}: {}",
+        r.domid, r.pages, r.scan_ms, r.dirty_peek, r.dirty_first, r.dirty_second, r.pages, r.read_all_ms,
+        r.pages_compared, r.pages_differing, r.context_bytes,
+        if r.context_round_trip { "equal" } else { "DIFFERENT" },
+        if r.ok() { "PASSED".to_string() } else { format!("FAILED: {}", r.problems.join("; ")) }
+    );
+    Ok(if r.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[cfg(not(feature = "xen"))]
+fn xen_probe(domain: &str, _json: bool) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("xen probe --domain {domain}: {}", guest::NO_XEN)
 }
 
 fn image_info(path: &std::path::Path, block_size: u32, json: bool) -> anyhow::Result<ExitCode> {

@@ -20,10 +20,14 @@ use crate::units::{parse_duration, parse_fraction, parse_rate, parse_size};
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
     /// Guest backend: `sim` (the embedded default: memory, disk and workload threads in
-    /// this process) or `kvm` (a hardware-virtualized VM on /dev/kvm running Ferry's
-    /// bundled ring-3 guest program and block device).
-    #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
+    /// this process), `kvm` (a hardware-virtualized VM on /dev/kvm running Ferry's
+    /// bundled ring-3 guest program and block device) or `xen` (an existing Xen domain,
+    /// `--domain`; needs a build with `--features xen`, run in dom0).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "kvm", "xen"])]
     pub backend: String,
+    /// xen: the running domain to migrate (name or id).
+    #[arg(long)]
+    pub domain: Option<String>,
     /// Guest memory size.
     #[arg(long, value_parser = parse_size, default_value = "256MiB")]
     pub memory: u64,
@@ -87,6 +91,7 @@ impl GuestArgs {
     pub fn for_bench(memory: u64, fill: &str, workload: &str, dirty_rate: &str, seed: u64) -> Self {
         Self {
             backend: "sim".into(),
+            domain: None,
             memory,
             disk: None,
             disk_size: 0,
@@ -179,6 +184,15 @@ impl GuestArgs {
 
     /// Creates and starts the guest.
     pub fn start(&self) -> anyhow::Result<StartedGuest> {
+        if self.backend == "xen" {
+            let Some(name) = self.domain.as_deref() else {
+                bail!("--backend xen needs --domain NAME (the running domain to migrate)");
+            };
+            return Ok(StartedGuest {
+                guest: Hosted::xen_domain(name)?,
+                _tmp: None,
+            });
+        }
         let (cfg, tmp) = self.config()?;
         let guest = match self.backend.as_str() {
             "kvm" => Hosted::Kvm(Arc::new(self.kvm_guest(&cfg)?)),

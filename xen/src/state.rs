@@ -1,0 +1,109 @@
+//! The versioned state blob of a Xen domain: `"FERRYXEN"`, then little-endian fields —
+//! RAM map digest and page count, TSC info (mode, elapsed ns, kHz, incarnation), the
+//! carried HVM params, and Xen's own HVM context records (validated by Xen on load).
+
+/// Format version of the blob.
+pub const STATE_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"FERRYXEN";
+/// Most HVM params a blob may carry.
+const MAX_PARAMS: u64 = 64;
+/// Largest HVM context accepted (Xen's are a few KiB per vCPU).
+const MAX_CONTEXT: u64 = 16 << 20;
+
+/// A domain's state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XenState {
+    /// Digest of the RAM gfn list (both sides must agree).
+    pub memmap_digest: u64,
+    /// RAM pages.
+    pub pages: u64,
+    /// `xc_domain_get_tsc_info`.
+    pub tsc: [u64; 4],
+    /// `(param, value)`.
+    pub params: Vec<(u32, u64)>,
+    /// `xc_domain_hvm_getcontext`.
+    pub hvm_context: Vec<u8>,
+}
+
+/// Encodes the state.
+pub fn encode(s: &XenState) -> Vec<u8> {
+    let mut b = MAGIC.to_vec();
+    let mut put = |v: u64| b.extend_from_slice(&v.to_le_bytes());
+    put(s.memmap_digest);
+    put(s.pages);
+    for t in s.tsc {
+        put(t);
+    }
+    put(s.params.len() as u64);
+    for &(p, v) in &s.params {
+        put(u64::from(p));
+        put(v);
+    }
+    put(s.hvm_context.len() as u64);
+    b.extend_from_slice(&s.hvm_context);
+    b
+}
+
+/// Decodes a blob; lengths are checked, nothing is trusted.
+pub fn decode(bytes: &[u8]) -> Result<XenState, String> {
+    let mut b = bytes
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or("not a Ferry Xen state (bad magic)")?;
+    let mut get = || -> Result<u64, String> {
+        if b.len() < 8 {
+            return Err("truncated Xen state".into());
+        }
+        let (head, rest) = b.split_at(8);
+        b = rest;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(head);
+        Ok(u64::from_le_bytes(a))
+    };
+    let memmap_digest = get()?;
+    let pages = get()?;
+    let tsc = [get()?, get()?, get()?, get()?];
+    let n = get()?;
+    if n > MAX_PARAMS {
+        return Err(format!("{n} HVM params"));
+    }
+    let mut params = Vec::new();
+    for _ in 0..n {
+        let p = u32::try_from(get()?).map_err(|_| "HVM param number out of range")?;
+        params.push((p, get()?));
+    }
+    let len = get()?;
+    if len > MAX_CONTEXT || len as usize != b.len() {
+        return Err(format!("HVM context of {len} bytes, {} left", b.len()));
+    }
+    Ok(XenState {
+        memmap_digest,
+        pages,
+        tsc,
+        params,
+        hvm_context: b.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_hostile_input() {
+        let s = XenState {
+            memmap_digest: 7,
+            pages: 65536,
+            tsc: [1, 2, 3, 4],
+            params: vec![(12, 0xfeffc000), (10, 1)],
+            hvm_context: vec![9; 1000],
+        };
+        let e = encode(&s);
+        assert_eq!(decode(&e).unwrap(), s);
+        for cut in 0..e.len() {
+            assert!(decode(&e[..cut]).is_err());
+        }
+        let mut long = e.clone();
+        long.push(0);
+        assert!(decode(&long).is_err());
+    }
+}
