@@ -612,6 +612,7 @@ fn xen_probe(domain: &str, json: bool) -> anyhow::Result<ExitCode> {
         "dirty_peek": r.dirty_peek, "dirty_first": r.dirty_first, "dirty_second": r.dirty_second,
         "pages_compared": r.pages_compared, "pages_differing": r.pages_differing,
         "read_all_ms": r.read_all_ms, "context_bytes": r.context_bytes,
+        "context_records": r.context_records, "context_differing_types": r.context_differing_types,
         "context_round_trip": r.context_round_trip, "problems": r.problems});
     if json {
         print_json(&v)?;

@@ -9,7 +9,13 @@ use ferry_core::guest::SourceGuest;
 
 use crate::ctrl::PAGE;
 use crate::domain::XenGuest;
+use crate::state::hvm_records;
 use crate::XenError;
+
+/// HVM record types that carry time (CPU: its TSC; PIT, RTC, HPET, PM timer; LAPIC
+/// registers: the timer's current count), which a paused domain's context may change in
+/// between two reads.
+const TIME_RECORDS: [u16; 6] = [2, 6, 10, 11, 12, 13];
 
 /// What the probe found.
 #[derive(Debug, Clone, Default)]
@@ -32,7 +38,11 @@ pub struct ProbeReport {
     pub pages_differing: u64,
     /// Bytes of HVM context.
     pub context_bytes: usize,
-    /// Whether get → set → get returned the same context.
+    /// Records in the HVM context.
+    pub context_records: usize,
+    /// Types of the records whose bodies differed after get → set → get.
+    pub context_differing_types: Vec<u16>,
+    /// Whether get → set → get returned the same context (time records aside).
     pub context_round_trip: bool,
     /// Time to read every page once through the windows (domain paused).
     pub read_all_ms: f64,
@@ -101,7 +111,27 @@ pub fn probe(dom: u32) -> Result<ProbeReport, XenError> {
         xc.set_hvm_context(dom, &c1)?;
         let c2 = xc.hvm_context(dom)?;
         r.context_bytes = c1.len();
-        r.context_round_trip = c1 == c2;
+        let (a, b) = (
+            hvm_records(&c1).map_err(XenError::Unsupported)?,
+            hvm_records(&c2).map_err(XenError::Unsupported)?,
+        );
+        r.context_records = a.len();
+        // Same records in the same order; bodies equal except where time moves on while
+        // the domain is paused (TSC in the CPU record, timer counters).
+        let same_shape = a.len() == b.len()
+            && a.iter()
+                .zip(&b)
+                .all(|(x, y)| x.0 == y.0 && x.1 == y.1 && x.2.len() == y.2.len());
+        r.context_differing_types = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.2 != y.2)
+            .map(|(x, _)| x.0)
+            .collect();
+        r.context_round_trip = same_shape
+            && r.context_differing_types
+                .iter()
+                .all(|t| TIME_RECORDS.contains(t));
         Ok(())
     })();
     xc.unpause(dom)?;

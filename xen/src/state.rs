@@ -84,6 +84,35 @@ pub fn decode(bytes: &[u8]) -> Result<XenState, String> {
     })
 }
 
+/// One record of Xen's HVM context: type code, instance, body.
+pub type HvmRecord<'a> = (u16, u16, &'a [u8]);
+
+/// Splits an HVM context into its records (`typecode u16, instance u16, length u32`, then
+/// the body), up to and including the END record (type 0). Bounds-checked.
+pub fn hvm_records(ctx: &[u8]) -> Result<Vec<HvmRecord<'_>>, String> {
+    let mut out = Vec::new();
+    let mut b = ctx;
+    loop {
+        if b.len() < 8 {
+            return Err(format!(
+                "HVM context: truncated record header after {} records",
+                out.len()
+            ));
+        }
+        let ty = u16::from_le_bytes([b[0], b[1]]);
+        let inst = u16::from_le_bytes([b[2], b[3]]);
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+        if b.len() - 8 < len {
+            return Err(format!("HVM context: record type {ty} claims {len} bytes"));
+        }
+        out.push((ty, inst, &b[8..8 + len]));
+        b = &b[8 + len..];
+        if ty == 0 {
+            return Ok(out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +134,22 @@ mod tests {
         let mut long = e.clone();
         long.push(0);
         assert!(decode(&long).is_err());
+    }
+
+    #[test]
+    fn hvm_records_split_and_refuse_overruns() {
+        let mut ctx = Vec::new();
+        for (ty, body) in [(1u16, &[1u8, 2][..]), (2, &[3; 10][..]), (0, &[][..])] {
+            ctx.extend_from_slice(&ty.to_le_bytes());
+            ctx.extend_from_slice(&0u16.to_le_bytes());
+            ctx.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            ctx.extend_from_slice(body);
+        }
+        let r = hvm_records(&ctx).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[1], (2, 0, &[3u8; 10][..]));
+        for cut in 0..ctx.len() {
+            assert!(hvm_records(&ctx[..cut]).is_err());
+        }
     }
 }

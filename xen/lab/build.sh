@@ -1,0 +1,77 @@
+#!/bin/bash
+# usage: build.sh FERRY AUTORUN -> $LAB/dom0-initrd.gz: a busybox dom0 with the Xen 4.17
+# tools and libraries, the `ferry` binary FERRY (built with --features xen) and its
+# libraries, a PVH test guest (Debian's kernel + a busybox initrd that keeps writing
+# memory) as /guest/domh.cfg, and AUTORUN as /autorun.sh.
+set -euo pipefail
+LAB=${LAB:?set LAB to the lab work folder}
+FERRY=$(realpath "${1:?usage: build.sh FERRY AUTORUN}")
+AUTORUN=$(realpath "${2:?usage: build.sh FERRY AUTORUN}")
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "$LAB"
+KV=$(basename "$(ls -d x/lib/modules/*)")
+M=x/lib/modules/$KV/kernel
+rm -rf root0 rootU; mkdir -p root0 rootU
+# The test guest: busybox in an initramfs, rewriting 16 MiB every 2 s.
+mkdir -p rootU/{bin,proc,sys,dev,tmp}
+cp /bin/busybox rootU/bin/busybox
+cat > rootU/init <<'EOI'
+#!/bin/busybox sh
+/bin/busybox --install -s
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=64m tmpfs /tmp
+i=0
+while true; do
+  i=$((i+1))
+  dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null
+  echo "domU tick $i uptime=$(cut -d' ' -f1 /proc/uptime)" > /dev/hvc0
+  sleep 2
+done
+EOI
+chmod +x rootU/init
+(cd rootU && find . | cpio -o -H newc 2>/dev/null | gzip -1) > domU-initrd.gz
+# dom0.
+mkdir -p root0/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,var/lib/xen,var/log/xen,var/lib/xenstored,lib64,lib/x86_64-linux-gnu,usr/lib/x86_64-linux-gnu,etc,mods,guest,root}
+ln -s ../run root0/var/run
+cp /bin/busybox root0/bin/busybox
+cp -a x/usr/lib/xen-4.17 root0/usr/lib/
+rm -rf root0/usr/lib/xen-4.17/lib/python root0/usr/lib/xen-4.17/boot
+cp -a x/usr/lib/x86_64-linux-gnu/. root0/usr/lib/x86_64-linux-gnu/
+cp -a x/lib/x86_64-linux-gnu/. root0/lib/x86_64-linux-gnu/ 2>/dev/null || true
+cp -a x/etc/xen root0/etc/
+for l in libc.so.6 libm.so.6 liblzma.so.5 libuuid.so.1 libz.so.1 libzstd.so.1 libtinfo.so.6 libgcc_s.so.1 libpthread.so.0 libdl.so.2; do
+  cp -L /lib/x86_64-linux-gnu/$l root0/lib/x86_64-linux-gnu/; done
+cp -L /lib64/ld-linux-x86-64.so.2 root0/lib64/
+cp /usr/bin/socat root0/usr/bin/socat
+for l in $(ldd /usr/bin/socat | awk '/=>/{print $3}'); do cp -nL "$l" root0/lib/x86_64-linux-gnu/; done
+# ferry, stripped, with the host libraries it links that the Xen packages do not bring.
+strip -o root0/usr/bin/ferry "$FERRY"
+for l in $(ldd "$FERRY" | awk '/=>/{print $3}'); do
+  b=$(basename "$l")
+  [ -e "root0/usr/lib/x86_64-linux-gnu/$b" ] || [ -e "root0/lib/x86_64-linux-gnu/$b" ] || cp -L "$l" root0/lib/x86_64-linux-gnu/
+done
+for b in xl xenstored xenconsoled xen-init-dom0 xenconsole xen-hvmctx xen-mfndump; do ln -sf /usr/lib/xen-4.17/bin/$b root0/usr/sbin/$b; done
+for b in xenstore xenstore-ls xenstore-read xenstore-write xenstore-list; do cp -a x/usr/bin/$b root0/usr/bin/ 2>/dev/null || true; done
+for m in drivers/xen/xen-privcmd drivers/xen/xenfs/xenfs drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/net/ethernet/intel/e1000/e1000; do
+  cp $M/$m.ko root0/mods/; done
+cp x/boot/vmlinuz-$KV root0/guest/vmlinuz
+cp domU-initrd.gz root0/guest/initrd.gz
+cat > root0/guest/domh.cfg <<'EOC'
+name = "domh"
+type = "pvh"
+kernel = "/guest/vmlinuz"
+ramdisk = "/guest/initrd.gz"
+extra = "console=hvc0 quiet"
+memory = 256
+vcpus = 1
+on_crash = "preserve"
+# QEMU-TCG's SVM reports RDTSCP exits as RDTSC: hide rdtscp from PVH guests.
+cpuid = "host,rdtscp=0"
+EOC
+echo 'root:x:0:0:root:/root:/bin/sh' > root0/etc/passwd
+echo 'root:x:0:' > root0/etc/group
+printf '10.0.0.1 xenhost1\n10.0.0.2 xenhost2\n127.0.0.1 localhost\n' > root0/etc/hosts
+cp "$HERE/dom0-init" root0/init; chmod +x root0/init
+cp "$AUTORUN" root0/autorun.sh; chmod +x root0/autorun.sh
+(cd root0 && find . | cpio -o -H newc 2>/dev/null | gzip -1) > dom0-initrd.gz
+echo "built $LAB/dom0-initrd.gz ($(du -h dom0-initrd.gz | cut -f1)), kernel $KV"
