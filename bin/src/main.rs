@@ -250,6 +250,9 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 fn describe(g: &GuestArgs) -> String {
+    if g.backend == "xen" {
+        return format!("xen domain {}", g.domain.as_deref().unwrap_or("?"));
+    }
     format!(
         "{} {} memory, {}, workload {} at {} page writes/s{}",
         g.backend,

@@ -1,8 +1,9 @@
 #!/bin/bash
 # usage: build.sh FERRY AUTORUN -> $LAB/dom0-initrd.gz: a busybox dom0 with the Xen 4.17
 # tools and libraries, the `ferry` binary FERRY (built with --features xen) and its
-# libraries, a PVH test guest (Debian's kernel + a busybox initrd that keeps writing
-# memory) as /guest/domh.cfg, and AUTORUN as /autorun.sh.
+# libraries, two PVH test guests — Debian's kernel with a busybox initrd that keeps
+# writing memory (/guest/domh.cfg) and Ferry's self-checking PVH kernel
+# (/guest/pvh.cfg, from xen/guest/pvh.S) — and AUTORUN as /autorun.sh.
 set -euo pipefail
 LAB=${LAB:?set LAB to the lab work folder}
 FERRY=$(realpath "${1:?usage: build.sh FERRY AUTORUN}")
@@ -43,6 +44,8 @@ for l in libc.so.6 libm.so.6 liblzma.so.5 libuuid.so.1 libz.so.1 libzstd.so.1 li
   cp -L /lib/x86_64-linux-gnu/$l root0/lib/x86_64-linux-gnu/; done
 cp -L /lib64/ld-linux-x86-64.so.2 root0/lib64/
 cp /usr/bin/socat root0/usr/bin/socat
+cp /usr/sbin/ethtool root0/usr/sbin/ethtool
+for l in $(ldd /usr/sbin/ethtool | awk '/=>/{print $3}'); do cp -nL "$l" root0/lib/x86_64-linux-gnu/; done
 for l in $(ldd /usr/bin/socat | awk '/=>/{print $3}'); do cp -nL "$l" root0/lib/x86_64-linux-gnu/; done
 # ferry, stripped, with the host libraries it links that the Xen packages do not bring.
 strip -o root0/usr/bin/ferry "$FERRY"
@@ -66,6 +69,18 @@ memory = 256
 vcpus = 1
 on_crash = "preserve"
 # QEMU-TCG's SVM reports RDTSCP exits as RDTSC: hide rdtscp from PVH guests.
+cpuid = "host,rdtscp=0"
+EOC
+# Ferry's own PVH test guest (xen/guest/pvh.S): checks every page after every pass.
+as --64 -o pvh.o "$HERE/../guest/pvh.S"
+ld -m elf_x86_64 -T "$HERE/../guest/pvh.ld" -o root0/guest/ferry-pvh pvh.o
+cat > root0/guest/pvh.cfg <<'EOC'
+name = "ferry-pvh"
+type = "pvh"
+kernel = "/guest/ferry-pvh"
+memory = 256
+vcpus = 1
+on_crash = "preserve"
 cpuid = "host,rdtscp=0"
 EOC
 echo 'root:x:0:0:root:/root:/bin/sh' > root0/etc/passwd

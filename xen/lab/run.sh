@@ -22,6 +22,7 @@ ts "dom0 image built"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+rm -f "$LAB"/h*.serial.log
 for i in $(seq "$HOSTS"); do
   setsid "$HERE/host.sh" "$i" > "$LAB/h$i.qemu.log" 2>&1 &
   pids+=($!)
