@@ -44,8 +44,6 @@ for l in libc.so.6 libm.so.6 liblzma.so.5 libuuid.so.1 libz.so.1 libzstd.so.1 li
   cp -L /lib/x86_64-linux-gnu/$l root0/lib/x86_64-linux-gnu/; done
 cp -L /lib64/ld-linux-x86-64.so.2 root0/lib64/
 cp /usr/bin/socat root0/usr/bin/socat
-cp /usr/sbin/ethtool root0/usr/sbin/ethtool
-for l in $(ldd /usr/sbin/ethtool | awk '/=>/{print $3}'); do cp -nL "$l" root0/lib/x86_64-linux-gnu/; done
 for l in $(ldd /usr/bin/socat | awk '/=>/{print $3}'); do cp -nL "$l" root0/lib/x86_64-linux-gnu/; done
 # ferry, stripped, with the host libraries it links that the Xen packages do not bring.
 strip -o root0/usr/bin/ferry "$FERRY"
@@ -86,6 +84,9 @@ EOC
 echo 'root:x:0:0:root:/root:/bin/sh' > root0/etc/passwd
 echo 'root:x:0:' > root0/etc/group
 printf '10.0.0.1 xenhost1\n10.0.0.2 xenhost2\n127.0.0.1 localhost\n' > root0/etc/hosts
+# A key pair per host for tls/quic, each host pinning the other's fingerprint.
+mkdir -p root0/keys
+for h in h1 h2; do "$FERRY" keygen --out root0/keys --name $h 2>/dev/null; done
 cp "$HERE/dom0-init" root0/init; chmod +x root0/init
 cp "$AUTORUN" root0/autorun.sh; chmod +x root0/autorun.sh
 (cd root0 && find . | cpio -o -H newc 2>/dev/null | gzip -1) > dom0-initrd.gz

@@ -7,7 +7,7 @@ LAB=${LAB:?set LAB to the lab work folder}
 mkdir -p "$LAB/debs" "$LAB/x"
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in qemu-system-x86 busybox-static socat ethtool kmod cpio; do
+for p in qemu-system-x86 busybox-static socat kmod cpio; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
