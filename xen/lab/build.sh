@@ -53,7 +53,7 @@ for l in $(ldd "$FERRY" | awk '/=>/{print $3}'); do
 done
 for b in xl xenstored xenconsoled xen-init-dom0 xenconsole xen-hvmctx xen-mfndump; do ln -sf /usr/lib/xen-4.17/bin/$b root0/usr/sbin/$b; done
 for b in xenstore xenstore-ls xenstore-read xenstore-write xenstore-list; do cp -a x/usr/bin/$b root0/usr/bin/ 2>/dev/null || true; done
-for m in drivers/xen/xen-privcmd drivers/xen/xenfs/xenfs drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/net/ethernet/intel/e1000/e1000; do
+for m in drivers/xen/xen-privcmd drivers/xen/xenfs/xenfs drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/net/ethernet/intel/e1000/e1000 drivers/net/ethernet/intel/e1000e/e1000e; do
   cp $M/$m.ko root0/mods/; done
 cp x/boot/vmlinuz-$KV root0/guest/vmlinuz
 cp domU-initrd.gz root0/guest/initrd.gz

@@ -13,6 +13,6 @@ if [ "$ID" = 1 ]; then PEER="udp=127.0.0.1:12346,localaddr=127.0.0.1:12345"; els
 rm -f "h$ID.serial.log"
 exec qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 1 -m "$MEM" -display none -no-reboot \
   -chardev "file,id=s0,path=h$ID.serial.log" -serial chardev:s0 -monitor none \
-  -netdev "socket,id=n0,$PEER" -device "e1000,netdev=n0,mac=52:54:00:00:00:0$ID" \
+  -netdev "socket,id=n0,$PEER" -device "${NIC:-e1000},netdev=n0,mac=52:54:00:00:00:0$ID" \
   -kernel xen -append "$XENARGS" \
   -initrd "x/boot/vmlinuz-$KV console=hvc0 earlyprintk=xen hostid=$ID,dom0-initrd.gz"

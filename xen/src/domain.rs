@@ -244,21 +244,29 @@ impl XenGuest {
         Ok(())
     }
 
-    fn read(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+    /// Runs `f` on page `index`'s slot in its window; `f` says whether it was mapped.
+    fn with_page(
+        &self,
+        index: u64,
+        f: impl FnOnce(&Mapping, usize) -> bool,
+    ) -> Result<(), GuestError> {
         self.page_range(index)?;
         let m = self.window(index / WINDOW).map_err(gerr)?;
-        if !m.read((index % WINDOW) as usize, buf) {
+        let slot = (index % WINDOW) as usize;
+        if !f(&m, slot) {
             return Err(GuestError::Io {
                 what: format!(
                     "gfn {:#x} of domain {} is not mapped",
                     self.mem.gfns[index as usize], self.dom
                 ),
-                source: std::io::Error::from_raw_os_error(
-                    m.errors[(index % WINDOW) as usize].abs(),
-                ),
+                source: std::io::Error::from_raw_os_error(m.errors[slot].abs()),
             });
         }
         Ok(())
+    }
+
+    fn read(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.with_page(index, |m, slot| m.read(slot, buf))
     }
 
     /// The dirty pages (as page indexes); `clean` clears Xen's log.
@@ -428,20 +436,7 @@ impl DestGuest for XenGuest {
     }
 
     fn write_page(&self, index: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.page_range(index)?;
-        let m = self.window(index / WINDOW).map_err(gerr)?;
-        if !m.write((index % WINDOW) as usize, data) {
-            return Err(GuestError::Io {
-                what: format!(
-                    "gfn {:#x} of domain {} is not mapped",
-                    self.mem.gfns[index as usize], self.dom
-                ),
-                source: std::io::Error::from_raw_os_error(
-                    m.errors[(index % WINDOW) as usize].abs(),
-                ),
-            });
-        }
-        Ok(())
+        self.with_page(index, |m, slot| m.write(slot, data))
     }
 
     fn zero_page(&self, index: u64) -> Result<(), GuestError> {
