@@ -74,16 +74,19 @@ impl Hosted {
     }
 
     /// A running Xen domain to migrate (by name or id).
-    pub fn xen_domain(name: &str) -> anyhow::Result<Self> {
+    pub fn xen_domain(name: &str, stop: &str) -> anyhow::Result<Self> {
         #[cfg(feature = "xen")]
         {
+            let stop = ferry_xen::domain::StopMode::parse(stop)
+                .map_err(|e| anyhow::anyhow!("--xen-stop: {e}"))?;
             let dom = ferry_xen::resolve_domain(name)?;
             Ok(Self::Xen(Arc::new(ferry_xen::domain::XenGuest::source(
-                dom,
+                dom, stop,
             )?)))
         }
         #[cfg(not(feature = "xen"))]
         {
+            let _ = stop;
             anyhow::bail!("--backend xen --domain {name}: {NO_XEN}")
         }
     }

@@ -28,6 +28,11 @@ pub struct GuestArgs {
     /// xen: the running domain to migrate (name or id).
     #[arg(long)]
     pub domain: Option<String>,
+    /// xen: how the domain is stopped for the last copy: `pause`, `suspend` (the guest
+    /// suspends itself; for guests with PV devices) or `auto` (suspend when the guest
+    /// advertises it).
+    #[arg(long, default_value = "auto")]
+    pub xen_stop: String,
     /// Guest memory size.
     #[arg(long, value_parser = parse_size, default_value = "256MiB")]
     pub memory: u64,
@@ -92,6 +97,7 @@ impl GuestArgs {
         Self {
             backend: "sim".into(),
             domain: None,
+            xen_stop: "auto".into(),
             memory,
             disk: None,
             disk_size: 0,
@@ -189,7 +195,7 @@ impl GuestArgs {
                 bail!("--backend xen needs --domain NAME (the running domain to migrate)");
             };
             return Ok(StartedGuest {
-                guest: Hosted::xen_domain(name)?,
+                guest: Hosted::xen_domain(name, &self.xen_stop)?,
                 _tmp: None,
             });
         }

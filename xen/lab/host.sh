@@ -7,8 +7,10 @@ ID=${1:?usage: host.sh ID}
 cd "${LAB:?set LAB to the lab work folder}"
 KV=$(basename "$(ls -d x/lib/modules/*)")
 MEM=${MEM:-2048}
-# smap/smep off: dom0 faults under TCG otherwise.
-XENARGS=${XENARGS:-"console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 noreboot smap=0 smep=0 guest_loglvl=all"}
+# smap/smep off: dom0 faults under TCG otherwise. xsave=0: with XSAVE, SSE registers of
+# dom0 processes were now and then corrupted under TCG (memcpy and hashes going wrong:
+# Ferry's page digests caught it as pages "arriving corrupted"); FXSAVE is reliable.
+XENARGS=${XENARGS:-"console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 noreboot smap=0 smep=0 guest_loglvl=all xsave=0"}
 if [ "$ID" = 1 ]; then PEER="udp=127.0.0.1:12346,localaddr=127.0.0.1:12345"; else PEER="udp=127.0.0.1:12345,localaddr=127.0.0.1:12346"; fi
 rm -f "h$ID.serial.log"
 exec qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 1 -m "$MEM" -display none -no-reboot \

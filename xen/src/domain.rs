@@ -92,7 +92,21 @@ impl MemMap {
         if gfns.is_empty() {
             return Err(XenError::NoDomain(format!("{dom} has no RAM")));
         }
-        Ok(Self { gfns })
+        // Carry whole ranges, from 0 (and from 4 GiB) to the last RAM gfn: a running guest
+        // may have swapped a RAM page for something Xen maps (Linux puts shared_info
+        // there), which its freshly created target still has as RAM. Such gfns read as
+        // zero on the source.
+        let low_end = gfns
+            .iter()
+            .filter(|g| **g < 1 << 20)
+            .max()
+            .map_or(0, |g| g + 1);
+        let high_end = gfns.iter().filter(|g| **g >= 1 << 20).max().map(|g| g + 1);
+        let mut all: Vec<u64> = (0..low_end).collect();
+        if let Some(end) = high_end {
+            all.extend(1 << 20..end);
+        }
+        Ok(Self { gfns: all })
     }
 
     /// A digest of the list (both sides must have the same).
@@ -125,6 +139,50 @@ pub struct XenGuest {
     pending: Mutex<Option<Bitmap>>,
     /// The destination domain is destroyed when discarded.
     destroy_on_discard: bool,
+    /// How the source is stopped for the last copy.
+    stop: StopMode,
+}
+
+/// How a source domain is stopped for the last copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// `xc_domain_pause`: enough for a guest without PV devices (all its state is in
+    /// memory and the HVM context).
+    Pause,
+    /// Ask the guest to suspend itself (xenstore `control/shutdown = suspend`) and wait
+    /// until it has: a guest with PV devices (a Linux PVH guest) then reconnects its rings
+    /// and event channels when it finds itself resumed in a new domain, as after Xen's own
+    /// migration. Chosen when the guest advertises `control/feature-suspend`.
+    Suspend,
+}
+
+impl StopMode {
+    /// Parses `pause`, `suspend` or `auto` (`None`).
+    pub fn parse(s: &str) -> Result<Option<Self>, String> {
+        match s {
+            "auto" => Ok(None),
+            "pause" => Ok(Some(Self::Pause)),
+            "suspend" => Ok(Some(Self::Suspend)),
+            _ => Err(format!(
+                "unknown stop mode {s:?} (use auto, pause or suspend)"
+            )),
+        }
+    }
+}
+
+/// SHUTDOWN_suspend in Xen's sched.h.
+const SHUTDOWN_SUSPEND: u32 = 2;
+/// How long a guest may take to suspend itself.
+const SUSPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn xenstore(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 impl XenGuest {
@@ -153,12 +211,55 @@ impl XenGuest {
             }),
             pending: Mutex::new(None),
             destroy_on_discard: write,
+            stop: StopMode::Pause,
         })
     }
 
     /// A running domain to migrate away.
-    pub fn source(dom: u32) -> Result<Self, XenError> {
-        Self::new(Arc::new(Xc::open()?), dom, false)
+    /// `stop`: how to stop it for the last copy; `None` chooses [`StopMode::Suspend`]
+    /// when the guest advertises `control/feature-suspend` (Linux does at boot; not again
+    /// after a migration by another tool), [`StopMode::Pause`] otherwise.
+    pub fn source(dom: u32, stop: Option<StopMode>) -> Result<Self, XenError> {
+        let mut g = Self::new(Arc::new(Xc::open()?), dom, false)?;
+        g.stop = stop.unwrap_or_else(|| {
+            let feature = format!("/local/domain/{dom}/control/feature-suspend");
+            if xenstore(&["xenstore-read", &feature]).as_deref() == Some("1") {
+                StopMode::Suspend
+            } else {
+                StopMode::Pause
+            }
+        });
+        Ok(g)
+    }
+
+    /// How the source will be stopped for the last copy.
+    pub fn stop_mode(&self) -> StopMode {
+        self.stop
+    }
+
+    /// Asks the guest to suspend itself and waits until Xen reports it suspended.
+    fn suspend(&self) -> Result<(), XenError> {
+        let node = format!("/local/domain/{}/control/shutdown", self.dom);
+        if xenstore(&["xenstore-write", &node, "suspend"]).is_none() {
+            return Err(XenError::Unavailable(format!(
+                "xenstore-write {node} failed"
+            )));
+        }
+        let deadline = std::time::Instant::now() + SUSPEND_TIMEOUT;
+        loop {
+            let i = self.xc.info(self.dom)?;
+            if i.shutdown && i.shutdown_reason == SHUTDOWN_SUSPEND {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = xenstore(&["xenstore-write", &node, ""]);
+                return Err(XenError::Unsupported(format!(
+                    "domain {} did not suspend within {SUSPEND_TIMEOUT:?}",
+                    self.dom
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// A paused domain, created by the toolstack from the source's configuration, to
@@ -266,7 +367,14 @@ impl XenGuest {
     }
 
     fn read(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.with_page(index, |m, slot| m.read(slot, buf))
+        self.with_page(index, |m, slot| {
+            // A gfn with no RAM behind it (see `MemMap::scan`) reads as zero.
+            if m.errors[slot] != 0 {
+                buf.fill(0);
+                return true;
+            }
+            m.read(slot, buf)
+        })
     }
 
     /// The dirty pages (as page indexes); `clean` clears Xen's log.
@@ -403,11 +511,25 @@ impl SourceGuest for XenGuest {
     }
 
     fn pause(&self) -> Result<(), GuestError> {
-        self.xc.pause(self.dom).map_err(gerr)
+        match self.stop {
+            StopMode::Pause => self.xc.pause(self.dom).map_err(gerr),
+            StopMode::Suspend => self.suspend().map_err(gerr),
+        }
     }
 
     fn resume(&self) -> Result<(), GuestError> {
-        self.xc.unpause(self.dom).map_err(gerr)
+        match self.stop {
+            StopMode::Pause => self.xc.unpause(self.dom).map_err(gerr),
+            StopMode::Suspend => {
+                let i = self.xc.info(self.dom).map_err(gerr)?;
+                if i.shutdown && i.shutdown_reason == SHUTDOWN_SUSPEND {
+                    // Cancel the suspend: the guest carries on in this domain.
+                    self.xc.resume_suspended(self.dom).map_err(gerr)
+                } else {
+                    Ok(())
+                }
+            }
+        }
     }
 
     fn save_state(&self) -> Result<StateBlob, GuestError> {
