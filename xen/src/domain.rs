@@ -42,7 +42,7 @@ fn gerr(e: XenError) -> GuestError {
     }
 }
 
-/// The domain's RAM gfns, in order.
+/// The gfns a migration carries, in order: the domain's RAM ranges (see [`MemMap::scan`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemMap {
     /// Page index → gfn.
@@ -52,7 +52,8 @@ pub struct MemMap {
 impl MemMap {
     /// Scans the physmap of `dom` for RAM: below the special pages, and above 4 GiB when
     /// the domain reaches there. Long holes stop the low scan once the pages found account
-    /// for the domain's memory (scanning a million gfns costs seconds under TCG).
+    /// for the domain's memory (scanning a million gfns costs seconds under TCG). The
+    /// result is every gfn from 0 (and from 4 GiB) to the last RAM gfn found.
     pub fn scan(xc: &Xc, dom: u32) -> Result<Self, XenError> {
         let info = xc.info(dom)?;
         let max = xc.max_gpfn(dom)?;
