@@ -76,19 +76,32 @@ pub fn resolve_domain(name: &str) -> Result<u32, XenError> {
 /// Creates a paused domain from `config` with `xl create -p` (optionally renamed, so a
 /// copy can be received on the source's own host) and returns its id.
 pub fn create_paused(config: &std::path::Path, name: Option<&str>) -> Result<u32, XenError> {
-    let mut cmd = std::process::Command::new("xl");
-    cmd.args(["create", "-p"]).arg(config);
-    if let Some(n) = name {
-        cmd.arg(format!("name=\"{n}\""));
+    // `xl create` fails now and then while another guest boots on a slow (emulated) host;
+    // a failed create leaves nothing behind, so it is tried three times.
+    let mut last = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
+        let mut cmd = std::process::Command::new("xl");
+        cmd.args(["create", "-p"]).arg(config);
+        if let Some(n) = name {
+            cmd.arg(format!("name=\"{n}\""));
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| XenError::Unavailable(format!("running xl create: {e}")))?;
+        if out.status.success() {
+            last.clear();
+            break;
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        tracing::warn!("xl create -p {} failed: {last}", config.display());
     }
-    let out = cmd
-        .output()
-        .map_err(|e| XenError::Unavailable(format!("running xl create: {e}")))?;
-    if !out.status.success() {
+    if !last.is_empty() {
         return Err(XenError::Unsupported(format!(
-            "xl create -p {}: {}",
-            config.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            "xl create -p {}: {last}",
+            config.display()
         )));
     }
     let name = match name {
