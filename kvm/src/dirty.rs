@@ -188,7 +188,7 @@ impl DirtyLog {
 
     /// Forgets everything logged so far (logging just (re)started).
     pub fn reset(&self, vm: &VmFd) {
-        let _ = self.collect(vm);
+        let _ = self.fetch(vm);
         self.extra.clear();
     }
 
@@ -214,7 +214,8 @@ impl DirtyLog {
         n
     }
 
-    fn collect(&self, vm: &VmFd) -> Result<Bitmap, kvm_ioctls::Error> {
+    /// Fetch-and-clear of everything dirtied since the last fetch.
+    pub fn fetch(&self, vm: &VmFd) -> Result<Bitmap, kvm_ioctls::Error> {
         let mut out = Bitmap::new(self.extra.len());
         match self.mode {
             DirtyMode::Bitmap => {
@@ -239,11 +240,6 @@ impl DirtyLog {
         }
         out.merge(&self.extra.take());
         Ok(out)
-    }
-
-    /// Fetch-and-clear of everything dirtied since the last fetch.
-    pub fn fetch(&self, vm: &VmFd) -> Result<Bitmap, kvm_ioctls::Error> {
-        self.collect(vm)
     }
 
     /// Puts bits back after a failed send.

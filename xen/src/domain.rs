@@ -42,88 +42,105 @@ fn gerr(e: XenError) -> GuestError {
     }
 }
 
-/// The gfns a migration carries, in order: the domain's RAM ranges (see [`MemMap::scan`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// First gfn above 4 GiB.
+const HIGH: u64 = 1 << 20;
+
+/// The gfns a migration carries, in order: `0..low_end`, then `HIGH..high_end` (empty
+/// unless the domain has RAM above 4 GiB). Page *i* is the *i*-th of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemMap {
-    /// Page index → gfn.
-    pub gfns: Vec<u64>,
+    low_end: u64,
+    high_end: u64,
 }
 
 impl MemMap {
     /// Scans the physmap of `dom` for RAM: below the special pages, and above 4 GiB when
     /// the domain reaches there. Long holes stop the low scan once the pages found account
-    /// for the domain's memory (scanning a million gfns costs seconds under TCG). The
-    /// result is every gfn from 0 (and from 4 GiB) to the last RAM gfn found.
+    /// for the domain's memory (scanning a million gfns costs seconds under TCG). The map
+    /// is every gfn from 0 (and from 4 GiB) to the last RAM gfn found: a running guest may
+    /// have swapped a RAM page for something Xen maps (Linux puts shared_info there),
+    /// which its freshly created target still has as RAM. Such gfns read as zero on the
+    /// source.
     pub fn scan(xc: &Xc, dom: u32) -> Result<Self, XenError> {
         let info = xc.info(dom)?;
         let max = xc.max_gpfn(dom)?;
-        let mut gfns = Vec::new();
-        let mut scan = |from: u64, to: u64, stop_early: bool| -> Result<(), XenError> {
-            let mut g = from;
-            let mut empty_chunks = 0;
+        let mut found = 0u64;
+        // The end (last RAM gfn + 1) of the range scanned.
+        let mut scan = |from: u64, to: u64, stop_early: bool| -> Result<u64, XenError> {
+            let (mut g, mut end_of_ram, mut empty_chunks) = (from, from, 0);
             while g < to {
                 let end = (g + 1024).min(to);
                 let chunk: Vec<u64> = (g..end).collect();
                 let types = xc.pfn_types(dom, &chunk)?;
-                let before = gfns.len();
-                gfns.extend(
-                    chunk
-                        .iter()
-                        .zip(&types)
-                        .filter(|(_, t)| **t != PFN_XTAB)
-                        .map(|(g, _)| *g),
-                );
-                empty_chunks = if gfns.len() == before {
-                    empty_chunks + 1
-                } else {
-                    0
-                };
+                let ram = chunk.iter().zip(&types).filter(|(_, t)| **t != PFN_XTAB);
+                let before = found;
+                for (g, _) in ram {
+                    found += 1;
+                    end_of_ram = g + 1;
+                }
+                empty_chunks = if found == before { empty_chunks + 1 } else { 0 };
                 // Allow for the special pages and a few more that nr_pages counts.
-                if stop_early && empty_chunks >= 4 && gfns.len() as u64 + 64 >= info.nr_pages {
+                if stop_early && empty_chunks >= 4 && found + 64 >= info.nr_pages {
                     break;
                 }
                 g = end;
             }
-            Ok(())
+            Ok(end_of_ram)
         };
-        scan(0, (max + 1).min(*SPECIAL.start()), true)?;
-        if max >= 1 << 20 {
-            scan(1 << 20, max + 1, false)?;
-        }
-        if gfns.is_empty() {
+        let low_end = scan(0, (max + 1).min(*SPECIAL.start()), true)?;
+        let high_end = if max >= HIGH {
+            scan(HIGH, max + 1, false)?
+        } else {
+            HIGH
+        };
+        if found == 0 {
             return Err(XenError::NoDomain(format!("{dom} has no RAM")));
         }
-        // Carry whole ranges, from 0 (and from 4 GiB) to the last RAM gfn: a running guest
-        // may have swapped a RAM page for something Xen maps (Linux puts shared_info
-        // there), which its freshly created target still has as RAM. Such gfns read as
-        // zero on the source.
-        let low_end = gfns
-            .iter()
-            .filter(|g| **g < 1 << 20)
-            .max()
-            .map_or(0, |g| g + 1);
-        let high_end = gfns.iter().filter(|g| **g >= 1 << 20).max().map(|g| g + 1);
-        let mut all: Vec<u64> = (0..low_end).collect();
-        if let Some(end) = high_end {
-            all.extend(1 << 20..end);
-        }
-        Ok(Self { gfns: all })
+        Ok(Self { low_end, high_end })
     }
 
-    /// A digest of the list (both sides must have the same).
-    pub fn digest(&self) -> u64 {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for g in &self.gfns {
-            h ^= *g;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    /// Pages carried.
+    pub fn pages(&self) -> u64 {
+        self.low_end + (self.high_end - HIGH)
+    }
+
+    /// The gfn of page `i` (`i < pages()`).
+    pub fn gfn(&self, i: u64) -> u64 {
+        if i < self.low_end {
+            i
+        } else {
+            HIGH + (i - self.low_end)
         }
-        h
+    }
+
+    /// The page carrying `gfn`, if any.
+    pub fn index(&self, gfn: u64) -> Option<u64> {
+        if gfn < self.low_end {
+            Some(gfn)
+        } else if (HIGH..self.high_end).contains(&gfn) {
+            Some(self.low_end + (gfn - HIGH))
+        } else {
+            None
+        }
+    }
+
+    /// One past the highest gfn carried (the size of a dirty bitmap).
+    pub fn top(&self) -> u64 {
+        if self.high_end > HIGH {
+            self.high_end
+        } else {
+            self.low_end
+        }
+    }
+
+    /// A digest of the map (both sides must have the same).
+    pub fn digest(&self) -> u64 {
+        self.low_end.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.high_end
     }
 }
 
 /// The mappings of windows of `WINDOW` pages, oldest evicted first.
 struct Windows {
-    write: bool,
     map: HashMap<u64, Arc<Mapping>>,
     order: VecDeque<u64>,
 }
@@ -133,13 +150,12 @@ pub struct XenGuest {
     xc: Arc<Xc>,
     dom: u32,
     mem: MemMap,
-    /// gfn → page index (u32::MAX: not carried).
-    index_of: Vec<u32>,
     windows: Mutex<Windows>,
     /// Bits merged back after a failed send.
     pending: Mutex<Option<Bitmap>>,
-    /// The destination domain is destroyed when discarded.
-    destroy_on_discard: bool,
+    /// A destination: pages are mapped writable, and the domain is destroyed when
+    /// discarded.
+    dest: bool,
     /// How the source is stopped for the last copy.
     stop: StopMode,
 }
@@ -195,23 +211,16 @@ impl XenGuest {
             )));
         }
         let mem = MemMap::scan(&xc, dom)?;
-        let top = mem.gfns.last().copied().unwrap_or(0);
-        let mut index_of = vec![u32::MAX; top as usize + 1];
-        for (i, g) in mem.gfns.iter().enumerate() {
-            index_of[*g as usize] = i as u32;
-        }
         Ok(Self {
             xc,
             dom,
             mem,
-            index_of,
             windows: Mutex::new(Windows {
-                write,
                 map: HashMap::new(),
                 order: VecDeque::new(),
             }),
             pending: Mutex::new(None),
-            destroy_on_discard: write,
+            dest: write,
             stop: StopMode::Pause,
         })
     }
@@ -278,10 +287,10 @@ impl XenGuest {
             ));
         }
         let g = Self::new(Arc::new(Xc::open()?), dom, true)?;
-        if g.mem.gfns.len() as u64 != layout.pages {
+        if g.mem.pages() != layout.pages {
             return Err(XenError::Unsupported(format!(
                 "the target domain has {} RAM pages, the source {}: create it from the same configuration",
-                g.mem.gfns.len(),
+                g.mem.pages(),
                 layout.pages
             )));
         }
@@ -308,11 +317,12 @@ impl XenGuest {
         if let Some(m) = ws.map.get(&w) {
             return Ok(Arc::clone(m));
         }
-        let first = (w * WINDOW) as usize;
-        let last = (first + WINDOW as usize).min(self.mem.gfns.len());
-        let gfns = &self.mem.gfns[first..last];
-        let mut m = self.xc.map(self.dom, gfns, ws.write)?;
-        if ws.write && m.errors.iter().any(|e| *e != 0) {
+        let first = w * WINDOW;
+        let last = (first + WINDOW).min(self.mem.pages());
+        let gfns: Vec<u64> = (first..last).map(|i| self.mem.gfn(i)).collect();
+        let gfns = &gfns[..];
+        let mut m = self.xc.map(self.dom, gfns, self.dest)?;
+        if self.dest && m.errors.iter().any(|e| *e != 0) {
             // The target lacks some of these pages: give it them, then map again.
             let missing: Vec<u64> = gfns
                 .iter()
@@ -336,11 +346,11 @@ impl XenGuest {
     }
 
     fn page_range(&self, index: u64) -> Result<(), GuestError> {
-        if index >= self.mem.gfns.len() as u64 {
+        if index >= self.mem.pages() {
             return Err(GuestError::OutOfRange {
                 what: "page",
                 index,
-                limit: self.mem.gfns.len() as u64,
+                limit: self.mem.pages(),
             });
         }
         Ok(())
@@ -359,7 +369,8 @@ impl XenGuest {
             return Err(GuestError::Io {
                 what: format!(
                     "gfn {:#x} of domain {} is not mapped",
-                    self.mem.gfns[index as usize], self.dom
+                    self.mem.gfn(index),
+                    self.dom
                 ),
                 source: std::io::Error::from_raw_os_error(m.errors[slot].abs()),
             });
@@ -380,19 +391,17 @@ impl XenGuest {
 
     /// The dirty pages (as page indexes); `clean` clears Xen's log.
     pub fn dirty(&self, clean: bool) -> Result<Bitmap, XenError> {
-        let top = self.index_of.len() as u64;
+        let top = self.mem.top();
         let words = self.xc.dirty_bitmap(self.dom, top, clean)?;
-        let mut out = Bitmap::new(self.mem.gfns.len() as u64);
+        let mut out = Bitmap::new(self.mem.pages());
         for (w, &word) in words.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
                 let b = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
                 let gfn = w as u64 * 64 + b;
-                if let Some(&i) = self.index_of.get(gfn as usize) {
-                    if i != u32::MAX {
-                        out.set(u64::from(i));
-                    }
+                if let Some(i) = self.mem.index(gfn) {
+                    out.set(i);
                 }
             }
         }
@@ -409,7 +418,7 @@ impl XenGuest {
         }
         Ok(XenState {
             memmap_digest: self.mem.digest(),
-            pages: self.mem.gfns.len() as u64,
+            pages: self.mem.pages(),
             tsc: self.xc.tsc_info(self.dom)?,
             params,
             hvm_context: self.xc.hvm_context(self.dom)?,
@@ -418,7 +427,7 @@ impl XenGuest {
 
     /// Loads a state saved by [`XenGuest::state`] into this (paused) domain.
     pub fn load_state(&self, s: &XenState) -> Result<(), XenError> {
-        if s.memmap_digest != self.mem.digest() || s.pages != self.mem.gfns.len() as u64 {
+        if s.memmap_digest != self.mem.digest() || s.pages != self.mem.pages() {
             return Err(XenError::Unsupported(
                 "the source's RAM map differs from this domain's".into(),
             ));
@@ -448,7 +457,7 @@ impl SourceGuest for XenGuest {
         GuestLayout {
             backend: BACKEND.into(),
             page_size: PAGE as u32,
-            pages: self.mem.gfns.len() as u64,
+            pages: self.mem.pages(),
             disks: Vec::new(),
         }
     }
@@ -608,10 +617,38 @@ impl DestGuest for XenGuest {
     }
 
     fn discard(&self) {
-        if self.destroy_on_discard {
+        if self.dest {
             if let Err(e) = self.xc.destroy(self.dom) {
                 tracing::warn!("destroying the received domain: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_and_gfns_map_both_ways_across_the_4_gib_gap() {
+        let m = MemMap {
+            low_end: 0x10,
+            high_end: HIGH + 3,
+        };
+        assert_eq!(m.pages(), 0x13);
+        assert_eq!(m.top(), HIGH + 3);
+        for i in 0..m.pages() {
+            assert_eq!(m.index(m.gfn(i)), Some(i));
+        }
+        assert_eq!(m.gfn(0x10), HIGH);
+        assert_eq!(m.index(0x10), None);
+        assert_eq!(m.index(HIGH + 3), None);
+        let low = MemMap {
+            low_end: 0x10000,
+            high_end: HIGH,
+        };
+        assert_eq!((low.pages(), low.top()), (0x10000, 0x10000));
+        assert_eq!(low.index(HIGH), None);
+        assert_ne!(low.digest(), m.digest());
     }
 }

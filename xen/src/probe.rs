@@ -63,7 +63,7 @@ pub fn probe(dom: u32) -> Result<ProbeReport, XenError> {
     let g = XenGuest::source(dom, Some(crate::domain::StopMode::Pause))?;
     let mut r = ProbeReport {
         domid: dom,
-        pages: g.memmap().gfns.len() as u64,
+        pages: g.memmap().pages(),
         scan_ms: t.elapsed().as_secs_f64() * 1e3,
         ..Default::default()
     };
@@ -99,7 +99,7 @@ pub fn probe(dom: u32) -> Result<ProbeReport, XenError> {
         for i in (0..r.pages).step_by(step as usize) {
             g.read_page(i, &mut a)
                 .map_err(|e| XenError::Unsupported(format!("reading page {i}: {e}")))?;
-            let single = xc.map(dom, &[g.memmap().gfns[i as usize]], false)?;
+            let single = xc.map(dom, &[g.memmap().gfn(i)], false)?;
             let mut b = vec![0u8; PAGE];
             single.read(0, &mut b);
             r.pages_compared += 1;
