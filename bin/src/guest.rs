@@ -53,17 +53,35 @@ impl Hosted {
                     )
                 })?;
                 let xerr = |e: ferry_xen::XenError| GuestError::Unsupported(e.to_string());
-                let dom =
-                    ferry_xen::create_paused(cfg, how.domain_name.as_deref()).map_err(xerr)?;
-                match ferry_xen::domain::XenGuest::destination(dom, layout) {
-                    Ok(g) => Ok(Self::Xen(Arc::new(g))),
+                // The disks are served before the domain exists: blkback opens them when
+                // the toolstack creates it.
+                let served = if layout.disks.is_empty() {
+                    None
+                } else {
+                    let disks = ferry_disk::GuestDisks::incoming(&layout.disks, &how.dir)?;
+                    Some(ferry_xen::disks::ServedDisks::serve(disks).map_err(xerr)?)
+                };
+                let setting = served.as_ref().map(|d| d.xl_override().to_string());
+                let dom = match ferry_xen::create_domain(
+                    cfg,
+                    how.domain_name.as_deref(),
+                    setting.as_deref(),
+                    true,
+                ) {
+                    Ok(dom) => dom,
                     Err(e) => {
-                        let _ = std::process::Command::new("xl")
-                            .args(["destroy", &dom.to_string()])
-                            .status();
-                        Err(xerr(e))
+                        if let Some(d) = served {
+                            d.discard();
+                        }
+                        return Err(xerr(e));
                     }
-                }
+                };
+                ferry_xen::domain::XenGuest::destination(dom, layout, served)
+                    .map(|g| Self::Xen(Arc::new(g)))
+                    .map_err(|e| {
+                        xl_destroy(dom);
+                        xerr(e)
+                    })
             }
             #[cfg(not(feature = "xen"))]
             "xen" => Err(GuestError::Unsupported(NO_XEN.into())),
@@ -73,7 +91,7 @@ impl Hosted {
         }
     }
 
-    /// A running Xen domain to migrate (by name or id).
+    /// A running Xen domain to migrate (by name or id), with disks of its own.
     pub fn xen_domain(name: &str, stop: &str) -> anyhow::Result<Self> {
         #[cfg(feature = "xen")]
         {
@@ -81,13 +99,51 @@ impl Hosted {
                 .map_err(|e| anyhow::anyhow!("--xen-stop: {e}"))?;
             let dom = ferry_xen::resolve_domain(name)?;
             Ok(Self::Xen(Arc::new(ferry_xen::domain::XenGuest::source(
-                dom, stop,
+                dom, stop, None,
             )?)))
         }
         #[cfg(not(feature = "xen"))]
         {
             let _ = stop;
             anyhow::bail!("--backend xen --domain {name}: {NO_XEN}")
+        }
+    }
+
+    /// A new Xen domain created (running) from the xl configuration `config`, its
+    /// `disks` served by this process through `/dev/nbdN` (they replace any `disk =` of
+    /// the configuration).
+    pub fn xen_created(
+        config: &std::path::Path,
+        disks: &[ferry_disk::DiskSpec],
+        stop: &str,
+    ) -> anyhow::Result<Self> {
+        #[cfg(feature = "xen")]
+        {
+            use anyhow::Context;
+            let stop = ferry_xen::domain::StopMode::parse(stop)
+                .map_err(|e| anyhow::anyhow!("--xen-stop: {e}"))?;
+            let disks = ferry_disk::GuestDisks::open_live(disks).context("--disk")?;
+            let served = ferry_xen::disks::ServedDisks::serve(disks).context("--disk")?;
+            let dom =
+                match ferry_xen::create_domain(config, None, Some(served.xl_override()), false) {
+                    Ok(dom) => dom,
+                    Err(e) => {
+                        served.close();
+                        return Err(e).context("--domain-config");
+                    }
+                };
+            match ferry_xen::domain::XenGuest::source(dom, stop, Some(served)) {
+                Ok(g) => Ok(Self::Xen(Arc::new(g))),
+                Err(e) => {
+                    xl_destroy(dom);
+                    Err(e.into())
+                }
+            }
+        }
+        #[cfg(not(feature = "xen"))]
+        {
+            let _ = (disks, stop);
+            anyhow::bail!("--domain-config {}: {NO_XEN}", config.display())
         }
     }
 
@@ -138,9 +194,10 @@ impl Hosted {
         match self {
             Self::Sim(g) => g.stop(),
             Self::Kvm(g) => g.stop(),
-            // The toolstack owns a Xen domain's life: `xl shutdown`/`xl destroy`.
+            // A domain whose disks this process serves cannot outlive it: it is shut down.
+            // One with disks of its own is left to the toolstack.
             #[cfg(feature = "xen")]
-            Self::Xen(_) => {}
+            Self::Xen(g) => g.shut_down(),
         }
     }
 
@@ -162,7 +219,7 @@ impl Hosted {
             Self::Sim(g) => g.disk_paths(),
             Self::Kvm(g) => g.disk_paths(),
             #[cfg(feature = "xen")]
-            Self::Xen(_) => Vec::new(),
+            Self::Xen(g) => g.disk_paths(),
         }
     }
 
@@ -213,4 +270,12 @@ impl Incoming {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// Destroys a domain this process created and could not use.
+#[cfg(feature = "xen")]
+fn xl_destroy(dom: u32) {
+    let _ = std::process::Command::new("xl")
+        .args(["destroy", &dom.to_string()])
+        .status();
 }

@@ -251,7 +251,16 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn describe(g: &GuestArgs) -> String {
     if g.backend == "xen" {
-        return format!("xen domain {}", g.domain.as_deref().unwrap_or("?"));
+        return match (&g.domain, &g.domain_config) {
+            (Some(d), _) => format!("xen domain {d}"),
+            (None, Some(c)) if g.no_disk => format!("xen domain from {}", c.display()),
+            (None, Some(c)) => format!(
+                "xen domain from {}, a {} disk served by ferry",
+                c.display(),
+                units::human_bytes(g.disk_size)
+            ),
+            (None, None) => "xen domain ?".into(),
+        };
     }
     format!(
         "{} {} memory, {}, workload {} at {} page writes/s{}",

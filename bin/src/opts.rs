@@ -21,13 +21,18 @@ use crate::units::{parse_duration, parse_fraction, parse_rate, parse_size};
 pub struct GuestArgs {
     /// Guest backend: `sim` (the embedded default: memory, disk and workload threads in
     /// this process), `kvm` (a hardware-virtualized VM on /dev/kvm running Ferry's
-    /// bundled ring-3 guest program and block device) or `xen` (an existing Xen domain,
-    /// `--domain`; needs a build with `--features xen`, run in dom0).
+    /// bundled ring-3 guest program and block device) or `xen` (a Xen domain, running
+    /// `--domain` or new `--domain-config`; needs a build with `--features xen`, in dom0).
     #[arg(long, default_value = "sim", value_parser = ["sim", "kvm", "xen"])]
     pub backend: String,
-    /// xen: the running domain to migrate (name or id).
-    #[arg(long)]
+    /// xen: the running domain to migrate (name or id), with disks of its own.
+    #[arg(long, conflicts_with = "domain_config")]
     pub domain: Option<String>,
+    /// xen: create the domain from this xl configuration, with `--disk` served to it by
+    /// this process (as `/dev/nbdN`, a `phy:` disk xvda, replacing the configuration's
+    /// `disk =`), so every guest write is logged for the storage migration.
+    #[arg(long)]
+    pub domain_config: Option<PathBuf>,
     /// xen: how the domain is stopped for the last copy: `pause`, `suspend` (the guest
     /// suspends itself; for guests with PV devices) or `auto` (suspend when the guest
     /// advertises it).
@@ -97,6 +102,7 @@ impl GuestArgs {
         Self {
             backend: "sim".into(),
             domain: None,
+            domain_config: None,
             xen_stop: "auto".into(),
             memory,
             disk: None,
@@ -191,13 +197,10 @@ impl GuestArgs {
     /// Creates and starts the guest.
     pub fn start(&self) -> anyhow::Result<StartedGuest> {
         if self.backend == "xen" {
-            let Some(name) = self.domain.as_deref() else {
-                bail!("--backend xen needs --domain NAME (the running domain to migrate)");
-            };
-            return Ok(StartedGuest {
-                guest: Hosted::xen_domain(name, &self.xen_stop)?,
-                _tmp: None,
-            });
+            return self.xen_guest();
+        }
+        if self.domain.is_some() || self.domain_config.is_some() {
+            bail!("--domain and --domain-config name a Xen guest: add --backend xen");
         }
         let (cfg, tmp) = self.config()?;
         let guest = match self.backend.as_str() {
@@ -208,6 +211,41 @@ impl GuestArgs {
         };
         guest.start();
         Ok(StartedGuest { guest, _tmp: tmp })
+    }
+
+    /// The Xen domain these flags name or create.
+    fn xen_guest(&self) -> anyhow::Result<StartedGuest> {
+        if let Some(cfg) = &self.domain_config {
+            if !cfg.is_file() {
+                bail!("--domain-config: {} is not a file", cfg.display());
+            }
+            let (sim, tmp) = self.config()?;
+            let disks: Vec<DiskSpec> = sim
+                .disk_path
+                .iter()
+                .map(|path| DiskSpec {
+                    path: path.clone(),
+                    block_size: 4096,
+                    size: sim.disk_size,
+                    used: sim.disk_used,
+                    seed: self.seed,
+                })
+                .collect();
+            return Ok(StartedGuest {
+                guest: Hosted::xen_created(cfg, &disks, &self.xen_stop)?,
+                _tmp: tmp,
+            });
+        }
+        let Some(name) = self.domain.as_deref() else {
+            bail!("--backend xen needs --domain NAME (a running domain) or --domain-config CFG (a new one)");
+        };
+        if self.disk.is_some() {
+            bail!("--disk: the running domain {name} has disks of its own; use --domain-config to have Ferry serve --disk to a new domain");
+        }
+        Ok(StartedGuest {
+            guest: Hosted::xen_domain(name, &self.xen_stop)?,
+            _tmp: None,
+        })
     }
 
     /// The KVM guest these flags describe (memory, disk and fill checked by `config`).

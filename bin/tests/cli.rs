@@ -577,6 +577,36 @@ fn bad_input_names_the_flag() {
         (&["demo", "--max-bandwidth", "fast"][..], "--max-bandwidth"),
         (&["demo", "--workload", "busy"][..], "--workload"),
         (&["demo", "--backend", "xen"][..], "--backend"),
+        (
+            &["demo", "--domain-config", "/etc/hostname"][..],
+            "--domain-config",
+        ),
+        (
+            &[
+                "run",
+                "--backend",
+                "xen",
+                "--domain-config",
+                "/no/such.cfg",
+                "--control",
+                "/tmp/x.sock",
+            ][..],
+            "--domain-config",
+        ),
+        (
+            &[
+                "run",
+                "--backend",
+                "xen",
+                "--domain",
+                "d",
+                "--disk",
+                "/tmp/d.img",
+                "--control",
+                "/tmp/x.sock",
+            ][..],
+            "--disk",
+        ),
         (&["demo", "--dirty-log", "rings"][..], "--dirty-log"),
         (
             &["demo", "--backend", "kvm", "--workload", "hotspot"][..],

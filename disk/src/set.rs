@@ -2,6 +2,7 @@
 //! starts, leaves, arrives or is thrown away, in one place.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferry_core::bitmap::Bitmap;
 use ferry_core::guest::{Base, DiskLayout, DiskPlan, GuestError, PullFn};
@@ -41,7 +42,8 @@ pub struct DiskSpec {
 /// The disks of one guest.
 #[derive(Default)]
 pub struct GuestDisks {
-    disks: Vec<DiskImage>,
+    /// Shared with a block back-end that serves them (see [`crate::kernel_nbd`]).
+    disks: Vec<Arc<DiskImage>>,
     /// On a destination: per disk, the source image's identity and whether the image was
     /// created for this migration (a pre-existing one may be a base and is kept).
     incoming: Vec<(Option<ImageIdentity>, bool)>,
@@ -76,7 +78,7 @@ impl GuestDisks {
                 "writing metadata for {}",
                 s.path.display()
             )))?;
-            disks.push(disk);
+            disks.push(Arc::new(disk));
         }
         Ok(Self {
             disks,
@@ -109,24 +111,27 @@ impl GuestDisks {
                 }
                 Err(e) => return Err(io("opening a disk image")(e)),
             };
-            disks.push(disk);
+            disks.push(Arc::new(disk));
             incoming.push((d.identity, new));
         }
         Ok(Self { disks, incoming })
     }
 
     /// The images.
-    pub fn images(&self) -> &[DiskImage] {
+    pub fn images(&self) -> &[Arc<DiskImage>] {
         &self.disks
     }
 
     /// Disk `d`, or an out-of-range error.
     pub fn get(&self, d: usize) -> Result<&DiskImage, GuestError> {
-        self.disks.get(d).ok_or(GuestError::OutOfRange {
-            what: "disk",
-            index: d as u64,
-            limit: self.disks.len() as u64,
-        })
+        self.disks
+            .get(d)
+            .map(|i| &**i)
+            .ok_or(GuestError::OutOfRange {
+                what: "disk",
+                index: d as u64,
+                limit: self.disks.len() as u64,
+            })
     }
 
     /// Image paths.
@@ -208,7 +213,7 @@ impl GuestDisks {
 
     /// What this destination holds for disk `d`.
     pub fn base(&self, d: usize) -> Base {
-        self.disks.get(d).map_or(Base::None, DiskImage::base)
+        self.disks.get(d).map_or(Base::None, |i| i.base())
     }
 
     /// Storage post-copy: `owed` blocks of disk `d` arrive later.

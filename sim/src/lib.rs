@@ -329,7 +329,7 @@ impl SimGuest {
         workload: WorkloadConfig,
         incoming: bool,
     ) -> Result<Self, SimError> {
-        let blocks = disks.images().first().map_or(0, DiskImage::blocks);
+        let blocks = disks.images().first().map_or(0, |d| d.blocks());
         let map = MemMap::new(pages, u64::from(page_size), blocks).map_err(SimError::Config)?;
         let mem = GuestMemory::new(pages, page_size as usize, incoming).map_err(|source| {
             SimError::Io {
@@ -477,7 +477,7 @@ impl SimGuest {
     }
 
     /// The disks (for inspection).
-    pub fn disks(&self) -> &[DiskImage] {
+    pub fn disks(&self) -> &[std::sync::Arc<DiskImage>] {
         self.inner.disks.images()
     }
 

@@ -1,9 +1,10 @@
 #!/bin/bash
 # usage: build.sh FERRY AUTORUN -> $LAB/dom0-initrd.gz: a busybox dom0 with the Xen 4.17
 # tools and libraries, the `ferry` binary FERRY (built with --features xen) and its
-# libraries, two PVH test guests — Debian's kernel with a busybox initrd that keeps
-# writing memory (/guest/domh.cfg) and Ferry's self-checking PVH kernel
-# (/guest/pvh.cfg, from xen/guest/pvh.S) — and AUTORUN as /autorun.sh.
+# libraries, the PVH test guests — Debian's kernel with a busybox initrd that keeps
+# writing memory (/guest/domh.cfg; /guest/domd.cfg is the same guest for a disk that
+# `ferry` serves, which it writes and checks block by block) and Ferry's self-checking
+# PVH kernel (/guest/pvh.cfg, from xen/guest/pvh.S) — and AUTORUN as /autorun.sh.
 set -euo pipefail
 LAB=${LAB:?set LAB to the lab work folder}
 FERRY=$(realpath "${1:?usage: build.sh FERRY AUTORUN}")
@@ -13,14 +14,36 @@ cd "$LAB"
 KV=$(basename "$(ls -d x/lib/modules/*)")
 M=x/lib/modules/$KV/kernel
 rm -rf root0 rootU; mkdir -p root0 rootU
-# The test guest: busybox in an initramfs, rewriting 16 MiB every 2 s.
-mkdir -p rootU/{bin,proc,sys,dev,tmp}
+# The test guest: busybox in an initramfs, rewriting 16 MiB every 2 s. Given a disk
+# (xvda), it also writes sequence-numbered blocks round a ring of 256 blocks with
+# O_DIRECT, and before overwriting a block reads it back from the disk and checks it
+# holds the number written one lap before: a block lost or stale in a migration shows
+# as "domU disk FAIL".
+mkdir -p rootU/{bin,proc,sys,dev,tmp,mods}
 cp /bin/busybox rootU/bin/busybox
+cp $M/drivers/block/xen-blkfront.ko rootU/mods/
 cat > rootU/init <<'EOI'
 #!/bin/busybox sh
 /bin/busybox --install -s
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=64m tmpfs /tmp
+insmod /mods/xen-blkfront.ko 2>/dev/null
+disk() {
+  n=256; i=0
+  while true; do
+    i=$((i+1)); b=$((i % n))
+    if [ $i -gt $n ]; then
+      want="ferry-disk seq $((i-n)) block $b"
+      got=$(dd if=/dev/xvda bs=4096 skip=$b count=1 iflag=direct 2>/dev/null | head -c ${#want})
+      [ "$got" = "$want" ] || echo "domU disk FAIL block $b: want '$want' got '$got'" > /dev/hvc0
+    fi
+    echo "ferry-disk seq $i block $b" | dd of=/dev/xvda bs=4096 seek=$b conv=sync,notrunc oflag=direct 2>/dev/null \
+      || echo "domU disk FAIL writing block $b" > /dev/hvc0
+    [ $((i % 64)) = 0 ] && echo "domU disk seq $i" > /dev/hvc0
+  done
+}
+for t in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/xvda ] && break; sleep 1; done
+[ -b /dev/xvda ] && disk &
 i=0
 while true; do
   i=$((i+1))
@@ -52,8 +75,12 @@ for l in $(ldd "$FERRY" | awk '/=>/{print $3}'); do
   [ -e "root0/usr/lib/x86_64-linux-gnu/$b" ] || [ -e "root0/lib/x86_64-linux-gnu/$b" ] || cp -L "$l" root0/lib/x86_64-linux-gnu/
 done
 for b in xl xenstored xenconsoled xen-init-dom0 xenconsole xen-hvmctx xen-mfndump; do ln -sf /usr/lib/xen-4.17/bin/$b root0/usr/sbin/$b; done
-for b in xenstore xenstore-ls xenstore-read xenstore-write xenstore-list; do cp -a x/usr/bin/$b root0/usr/bin/ 2>/dev/null || true; done
-for m in drivers/xen/xen-privcmd drivers/xen/xenfs/xenfs drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/net/ethernet/intel/e1000/e1000 drivers/net/ethernet/intel/e1000e/e1000e; do
+cp -a x/usr/bin/xenstore* root0/usr/bin/
+# bash, flock and GNU stat for Xen's hotplug scripts (/etc/xen/scripts/block sets up the
+# guest's phy: disks; busybox has no flock).
+cp /bin/bash root0/bin/bash; cp /usr/bin/flock /usr/bin/stat root0/usr/bin/
+for l in $(ldd /bin/bash /usr/bin/flock /usr/bin/stat | awk '/=>/{print $3}'); do cp -nL "$l" root0/lib/x86_64-linux-gnu/; done
+for m in drivers/block/nbd drivers/block/xen-blkback/xen-blkback drivers/xen/xen-privcmd drivers/xen/xenfs/xenfs drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/net/ethernet/intel/e1000/e1000 drivers/net/ethernet/intel/e1000e/e1000e; do
   cp $M/$m.ko root0/mods/; done
 cp x/boot/vmlinuz-$KV root0/guest/vmlinuz
 cp domU-initrd.gz root0/guest/initrd.gz
@@ -69,6 +96,8 @@ on_crash = "preserve"
 # QEMU-TCG's SVM reports RDTSCP exits as RDTSC: hide rdtscp from PVH guests.
 cpuid = "host,rdtscp=0"
 EOC
+# The same guest with a disk that `ferry run --domain-config` serves (it adds disk=[...]).
+sed 's/^name = "domh"/name = "domd"/' root0/guest/domh.cfg > root0/guest/domd.cfg
 # Ferry's own PVH test guest (xen/guest/pvh.S): checks every page after every pass.
 as --64 -o pvh.o "$HERE/../guest/pvh.S"
 ld -m elf_x86_64 -T "$HERE/../guest/pvh.ld" -o root0/guest/ferry-pvh pvh.o

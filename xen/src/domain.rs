@@ -11,11 +11,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use ferry_core::bitmap::Bitmap;
-use ferry_core::guest::{DestGuest, GuestError, GuestLayout, SourceGuest, StateBlob};
+use ferry_core::guest::{
+    Base, DestGuest, DiskPlan, GuestError, GuestLayout, PullFn, SourceGuest, StateBlob,
+};
 
 use crate::ctrl::{Mapping, Xc, PAGE, PFN_XTAB};
+use crate::disks::ServedDisks;
 use crate::state::{self, XenState, STATE_VERSION};
 use crate::{XenError, BACKEND};
+use ferry_disk::GuestDisks;
 
 /// First and last gfn of the special pages libxl puts below 4 GiB.
 const SPECIAL: std::ops::RangeInclusive<u64> = 0xfeff0..=0xfefff;
@@ -156,8 +160,14 @@ pub struct XenGuest {
     /// A destination: pages are mapped writable, and the domain is destroyed when
     /// discarded.
     dest: bool,
-    /// How the source is stopped for the last copy.
-    stop: StopMode,
+    /// How the source is to be stopped for the last copy (`None`: decided then).
+    stop: Option<StopMode>,
+    /// How it was stopped, until resumed.
+    stopped: Mutex<Option<StopMode>>,
+    /// Disks Ferry serves to the domain (none for a domain with its own).
+    disks: Option<ServedDisks>,
+    /// A destination whose guest was resumed here.
+    running: std::sync::atomic::AtomicBool,
 }
 
 /// How a source domain is stopped for the last copy.
@@ -203,7 +213,12 @@ fn xenstore(args: &[&str]) -> Option<String> {
 }
 
 impl XenGuest {
-    fn new(xc: Arc<Xc>, dom: u32, write: bool) -> Result<Self, XenError> {
+    fn new(
+        xc: Arc<Xc>,
+        dom: u32,
+        write: bool,
+        disks: Option<ServedDisks>,
+    ) -> Result<Self, XenError> {
         let info = xc.info(dom)?;
         if !info.hvm {
             return Err(XenError::Unsupported(format!(
@@ -221,30 +236,85 @@ impl XenGuest {
             }),
             pending: Mutex::new(None),
             dest: write,
-            stop: StopMode::Pause,
+            stop: None,
+            stopped: Mutex::new(None),
+            disks: disks.filter(|d| !d.is_empty()),
+            running: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// A running domain to migrate away.
-    /// `stop`: how to stop it for the last copy; `None` chooses [`StopMode::Suspend`]
-    /// when the guest advertises `control/feature-suspend` (Linux does at boot; not again
-    /// after a migration by another tool), [`StopMode::Pause`] otherwise.
-    pub fn source(dom: u32, stop: Option<StopMode>) -> Result<Self, XenError> {
-        let mut g = Self::new(Arc::new(Xc::open()?), dom, false)?;
-        g.stop = stop.unwrap_or_else(|| {
-            let feature = format!("/local/domain/{dom}/control/feature-suspend");
-            if xenstore(&["xenstore-read", &feature]).as_deref() == Some("1") {
+    /// A running domain to migrate away, with the disks Ferry serves it (if any).
+    /// `stop`: how to stop it for the last copy; `None` chooses, when the copy starts,
+    /// [`StopMode::Suspend`] if the guest advertises `control/feature-suspend` (Linux does
+    /// at boot, not again when resumed in a new domain) or has served disks,
+    /// [`StopMode::Pause`] otherwise. A guest with served disks must suspend itself:
+    /// paused, its blkback would go on completing requests into a ring page already
+    /// copied (a guest that cannot suspend fails the migration safely, resumed).
+    pub fn source(
+        dom: u32,
+        stop: Option<StopMode>,
+        disks: Option<ServedDisks>,
+    ) -> Result<Self, XenError> {
+        let mut g = Self::new(Arc::new(Xc::open()?), dom, false, disks)?;
+        if g.disks.is_some() && stop == Some(StopMode::Pause) {
+            return Err(XenError::Unsupported(
+                "a guest with disks is stopped by suspending itself, not a pause: its block requests in flight would be lost".into(),
+            ));
+        }
+        g.stop = stop;
+        Ok(g)
+    }
+
+    /// How the source will be stopped for the last copy (decided now when `auto`).
+    pub fn stop_mode(&self) -> StopMode {
+        self.stop.unwrap_or_else(|| {
+            let feature = format!("/local/domain/{}/control/feature-suspend", self.dom);
+            if self.disks.is_some()
+                || xenstore(&["xenstore-read", &feature]).as_deref() == Some("1")
+            {
                 StopMode::Suspend
             } else {
                 StopMode::Pause
             }
-        });
-        Ok(g)
+        })
     }
 
-    /// How the source will be stopped for the last copy.
-    pub fn stop_mode(&self) -> StopMode {
-        self.stop
+    /// Destroys the domain through the toolstack (which also removes its devices and
+    /// releases their back-ends), or through libxenctrl when that fails.
+    fn destroy(&self) {
+        let xl = std::process::Command::new("xl")
+            .args(["destroy", &self.dom.to_string()])
+            .output();
+        if !xl.is_ok_and(|o| o.status.success()) {
+            if let Err(e) = self.xc.destroy(self.dom) {
+                tracing::warn!("destroying domain {}: {e}", self.dom);
+            }
+        }
+    }
+
+    /// Stops the guest for good on this host: a domain whose disks this process serves
+    /// is shut down (destroyed after 15 s) and its images closed; a domain with disks
+    /// of its own is left to the toolstack.
+    pub fn shut_down(&self) {
+        let Some(d) = &self.disks else { return };
+        let _ = std::process::Command::new("xl")
+            .args(["shutdown", &self.dom.to_string()])
+            .output();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while self.xc.info(self.dom).is_ok_and(|i| !i.shutdown)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.destroy();
+        d.close();
+    }
+
+    /// Disk image paths.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.disks
+            .as_ref()
+            .map_or_else(Vec::new, |d| d.disks.paths())
     }
 
     /// Asks the guest to suspend itself and waits until Xen reports it suspended.
@@ -274,19 +344,25 @@ impl XenGuest {
 
     /// A paused domain, created by the toolstack from the source's configuration, to
     /// receive `layout` into.
-    pub fn destination(dom: u32, layout: &GuestLayout) -> Result<Self, XenError> {
+    pub fn destination(
+        dom: u32,
+        layout: &GuestLayout,
+        disks: Option<ServedDisks>,
+    ) -> Result<Self, XenError> {
         if layout.backend != BACKEND || u64::from(layout.page_size) != PAGE as u64 {
             return Err(XenError::Unsupported(format!(
                 "a {} guest with {}-byte pages",
                 layout.backend, layout.page_size
             )));
         }
-        if !layout.disks.is_empty() {
-            return Err(XenError::Unsupported(
-                "disks of Xen guests are not migrated by this backend yet".into(),
-            ));
+        let served = disks.as_ref().map_or(0, |d| d.disks.images().len());
+        if served != layout.disks.len() {
+            return Err(XenError::Unsupported(format!(
+                "the guest has {} disks, {served} are served here",
+                layout.disks.len()
+            )));
         }
-        let g = Self::new(Arc::new(Xc::open()?), dom, true)?;
+        let g = Self::new(Arc::new(Xc::open()?), dom, true, disks)?;
         if g.mem.pages() != layout.pages {
             return Err(XenError::Unsupported(format!(
                 "the target domain has {} RAM pages, the source {}: create it from the same configuration",
@@ -444,6 +520,22 @@ impl XenGuest {
         Ok(())
     }
 
+    fn running_here(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The served disks, or the error for disk `d` of a guest without them.
+    fn served(&self, d: usize) -> Result<&GuestDisks, GuestError> {
+        self.disks
+            .as_ref()
+            .map(|s| &s.disks)
+            .ok_or(GuestError::OutOfRange {
+                what: "disk",
+                index: d as u64,
+                limit: 0,
+            })
+    }
+
     fn take_pending(&self) -> Option<Bitmap> {
         self.pending
             .lock()
@@ -458,7 +550,10 @@ impl SourceGuest for XenGuest {
             backend: BACKEND.into(),
             page_size: PAGE as u32,
             pages: self.mem.pages(),
-            disks: Vec::new(),
+            disks: self
+                .disks
+                .as_ref()
+                .map_or_else(Vec::new, |d| d.disks.layouts()),
         }
     }
 
@@ -493,44 +588,56 @@ impl SourceGuest for XenGuest {
     }
 
     fn start_block_log(&self) -> Result<(), GuestError> {
+        if let Some(d) = &self.disks {
+            d.disks.start_block_log();
+        }
         Ok(())
     }
 
     fn stop_block_log(&self) {}
 
     fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        Err(GuestError::OutOfRange {
-            what: "disk",
-            index: disk as u64,
-            limit: 0,
-        })
+        self.served(disk)?.fetch_dirty_blocks(disk)
     }
 
-    fn merge_dirty_blocks(&self, _disk: usize, _blocks: &Bitmap) {}
+    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
+        if let Ok(d) = self.served(disk) {
+            d.merge_dirty_blocks(disk, blocks);
+        }
+    }
 
     fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.fetch_dirty_blocks(disk)
+        self.served(disk)?.allocated_blocks(disk)
     }
 
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         self.read(index, buf)
     }
 
-    fn read_block(&self, disk: usize, _index: u64, _buf: &mut [u8]) -> Result<(), GuestError> {
-        self.fetch_dirty_blocks(disk).map(|_| ())
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.served(disk)?.read_block(disk, index, buf)
     }
 
     fn pause(&self) -> Result<(), GuestError> {
-        match self.stop {
-            StopMode::Pause => self.xc.pause(self.dom).map_err(gerr),
-            StopMode::Suspend => self.suspend().map_err(gerr),
+        let mode = self.stop_mode();
+        match mode {
+            StopMode::Pause => self.xc.pause(self.dom).map_err(gerr)?,
+            StopMode::Suspend => self.suspend().map_err(gerr)?,
         }
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(mode);
+        Ok(())
     }
 
     fn resume(&self) -> Result<(), GuestError> {
-        match self.stop {
-            StopMode::Pause => self.xc.unpause(self.dom).map_err(gerr),
-            StopMode::Suspend => {
+        let stopped = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match stopped {
+            None => Ok(()),
+            Some(StopMode::Pause) => self.xc.unpause(self.dom).map_err(gerr),
+            Some(StopMode::Suspend) => {
                 let i = self.xc.info(self.dom).map_err(gerr)?;
                 if i.shutdown && i.shutdown_reason == SHUTDOWN_SUSPEND {
                     // Cancel the suspend: the guest carries on in this domain.
@@ -551,9 +658,21 @@ impl SourceGuest for XenGuest {
     }
 
     fn handed_over(&self) {
-        // As `xl migrate` does: the domain now lives on the destination.
-        if let Err(e) = self.xc.destroy(self.dom) {
-            tracing::warn!("destroying the migrated-away domain: {e}");
+        // As `xl migrate` does: the domain now lives on the destination. Its disks stop
+        // here once blkback let go of them, and become the base for a migration back.
+        self.destroy();
+        if let Some(d) = &self.disks {
+            d.hand_over();
+        }
+    }
+
+    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
+        self.served(disk).ok()?.written_since(disk, generation)
+    }
+
+    fn limit_disk_writes(&self, blocks_per_second: Option<u64>) {
+        if let Some(d) = &self.disks {
+            d.limit_writes(blocks_per_second);
         }
     }
 }
@@ -575,24 +694,46 @@ impl DestGuest for XenGuest {
         self.write_page(index, &[0u8; PAGE])
     }
 
-    fn read_block(&self, disk: usize, _index: u64, _buf: &mut [u8]) -> Result<(), GuestError> {
-        Err(GuestError::OutOfRange {
-            what: "disk",
-            index: disk as u64,
-            limit: 0,
-        })
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.served(disk)?.read_block(disk, index, buf)
     }
 
-    fn write_block(&self, disk: usize, index: u64, _data: &[u8]) -> Result<(), GuestError> {
-        DestGuest::read_block(self, disk, index, &mut [])
+    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.served(disk)?.write_block(disk, index, data)
     }
 
     fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
-        DestGuest::read_block(self, disk, index, &mut [])
+        self.served(disk)?.zero_block(disk, index)
     }
 
     fn flush(&self) -> Result<(), GuestError> {
-        Ok(())
+        match &self.disks {
+            // `live` once the received guest runs (its identity recorded then).
+            Some(d) => d.disks.flush(self.running_here()),
+            None => Ok(()),
+        }
+    }
+
+    fn start_writeback(&self) -> Result<(), GuestError> {
+        self.disks
+            .as_ref()
+            .map_or(Ok(()), |d| d.disks.start_writeback())
+    }
+
+    fn base(&self, disk: usize) -> Base {
+        self.served(disk).map_or(Base::None, |d| d.base(disk))
+    }
+
+    fn set_owed(&self, disk: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError> {
+        self.served(disk)?.set_owed(disk, owed, pull)
+    }
+
+    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
+        self.served(disk)?.fill_owed(disk, index, data)
+    }
+
+    fn prepare_disk(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError> {
+        self.served(disk)?.prepare(disk, plan)
     }
 
     fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {
@@ -613,13 +754,22 @@ impl DestGuest for XenGuest {
             ws.map.clear();
             ws.order.clear();
         }
-        self.xc.unpause(self.dom).map_err(gerr)
+        if let Some(d) = &self.disks {
+            if !self.running_here() {
+                d.adopt()?;
+            }
+        }
+        self.xc.unpause(self.dom).map_err(gerr)?;
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     fn discard(&self) {
         if self.dest {
-            if let Err(e) = self.xc.destroy(self.dom) {
-                tracing::warn!("destroying the received domain: {e}");
+            self.destroy();
+            if let Some(d) = &self.disks {
+                d.discard();
             }
         }
     }

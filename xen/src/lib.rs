@@ -8,11 +8,14 @@
 //! - [`ctrl`]: the libxenctrl calls (log-dirty, dirty bitmaps, foreign mapping, pause,
 //!   HVM context and params, TSC info).
 //! - [`domain`]: [`domain::XenGuest`], the source and destination seams.
+//! - [`disks`]: the guest's disks served by Ferry through `/dev/nbdN` to blkback.
 //! - [`state`]: the versioned state blob.
 //! - [`probe`]: the backend's smoke checks on a live domain.
 
 #[cfg(feature = "xen")]
 pub mod ctrl;
+#[cfg(feature = "xen")]
+pub mod disks;
 #[cfg(feature = "xen")]
 pub mod domain;
 #[cfg(feature = "xen")]
@@ -73,9 +76,15 @@ pub fn resolve_domain(name: &str) -> Result<u32, XenError> {
         .map_err(|_| XenError::NoDomain(name.to_string()))
 }
 
-/// Creates a paused domain from `config` with `xl create -p` (optionally renamed, so a
-/// copy can be received on the source's own host) and returns its id.
-pub fn create_paused(config: &std::path::Path, name: Option<&str>) -> Result<u32, XenError> {
+/// Creates a domain from `config` with `xl create` (`paused`: `-p`, to receive a guest
+/// into), optionally renamed (so a copy can be received on the source's own host) and
+/// with an extra `KEY=VALUE` setting (the disks Ferry serves), and returns its id.
+pub fn create_domain(
+    config: &std::path::Path,
+    name: Option<&str>,
+    setting: Option<&str>,
+    paused: bool,
+) -> Result<u32, XenError> {
     // `xl create` fails now and then while another guest boots on a slow (emulated) host;
     // a failed create leaves nothing behind, so it is tried three times.
     let mut last = String::new();
@@ -84,10 +93,15 @@ pub fn create_paused(config: &std::path::Path, name: Option<&str>) -> Result<u32
             std::thread::sleep(std::time::Duration::from_secs(3));
         }
         let mut cmd = std::process::Command::new("xl");
-        cmd.args(["create", "-p"]).arg(config);
+        cmd.arg("create");
+        if paused {
+            cmd.arg("-p");
+        }
+        cmd.arg(config);
         if let Some(n) = name {
             cmd.arg(format!("name=\"{n}\""));
         }
+        cmd.args(setting);
         let out = cmd
             .output()
             .map_err(|e| XenError::Unavailable(format!("running xl create: {e}")))?;
@@ -96,11 +110,11 @@ pub fn create_paused(config: &std::path::Path, name: Option<&str>) -> Result<u32
             break;
         }
         last = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        tracing::warn!("xl create -p {} failed: {last}", config.display());
+        tracing::warn!("xl create {} failed: {last}", config.display());
     }
     if !last.is_empty() {
         return Err(XenError::Unsupported(format!(
-            "xl create -p {}: {last}",
+            "xl create {}: {last}",
             config.display()
         )));
     }

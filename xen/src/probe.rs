@@ -60,7 +60,7 @@ impl ProbeReport {
 /// Runs the checks on domain `dom`, which must be running a guest that writes memory.
 pub fn probe(dom: u32) -> Result<ProbeReport, XenError> {
     let t = Instant::now();
-    let g = XenGuest::source(dom, Some(crate::domain::StopMode::Pause))?;
+    let g = XenGuest::source(dom, Some(crate::domain::StopMode::Pause), None)?;
     let mut r = ProbeReport {
         domid: dom,
         pages: g.memmap().pages(),
