@@ -103,6 +103,20 @@ enum XenCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure a migration's downtime from outside, the same way for any tool (`xl
+    /// migrate` or `ferry`) on one host: the intervals in which no guest domain runs
+    /// (every domain but dom0 paused, shut down or dying), polled through libxenctrl.
+    Watch {
+        /// Give up after this long.
+        #[arg(long = "for", default_value = "300s")]
+        limit: String,
+        /// Stop once the guest has run this long after its first outage.
+        #[arg(long, default_value = "3s")]
+        settle: String,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -229,6 +243,11 @@ fn main() -> ExitCode {
         Cmd::Wan(a) => wan::run(a),
         Cmd::Keygen { out, name, json } => keygen(&out, &name, json),
         Cmd::Xen(XenCmd::Probe { domain, json }) => xen_probe(&domain, json),
+        Cmd::Xen(XenCmd::Watch {
+            limit,
+            settle,
+            json,
+        }) => xen_watch(&limit, &settle, json),
         Cmd::Image(ImageCmd::Info {
             path,
             block_size,
@@ -642,6 +661,38 @@ fn xen_probe(domain: &str, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn xen_watch(limit: &str, settle: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let limit = parse_duration(limit).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+    let settle = parse_duration(settle).map_err(|e| anyhow::anyhow!("--settle: {e}"))?;
+    #[cfg(feature = "xen")]
+    {
+        let r = ferry_xen::watch::watch(limit, settle)?;
+        let outages: Vec<Value> = r
+            .outages
+            .iter()
+            .map(|o| json!({"at_s": o.at_s, "ms": o.ms}))
+            .collect();
+        if json {
+            print_json(&json!({"longest_ms": r.longest_ms(), "outages": outages,
+                "samples": r.samples, "poll_us": r.poll_us, "ended_down": r.ended_down}))?;
+        }
+        eprintln!(
+            "ferry xen watch: longest outage {:.1} ms over {} outage(s){}; {} polls, one per {:.0} µs",
+            r.longest_ms(),
+            r.outages.len(),
+            if r.ended_down { " (the last still going on)" } else { "" },
+            r.samples,
+            r.poll_us
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+    #[cfg(not(feature = "xen"))]
+    {
+        let _ = (limit, settle, json);
+        anyhow::bail!("xen watch: {}", guest::NO_XEN)
+    }
 }
 
 #[cfg(not(feature = "xen"))]

@@ -431,18 +431,30 @@ pub fn serve_transmission<S: Read + Write>(
     }
 }
 
+/// The pieces of `len` bytes at byte `offset` in blocks of `bs`: (block index, offset in
+/// the block, bytes, offset in the request).
+fn pieces(offset: u64, len: usize, bs: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = offset + done as u64;
+        let (index, skip) = (at / bs, (at % bs) as usize);
+        let n = (bs as usize - skip).min(len - done);
+        let piece = (index, skip, n, done);
+        done += n;
+        Some(piece)
+    })
+}
+
 /// Reads `buf.len()` bytes at byte `offset` (in range), block by block.
 fn read_range(image: &DiskImage, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
     let bs = u64::from(image.block_size());
     let mut block = vec![0u8; bs as usize];
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = offset + done as u64;
-        let (index, skip) = (at / bs, (at % bs) as usize);
-        let n = (bs as usize - skip).min(buf.len() - done);
+    for (index, skip, n, at) in pieces(offset, buf.len(), bs) {
         image.read(index, &mut block)?;
-        buf[done..done + n].copy_from_slice(&block[skip..skip + n]);
-        done += n;
+        buf[at..at + n].copy_from_slice(&block[skip..skip + n]);
     }
     Ok(())
 }
@@ -452,19 +464,14 @@ fn read_range(image: &DiskImage, offset: u64, buf: &mut [u8]) -> std::io::Result
 fn write_range(image: &DiskImage, offset: u64, data: &[u8]) -> std::io::Result<()> {
     let bs = u64::from(image.block_size());
     let mut block = vec![0u8; bs as usize];
-    let mut done = 0usize;
-    while done < data.len() {
-        let at = offset + done as u64;
-        let (index, skip) = (at / bs, (at % bs) as usize);
-        let n = (bs as usize - skip).min(data.len() - done);
+    for (index, skip, n, at) in pieces(offset, data.len(), bs) {
         if n == bs as usize {
-            image.guest_write(index, &data[done..done + n])?;
+            image.guest_write(index, &data[at..at + n])?;
         } else {
             image.read(index, &mut block)?;
-            block[skip..skip + n].copy_from_slice(&data[done..done + n]);
+            block[skip..skip + n].copy_from_slice(&data[at..at + n]);
             image.guest_write(index, &block)?;
         }
-        done += n;
     }
     Ok(())
 }

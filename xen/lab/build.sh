@@ -118,5 +118,6 @@ mkdir -p root0/keys
 for h in h1 h2; do "$FERRY" keygen --out root0/keys --name $h 2>/dev/null; done
 cp "$HERE/dom0-init" root0/init; chmod +x root0/init
 cp "$AUTORUN" root0/autorun.sh; chmod +x root0/autorun.sh
+cp "$HERE/lab.sh" root0/lab.sh
 (cd root0 && find . | cpio -o -H newc 2>/dev/null | gzip -1) > dom0-initrd.gz
 echo "built $LAB/dom0-initrd.gz ($(du -h dom0-initrd.gz | cut -f1)), kernel $KV"

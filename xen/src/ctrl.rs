@@ -67,12 +67,27 @@ pub struct DomInfo {
     pub paused: bool,
     /// Shut down (reason in `shutdown_reason`).
     pub shutdown: bool,
+    /// Being destroyed.
+    pub dying: bool,
     /// Why, when shut down (2 = suspend).
     pub shutdown_reason: u32,
     /// Pages the domain holds.
     pub nr_pages: u64,
     /// Highest vCPU id.
     pub max_vcpu_id: u32,
+}
+
+fn dom_info(i: &xc::xc_dominfo_t) -> DomInfo {
+    DomInfo {
+        domid: i.domid,
+        hvm: i.hvm() != 0,
+        paused: i.paused() != 0,
+        shutdown: i.shutdown() != 0,
+        dying: i.dying() != 0,
+        shutdown_reason: i.shutdown_reason,
+        nr_pages: i.nr_pages,
+        max_vcpu_id: i.max_vcpu_id,
+    }
 }
 
 /// An open control interface (and its foreign-memory handle).
@@ -100,6 +115,17 @@ impl Xc {
         Ok(Self { xch })
     }
 
+    /// Every domain but dom0 (at most 256).
+    pub fn domains(&self) -> Result<Vec<DomInfo>, XenError> {
+        let mut all = vec![xc::xc_dominfo_t::default(); 256];
+        // SAFETY: `all` holds room for the 256 entries asked for.
+        let n = unsafe { xc::xc_domain_getinfo(self.xch, 1, all.len() as u32, all.as_mut_ptr()) };
+        if n < 0 {
+            return Err(os("xc_domain_getinfo", 1));
+        }
+        Ok(all[..n as usize].iter().map(dom_info).collect())
+    }
+
     /// The domain's info.
     pub fn info(&self, dom: u32) -> Result<DomInfo, XenError> {
         let mut i = xc::xc_dominfo_t::default();
@@ -108,15 +134,7 @@ impl Xc {
         if n != 1 || i.domid != dom {
             return Err(XenError::NoDomain(dom.to_string()));
         }
-        Ok(DomInfo {
-            domid: i.domid,
-            hvm: i.hvm() != 0,
-            paused: i.paused() != 0,
-            shutdown: i.shutdown() != 0,
-            shutdown_reason: i.shutdown_reason,
-            nr_pages: i.nr_pages,
-            max_vcpu_id: i.max_vcpu_id,
-        })
+        Ok(dom_info(&i))
     }
 
     /// The highest gfn the domain has.

@@ -11,6 +11,7 @@
 //! - [`disks`]: the guest's disks served by Ferry through `/dev/nbdN` to blkback.
 //! - [`state`]: the versioned state blob.
 //! - [`probe`]: the backend's smoke checks on a live domain.
+//! - [`watch`]: the guest's service interruption as the hypervisor sees it (any tool).
 
 #[cfg(feature = "xen")]
 pub mod ctrl;
@@ -21,6 +22,8 @@ pub mod domain;
 #[cfg(feature = "xen")]
 pub mod probe;
 pub mod state;
+#[cfg(feature = "xen")]
+pub mod watch;
 
 /// Backend name in the handshake.
 pub const BACKEND: &str = "xen";

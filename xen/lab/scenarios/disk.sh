@@ -5,21 +5,12 @@
 # the blocks written on host 2, against the image host 1 kept). The guest writes and
 # checks sequence-numbered blocks on its disk throughout; each host checks that its
 # writes go on and that no check failed.
-ok() { echo "FERRY-RESULT PASS $*"; }
-fail() { echo "FERRY-RESULT FAIL $*"; exit 0; }
-NET="--transport tcp --insecure --timeout 60s"
+. /lab.sh
 CON=/var/log/xen/console/guest-domd.log
 last_seq() { grep -ao "domU disk seq [0-9]*" "$CON" 2>/dev/null | tail -1 | cut -d' ' -f4; }
-# migrate_to ADDR: retries while the peer is not listening yet.
+# migrate_to SOCK ADDR: the guest at SOCK to ADDR; its old domain must be gone.
 migrate_to() {
-  for i in $(seq 150); do
-    ferry migrate --vm "$1" --to "$2" $NET --channels 1 --json > /tmp/out.json 2>/tmp/out.err && break
-    grep -qiE "refused|connecting" /tmp/out.err || break
-    sleep 2
-  done
-  grep -v "^  round\|^ferry: started" /tmp/out.err | sed 's/^/FERRY-OUT /'
-  echo "FERRY-REPORT $(tr -d '\n ' < /tmp/out.json | cut -c1-2500)"
-  grep -q '"verified": *true' /tmp/out.json || fail "migration to $2 did not verify"
+  migrate_retry --vm "$1" --to "$2" $NET --channels 1
   xl list domd >/dev/null 2>&1 && fail "the migrated-away domain still exists"
 }
 field() { tr -d '\n ' < /tmp/out.json | grep -o "\"$1\":[^,}]*" | head -1 | cut -d: -f2; }

@@ -4,24 +4,14 @@
 # watches it run, and migrates it back. Each host checks on its side that the guest
 # continued (no restart), keeps passing its own page and SSE checks, and that the
 # migrated-away domain is gone.
-ok() { echo "FERRY-RESULT PASS $*"; }
-fail() { echo "FERRY-RESULT FAIL $*"; exit 0; }
+. /lab.sh
 # Plain TCP, one channel. In this lab (nested TCG) some runs had a page arrive corrupted
 # (TCP: digest mismatch; QUIC: a misaligned frame, so not on the wire but inside a
 # host); Ferry refused it and the source resumed. See the README for the record.
-NET="--transport tcp --insecure --timeout 60s"
-CHANNELS="--channels 1"
 last_pass() { xl dmesg | grep -o "ferry-pvh pass [0-9]*" | tail -1 | cut -d' ' -f3; }
 # migrate_to ADDR: retries while the peer is not listening yet.
 migrate_to() {
-  for i in $(seq 150); do
-    ferry migrate --backend xen --domain ferry-pvh --to "$1" $NET $CHANNELS --json > /tmp/out.json 2>/tmp/out.err && break
-    grep -qiE "refused|connecting" /tmp/out.err || break
-    sleep 2
-  done
-  grep -v "^  round\|^ferry: started" /tmp/out.err | sed 's/^/FERRY-OUT /'
-  echo "FERRY-REPORT $(tr -d '\n ' < /tmp/out.json | cut -c1-2000)"
-  grep -q '"verified": *true' /tmp/out.json || fail "migration to $1 did not verify"
+  migrate_retry --backend xen --domain ferry-pvh --to "$1" $NET --channels 1
   xl list ferry-pvh >/dev/null 2>&1 && fail "the migrated-away domain still exists"
 }
 # receive ADDR SOCK: listens, waits until the guest was received and resumed.
