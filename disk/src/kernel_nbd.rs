@@ -113,24 +113,30 @@ impl KernelNbd {
                 .open(&path)
                 .map_err(dev_err("opening"))?;
             let (ours, theirs) = UnixStream::pair().map_err(dev_err("socketpair for"))?;
-            let bs = libc::c_ulong::from(image.block_size());
-            ioctl(&dev, NBD_SET_BLKSIZE, bs).map_err(dev_err("NBD_SET_BLKSIZE"))?;
-            ioctl(&dev, NBD_SET_SIZE_BLOCKS, image.blocks() as libc::c_ulong)
-                .map_err(dev_err("NBD_SET_SIZE_BLOCKS"))?;
-            ioctl(
-                &dev,
-                NBD_SET_FLAGS,
-                libc::c_ulong::from(nbd::TRANSMISSION_FLAGS),
-            )
-            .map_err(dev_err("NBD_SET_FLAGS"))?;
+            // The socket first: it claims the device (EBUSY when another process got it
+            // between the check and now), so nothing of another user's device changes.
             match ioctl(&dev, NBD_SET_SOCK, theirs.as_raw_fd() as libc::c_ulong) {
                 Ok(()) => {}
-                // Taken by another process between the check and now.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
                 Err(e) => return Err(dev_err("NBD_SET_SOCK")(e)),
             }
             // The driver holds its own reference to the socket now.
             drop(theirs);
+            let bs = libc::c_ulong::from(image.block_size());
+            let configured = ioctl(&dev, NBD_SET_BLKSIZE, bs)
+                .map_err(dev_err("NBD_SET_BLKSIZE"))
+                .and_then(|()| {
+                    ioctl(&dev, NBD_SET_SIZE_BLOCKS, image.blocks() as libc::c_ulong)
+                        .map_err(dev_err("NBD_SET_SIZE_BLOCKS"))
+                })
+                .and_then(|()| {
+                    let flags = libc::c_ulong::from(nbd::TRANSMISSION_FLAGS);
+                    ioctl(&dev, NBD_SET_FLAGS, flags).map_err(dev_err("NBD_SET_FLAGS"))
+                });
+            if let Err(e) = configured {
+                let _ = ioctl(&dev, NBD_CLEAR_SOCK, 0);
+                return Err(e);
+            }
             let dev = Arc::new(dev);
             let server = {
                 let image = Arc::clone(&image);

@@ -349,20 +349,41 @@ impl XenGuest {
         layout: &GuestLayout,
         disks: Option<ServedDisks>,
     ) -> Result<Self, XenError> {
+        match Self::checked_destination(dom, layout, disks.as_ref()) {
+            Ok(mut g) => {
+                g.disks = disks.filter(|d| !d.is_empty());
+                Ok(g)
+            }
+            Err(e) => {
+                // Images created for this guest go with it.
+                if let Some(d) = disks {
+                    d.discard();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The destination, without its disks yet, once the layout fits the domain.
+    fn checked_destination(
+        dom: u32,
+        layout: &GuestLayout,
+        disks: Option<&ServedDisks>,
+    ) -> Result<Self, XenError> {
         if layout.backend != BACKEND || u64::from(layout.page_size) != PAGE as u64 {
             return Err(XenError::Unsupported(format!(
                 "a {} guest with {}-byte pages",
                 layout.backend, layout.page_size
             )));
         }
-        let served = disks.as_ref().map_or(0, |d| d.disks.images().len());
+        let served = disks.map_or(0, |d| d.disks.images().len());
         if served != layout.disks.len() {
             return Err(XenError::Unsupported(format!(
                 "the guest has {} disks, {served} are served here",
                 layout.disks.len()
             )));
         }
-        let g = Self::new(Arc::new(Xc::open()?), dom, true, disks)?;
+        let g = Self::new(Arc::new(Xc::open()?), dom, true, None)?;
         if g.mem.pages() != layout.pages {
             return Err(XenError::Unsupported(format!(
                 "the target domain has {} RAM pages, the source {}: create it from the same configuration",

@@ -24,7 +24,8 @@ receive() {
 }
 # watch: the guest's disk writes go on here and none of its checks failed.
 watch() {
-  a=$(last_seq); sleep 25; b=$(last_seq)
+  for i in $(seq 30); do a=$(last_seq); [ -n "$a" ] && break; sleep 1; done
+  sleep 25; b=$(last_seq)
   echo "FERRY-STEP host $HOSTID: guest disk writes at seq ${a:-none} then ${b:-none}"
   grep -a "domU disk FAIL" "$CON" | head -3 | sed 's/^/FERRY-GUEST /'
   grep -aq "domU disk FAIL" "$CON" && fail "the guest found a block it wrote lost or stale"
