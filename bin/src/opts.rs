@@ -35,7 +35,7 @@ pub struct GuestArgs {
     pub domain_config: Option<PathBuf>,
     /// xen: how the domain is stopped for the last copy: `pause`, `suspend` (the guest
     /// suspends itself; for guests with PV devices) or `auto` (suspend when the guest
-    /// advertises it).
+    /// advertises it or has disks Ferry serves).
     #[arg(long, default_value = "auto")]
     pub xen_stop: String,
     /// Guest memory size.
@@ -86,6 +86,17 @@ pub fn dirty_rate_pages(s: &str, page_size: u64) -> anyhow::Result<u64> {
     }
     let bytes = parse_rate(s).map_err(|e| anyhow::anyhow!("--dirty-rate: {e}"))?;
     Ok((bytes / page_size).max(1))
+}
+
+/// The disk (if any) of the guest `cfg` describes, as a backend opens it.
+fn disk_spec(cfg: &SimConfig) -> Option<DiskSpec> {
+    cfg.disk_path.as_ref().map(|path| DiskSpec {
+        path: path.clone(),
+        block_size: cfg.block_size,
+        size: cfg.disk_size,
+        used: cfg.disk_used,
+        seed: cfg.workload.seed,
+    })
 }
 
 /// A started guest plus the temporary directory holding its default disk.
@@ -220,17 +231,7 @@ impl GuestArgs {
                 bail!("--domain-config: {} is not a file", cfg.display());
             }
             let (sim, tmp) = self.config()?;
-            let disks: Vec<DiskSpec> = sim
-                .disk_path
-                .iter()
-                .map(|path| DiskSpec {
-                    path: path.clone(),
-                    block_size: 4096,
-                    size: sim.disk_size,
-                    used: sim.disk_used,
-                    seed: self.seed,
-                })
-                .collect();
+            let disks: Vec<DiskSpec> = disk_spec(&sim).into_iter().collect();
             return Ok(StartedGuest {
                 guest: Hosted::xen_created(cfg, &disks, &self.xen_stop)?,
                 _tmp: tmp,
@@ -267,13 +268,7 @@ impl GuestArgs {
                 dirty_rate: cfg.workload.dirty_rate,
                 disk_rate: cfg.workload.disk_rate,
             },
-            disk: cfg.disk_path.as_ref().map(|path| DiskSpec {
-                path: path.clone(),
-                block_size: 4096,
-                size: cfg.disk_size,
-                used: cfg.disk_used,
-                seed: cfg.workload.seed,
-            }),
+            disk: disk_spec(cfg),
             fill: cfg.fill.clone(),
             seed: self.seed,
             dirty_mode,
