@@ -117,6 +117,47 @@ pub enum GuestError {
     Unsupported(String),
 }
 
+/// A guest's disks as the engine drives them. A backend whose disks are Ferry's images
+/// (`ferry-disk`'s `GuestDisks`) returns them from `storage()`, and every disk method of
+/// [`SourceGuest`] and [`DestGuest`] goes to them by default.
+pub trait GuestStorage: Send + Sync {
+    /// Starts (restarts, clearing) block dirty tracking on every disk.
+    fn start_block_log(&self);
+    /// Fetch-and-clear of `disk`'s block log.
+    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError>;
+    /// Merges a fetched block log back.
+    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap);
+    /// Blocks of `disk` that may hold data.
+    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError>;
+    /// Reads block `index` of `disk`.
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// Blocks of `disk` written since `generation` began, if known.
+    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap>;
+    /// Writes block `index` of `disk` (from the migration, not the guest).
+    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// Zeroes block `index` of `disk`.
+    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError>;
+    /// Starts write-back without waiting for it.
+    fn start_writeback(&self) -> Result<(), GuestError>;
+    /// What this destination holds for `disk`.
+    fn base(&self, disk: usize) -> Base;
+    /// Storage post-copy: `owed` blocks of `disk` arrive later.
+    fn set_owed(&self, disk: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError>;
+    /// A late block arrived; written only if still owed.
+    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError>;
+    /// Prepares `disk` for the plan before any block arrives.
+    fn prepare(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError>;
+}
+
+/// The error for disk `disk` of a guest without disks.
+fn no_disk(disk: usize) -> GuestError {
+    GuestError::OutOfRange {
+        what: "disk",
+        index: disk as u64,
+        limit: 0,
+    }
+}
+
 /// A running guest being migrated away.
 ///
 /// Dirty logging is global (as in Xen and KVM). Fetching a dirty log *consumes* it; when
@@ -133,20 +174,45 @@ pub trait SourceGuest: Send + Sync {
     fn fetch_dirty_pages(&self) -> Result<Bitmap, GuestError>;
     /// Merges a fetched page log back after a failed send.
     fn merge_dirty_pages(&self, pages: &Bitmap);
+    /// The guest's disks (`None`: it has none).
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        None
+    }
     /// Starts (or restarts, clearing) block dirty tracking on every disk.
-    fn start_block_log(&self) -> Result<(), GuestError>;
+    fn start_block_log(&self) -> Result<(), GuestError> {
+        if let Some(s) = self.storage() {
+            s.start_block_log();
+        }
+        Ok(())
+    }
     /// Stops block dirty tracking.
-    fn stop_block_log(&self);
+    fn stop_block_log(&self) {}
     /// Fetch-and-clear of disk `disk`'s dirty block log.
-    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError>;
+    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .fetch_dirty_blocks(disk)
+    }
     /// Merges a fetched block log back after a failed send.
-    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap);
+    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
+        if let Some(s) = self.storage() {
+            s.merge_dirty_blocks(disk, blocks);
+        }
+    }
     /// Blocks of `disk` that may hold data (holes excluded, e.g. via `SEEK_DATA`).
-    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError>;
+    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .allocated_blocks(disk)
+    }
     /// Copies page `index` into `buf` (`buf.len()` is the page size).
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
     /// Copies block `index` of `disk` into `buf`.
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .read_block(disk, index, buf)
+    }
     /// Pauses the guest at a consistent point (vCPUs stopped, in-flight I/O completed).
     fn pause(&self) -> Result<(), GuestError>;
     /// Resumes a paused guest.
@@ -159,8 +225,8 @@ pub trait SourceGuest: Send + Sync {
     fn handed_over(&self) {}
     /// Blocks of `disk` written since `generation` began, if this image's history covers
     /// that generation (same identity, complete record).
-    fn written_since(&self, _disk: usize, _generation: u64) -> Option<Bitmap> {
-        None
+    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
+        self.storage()?.written_since(disk, generation)
     }
     /// Limits the guest's disk writes to this many blocks per second over all disks
     /// (`None` lifts the limit): write throttling when storage pre-copy cannot converge.
@@ -202,18 +268,37 @@ pub trait DestGuest: Send + Sync {
     fn write_page(&self, index: u64, data: &[u8]) -> Result<(), GuestError>;
     /// Makes page `index` all zero.
     fn zero_page(&self, index: u64) -> Result<(), GuestError>;
+    /// The guest's disks (`None`: it has none).
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        None
+    }
     /// Copies the current content of block `index` of `disk` into `buf`.
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .read_block(disk, index, buf)
+    }
     /// Writes block `index` of `disk`.
-    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError>;
+    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .write_block(disk, index, data)
+    }
     /// Makes block `index` of `disk` all zero (keeping sparse files sparse).
-    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError>;
+    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .zero_block(disk, index)
+    }
     /// Makes every write durable (the destination does this before reporting success).
     fn flush(&self) -> Result<(), GuestError>;
     /// Starts write-back of what was written so far without waiting for it, so dirty data
-    /// does not pile up in memory during pre-copy. Defaults to a full flush.
+    /// does not pile up in memory during pre-copy. Without disks of Ferry's, a full flush.
     fn start_writeback(&self) -> Result<(), GuestError> {
-        self.flush()
+        match self.storage() {
+            Some(s) => s.start_writeback(),
+            None => self.flush(),
+        }
     }
     /// Restores vCPU and device state.
     fn restore_state(&self, state: &StateBlob) -> Result<(), GuestError>;
@@ -227,23 +312,27 @@ pub trait DestGuest: Send + Sync {
     /// Throws the received guest away (the source stays the owner).
     fn discard(&self);
     /// What this destination already holds for `disk` (announced in the handshake).
-    fn base(&self, _disk: usize) -> Base {
-        Base::None
+    fn base(&self, disk: usize) -> Base {
+        self.storage().map_or(Base::None, |s| s.base(disk))
     }
     /// Storage post-copy: `owed` blocks of `disk` arrive after the guest resumed. A guest
     /// read of an owed block must call `pull(disk, block)` once and wait for the block; a
     /// guest write to an owed block wins over the late copy.
-    fn set_owed(&self, _disk: usize, _owed: Bitmap, _pull: PullFn) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported("storage post-copy".into()))
+    fn set_owed(&self, disk: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError> {
+        match self.storage() {
+            Some(s) => s.set_owed(disk, owed, pull),
+            None => Err(GuestError::Unsupported("storage post-copy".into())),
+        }
     }
     /// A late block arrived: written only if still owed (the guest may have written it
     /// meanwhile). Returns whether it was written.
-    fn fill_owed(&self, _disk: usize, _index: u64, _data: &[u8]) -> Result<bool, GuestError> {
-        Ok(false)
+    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
+        self.storage()
+            .map_or(Ok(false), |s| s.fill_owed(disk, index, data))
     }
     /// Prepares `disk` for the plan before any block arrives: `Full` starts from a fresh
     /// zero image; the others keep the base (which stops being a trusted base now).
-    fn prepare_disk(&self, _disk: usize, _plan: DiskPlan) -> Result<(), GuestError> {
-        Ok(())
+    fn prepare_disk(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError> {
+        self.storage().map_or(Ok(()), |s| s.prepare(disk, plan))
     }
 }

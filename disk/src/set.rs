@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_core::bitmap::Bitmap;
-use ferry_core::guest::{Base, DiskLayout, DiskPlan, GuestError, PullFn};
+use ferry_core::guest::{Base, DiskLayout, DiskPlan, GuestError, GuestStorage, PullFn};
 use ferry_core::image::{sidecar_path, ImageIdentity, SidecarState};
 
 use crate::image::DiskImage;
@@ -156,42 +156,6 @@ impl GuestDisks {
             .collect()
     }
 
-    /// Starts (restarts, clearing) block dirty tracking on every disk.
-    pub fn start_block_log(&self) {
-        for d in &self.disks {
-            d.log.clear();
-        }
-    }
-
-    /// Fetch-and-clear of disk `d`'s block log.
-    pub fn fetch_dirty_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
-        Ok(self.get(d)?.log.take())
-    }
-
-    /// Merges a fetched block log back.
-    pub fn merge_dirty_blocks(&self, d: usize, blocks: &Bitmap) {
-        if let Ok(d) = self.get(d) {
-            d.log.merge(blocks);
-        }
-    }
-
-    /// Blocks of disk `d` that may hold data.
-    pub fn allocated_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
-        self.get(d)?
-            .allocated()
-            .map_err(io("finding allocated blocks"))
-    }
-
-    /// Reads block `index` of disk `d` (an owed block is pulled first).
-    pub fn read_block(&self, d: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.get(d)?.read(index, buf).map_err(io("reading a block"))
-    }
-
-    /// Blocks of disk `d` written since `generation` began, if known.
-    pub fn written_since(&self, d: usize, generation: u64) -> Option<Bitmap> {
-        self.disks.get(d)?.written_since(generation)
-    }
-
     /// The destination owns the guest now: the copies left here become the base the next
     /// generation starts from.
     pub fn hand_over(&self) {
@@ -211,43 +175,6 @@ impl GuestDisks {
         }
     }
 
-    /// What this destination holds for disk `d`.
-    pub fn base(&self, d: usize) -> Base {
-        self.disks.get(d).map_or(Base::None, |i| i.base())
-    }
-
-    /// Storage post-copy: `owed` blocks of disk `d` arrive later.
-    pub fn set_owed(&self, d: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError> {
-        self.get(d)?.set_owed(d, owed, pull);
-        Ok(())
-    }
-
-    /// A late block arrived; written only if still owed.
-    pub fn fill_owed(&self, d: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
-        self.get(d)?
-            .fill_owed(index, data)
-            .map_err(io("writing a late block"))
-    }
-
-    /// Prepares disk `d` for the plan before any block arrives.
-    pub fn prepare(&self, d: usize, plan: DiskPlan) -> Result<(), GuestError> {
-        self.get(d)?
-            .prepare(plan)
-            .map_err(io("preparing a disk image"))
-    }
-
-    /// Writes block `index` of disk `d` (from the migration, not the guest).
-    pub fn write_block(&self, d: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.get(d)?
-            .write(index, data)
-            .map_err(io("writing a block"))
-    }
-
-    /// Zeroes block `index` of disk `d`, keeping the image sparse.
-    pub fn zero_block(&self, d: usize, index: u64) -> Result<(), GuestError> {
-        self.get(d)?.zero(index).map_err(io("zeroing a block"))
-    }
-
     /// Makes every write durable; once the guest runs here (`live`), also records the
     /// images' new identity (kept out of the downtime).
     pub fn flush(&self, live: bool) -> Result<(), GuestError> {
@@ -259,14 +186,6 @@ impl GuestDisks {
                 d.persist(SidecarState::Open)
                     .map_err(meta_err("writing image metadata".into()))?;
             }
-        }
-        Ok(())
-    }
-
-    /// Starts write-back without waiting for it.
-    pub fn start_writeback(&self) -> Result<(), GuestError> {
-        for d in &self.disks {
-            d.start_writeback().map_err(io("starting write-back"))?;
         }
         Ok(())
     }
@@ -295,5 +214,88 @@ impl GuestDisks {
                 let _ = std::fs::remove_file(sidecar_path(d.path()));
             }
         }
+    }
+}
+
+impl GuestStorage for GuestDisks {
+    /// Starts (restarts, clearing) block dirty tracking on every disk.
+    fn start_block_log(&self) {
+        for d in &self.disks {
+            d.log.clear();
+        }
+    }
+
+    /// Fetch-and-clear of disk `d`'s block log.
+    fn fetch_dirty_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
+        Ok(self.get(d)?.log.take())
+    }
+
+    /// Merges a fetched block log back.
+    fn merge_dirty_blocks(&self, d: usize, blocks: &Bitmap) {
+        if let Ok(d) = self.get(d) {
+            d.log.merge(blocks);
+        }
+    }
+
+    /// Blocks of disk `d` that may hold data.
+    fn allocated_blocks(&self, d: usize) -> Result<Bitmap, GuestError> {
+        self.get(d)?
+            .allocated()
+            .map_err(io("finding allocated blocks"))
+    }
+
+    /// Reads block `index` of disk `d` (an owed block is pulled first).
+    fn read_block(&self, d: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.get(d)?.read(index, buf).map_err(io("reading a block"))
+    }
+
+    /// Blocks of disk `d` written since `generation` began, if known.
+    fn written_since(&self, d: usize, generation: u64) -> Option<Bitmap> {
+        self.disks.get(d)?.written_since(generation)
+    }
+
+    /// Writes block `index` of disk `d` (from the migration, not the guest).
+    fn write_block(&self, d: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.get(d)?
+            .write(index, data)
+            .map_err(io("writing a block"))
+    }
+
+    /// Zeroes block `index` of disk `d`, keeping the image sparse.
+    fn zero_block(&self, d: usize, index: u64) -> Result<(), GuestError> {
+        self.get(d)?.zero(index).map_err(io("zeroing a block"))
+    }
+
+    /// Starts write-back without waiting for it.
+    fn start_writeback(&self) -> Result<(), GuestError> {
+        for d in &self.disks {
+            d.start_writeback().map_err(io("starting write-back"))?;
+        }
+        Ok(())
+    }
+
+    /// What this destination holds for disk `d`.
+    fn base(&self, d: usize) -> Base {
+        self.disks.get(d).map_or(Base::None, |i| i.base())
+    }
+
+    /// Storage post-copy: `owed` blocks of disk `d` arrive later.
+    fn set_owed(&self, d: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError> {
+        self.get(d)?.set_owed(d, owed, pull);
+        Ok(())
+    }
+
+    /// A late block arrived; written only if still owed.
+    fn fill_owed(&self, d: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
+        self.get(d)?
+            .fill_owed(index, data)
+            .map_err(io("writing a late block"))
+    }
+
+    /// Prepares disk `d` for the plan before any block arrives.
+    fn prepare(&self, d: usize, plan: DiskPlan) -> Result<(), GuestError> {
+        self.get(d)?
+            .prepare(plan)
+            .map_err(io("preparing a disk image"))
     }
 }

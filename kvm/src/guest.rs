@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry_core::bitmap::Bitmap;
 use ferry_core::guest::{
-    Base, DestGuest, DiskPlan, GuestError, GuestLayout, OracleReport, PullFn, SourceGuest,
-    StateBlob,
+    DestGuest, GuestError, GuestLayout, GuestStorage, OracleReport, SourceGuest, StateBlob,
 };
 use ferry_disk::content::{random_bytes, read_image, Fill};
 use ferry_disk::{DiskSpec, GuestDisks};
@@ -559,6 +558,10 @@ impl Drop for KvmGuest {
 }
 
 impl SourceGuest for KvmGuest {
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        Some(&self.m.disks)
+    }
+
     fn layout(&self) -> GuestLayout {
         self.current_layout()
     }
@@ -589,33 +592,10 @@ impl SourceGuest for KvmGuest {
         self.m.dirty.merge_back(pages);
     }
 
-    fn start_block_log(&self) -> Result<(), GuestError> {
-        self.m.disks.start_block_log();
-        Ok(())
-    }
-
-    fn stop_block_log(&self) {}
-
-    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.m.disks.fetch_dirty_blocks(disk)
-    }
-
-    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
-        self.m.disks.merge_dirty_blocks(disk, blocks);
-    }
-
-    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.m.disks.allocated_blocks(disk)
-    }
-
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         let gpa = self.page(index)?;
         self.m.ram.read(gpa, buf);
         Ok(())
-    }
-
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.m.disks.read_block(disk, index, buf)
     }
 
     fn pause(&self) -> Result<(), GuestError> {
@@ -654,10 +634,6 @@ impl SourceGuest for KvmGuest {
         self.stop();
     }
 
-    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
-        self.m.disks.written_since(disk, generation)
-    }
-
     fn limit_disk_writes(&self, blocks_per_second: Option<u64>) {
         self.m
             .disk_limit
@@ -666,6 +642,10 @@ impl SourceGuest for KvmGuest {
 }
 
 impl DestGuest for KvmGuest {
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        Some(&self.m.disks)
+    }
+
     fn layout(&self) -> GuestLayout {
         self.current_layout()
     }
@@ -686,24 +666,8 @@ impl DestGuest for KvmGuest {
         Ok(())
     }
 
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.m.disks.read_block(disk, index, buf)
-    }
-
-    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.m.disks.write_block(disk, index, data)
-    }
-
-    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
-        self.m.disks.zero_block(disk, index)
-    }
-
     fn flush(&self) -> Result<(), GuestError> {
         self.m.disks.flush(self.started.load(Ordering::SeqCst))
-    }
-
-    fn start_writeback(&self) -> Result<(), GuestError> {
-        self.m.disks.start_writeback()
     }
 
     fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {
@@ -741,21 +705,5 @@ impl DestGuest for KvmGuest {
     fn discard(&self) {
         self.stop();
         self.m.disks.discard();
-    }
-
-    fn base(&self, disk: usize) -> Base {
-        self.m.disks.base(disk)
-    }
-
-    fn set_owed(&self, disk: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError> {
-        self.m.disks.set_owed(disk, owed, pull)
-    }
-
-    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
-        self.m.disks.fill_owed(disk, index, data)
-    }
-
-    fn prepare_disk(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError> {
-        self.m.disks.prepare(disk, plan)
     }
 }

@@ -4,7 +4,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_core::bitmap::Bitmap;
-use ferry_core::guest::{DestGuest, GuestError, GuestLayout, OracleReport, SourceGuest, StateBlob};
+use ferry_core::guest::{
+    DestGuest, GuestError, GuestLayout, GuestStorage, OracleReport, SourceGuest, StateBlob,
+};
 
 use crate::{state, SimGuest};
 
@@ -23,8 +25,8 @@ impl SourceGuest for SimGuest {
         self.current_layout()
     }
 
-    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
-        self.inner.disks.written_since(disk, generation)
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        Some(&self.inner.disks)
     }
 
     fn limit_disk_writes(&self, blocks_per_second: Option<u64>) {
@@ -51,33 +53,10 @@ impl SourceGuest for SimGuest {
         self.inner.page_log.merge(pages);
     }
 
-    fn start_block_log(&self) -> Result<(), GuestError> {
-        self.inner.disks.start_block_log();
-        Ok(())
-    }
-
-    fn stop_block_log(&self) {}
-
-    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.inner.disks.fetch_dirty_blocks(disk)
-    }
-
-    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
-        self.inner.disks.merge_dirty_blocks(disk, blocks);
-    }
-
-    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.inner.disks.allocated_blocks(disk)
-    }
-
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         self.page_range(index)?;
         self.inner.mem.read(index, buf);
         Ok(())
-    }
-
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.inner.disks.read_block(disk, index, buf)
     }
 
     fn pause(&self) -> Result<(), GuestError> {
@@ -116,29 +95,8 @@ impl DestGuest for SimGuest {
         self.current_layout()
     }
 
-    fn base(&self, disk: usize) -> ferry_core::guest::Base {
-        self.inner.disks.base(disk)
-    }
-
-    fn set_owed(
-        &self,
-        disk: usize,
-        owed: Bitmap,
-        pull: ferry_core::guest::PullFn,
-    ) -> Result<(), GuestError> {
-        self.inner.disks.set_owed(disk, owed, pull)
-    }
-
-    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
-        self.inner.disks.fill_owed(disk, index, data)
-    }
-
-    fn prepare_disk(
-        &self,
-        disk: usize,
-        plan: ferry_core::guest::DiskPlan,
-    ) -> Result<(), GuestError> {
-        self.inner.disks.prepare(disk, plan)
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        Some(&self.inner.disks)
     }
 
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
@@ -157,24 +115,8 @@ impl DestGuest for SimGuest {
         Ok(())
     }
 
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        SourceGuest::read_block(self, disk, index, buf)
-    }
-
-    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.inner.disks.write_block(disk, index, data)
-    }
-
-    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
-        self.inner.disks.zero_block(disk, index)
-    }
-
     fn flush(&self) -> Result<(), GuestError> {
         self.inner.disks.flush(self.started.load(Ordering::SeqCst))
-    }
-
-    fn start_writeback(&self) -> Result<(), GuestError> {
-        self.inner.disks.start_writeback()
     }
 
     fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {

@@ -11,15 +11,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use ferry_core::bitmap::Bitmap;
-use ferry_core::guest::{
-    Base, DestGuest, DiskPlan, GuestError, GuestLayout, PullFn, SourceGuest, StateBlob,
-};
+use ferry_core::guest::{DestGuest, GuestError, GuestLayout, GuestStorage, SourceGuest, StateBlob};
 
 use crate::ctrl::{Mapping, Xc, PAGE, PFN_XTAB};
 use crate::disks::ServedDisks;
 use crate::state::{self, XenState, STATE_VERSION};
 use crate::{XenError, BACKEND};
-use ferry_disk::GuestDisks;
 
 /// First and last gfn of the special pages libxl puts below 4 GiB.
 const SPECIAL: std::ops::RangeInclusive<u64> = 0xfeff0..=0xfefff;
@@ -545,16 +542,9 @@ impl XenGuest {
         self.running.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The served disks, or the error for disk `d` of a guest without them.
-    fn served(&self, d: usize) -> Result<&GuestDisks, GuestError> {
-        self.disks
-            .as_ref()
-            .map(|s| &s.disks)
-            .ok_or(GuestError::OutOfRange {
-                what: "disk",
-                index: d as u64,
-                limit: 0,
-            })
+    /// The disks this process serves the domain, as the engine drives them.
+    fn served_disks(&self) -> Option<&dyn GuestStorage> {
+        self.disks.as_ref().map(|d| &d.disks as &dyn GuestStorage)
     }
 
     fn take_pending(&self) -> Option<Bitmap> {
@@ -566,6 +556,10 @@ impl XenGuest {
 }
 
 impl SourceGuest for XenGuest {
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        self.served_disks()
+    }
+
     fn layout(&self) -> GuestLayout {
         GuestLayout {
             backend: BACKEND.into(),
@@ -608,35 +602,8 @@ impl SourceGuest for XenGuest {
         }
     }
 
-    fn start_block_log(&self) -> Result<(), GuestError> {
-        if let Some(d) = &self.disks {
-            d.disks.start_block_log();
-        }
-        Ok(())
-    }
-
-    fn stop_block_log(&self) {}
-
-    fn fetch_dirty_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.served(disk)?.fetch_dirty_blocks(disk)
-    }
-
-    fn merge_dirty_blocks(&self, disk: usize, blocks: &Bitmap) {
-        if let Ok(d) = self.served(disk) {
-            d.merge_dirty_blocks(disk, blocks);
-        }
-    }
-
-    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
-        self.served(disk)?.allocated_blocks(disk)
-    }
-
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         self.read(index, buf)
-    }
-
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.served(disk)?.read_block(disk, index, buf)
     }
 
     fn pause(&self) -> Result<(), GuestError> {
@@ -687,10 +654,6 @@ impl SourceGuest for XenGuest {
         }
     }
 
-    fn written_since(&self, disk: usize, generation: u64) -> Option<Bitmap> {
-        self.served(disk).ok()?.written_since(disk, generation)
-    }
-
     fn limit_disk_writes(&self, blocks_per_second: Option<u64>) {
         if let Some(d) = &self.disks {
             d.limit_writes(blocks_per_second);
@@ -699,6 +662,10 @@ impl SourceGuest for XenGuest {
 }
 
 impl DestGuest for XenGuest {
+    fn storage(&self) -> Option<&dyn GuestStorage> {
+        self.served_disks()
+    }
+
     fn layout(&self) -> GuestLayout {
         SourceGuest::layout(self)
     }
@@ -715,46 +682,12 @@ impl DestGuest for XenGuest {
         self.write_page(index, &[0u8; PAGE])
     }
 
-    fn read_block(&self, disk: usize, index: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.served(disk)?.read_block(disk, index, buf)
-    }
-
-    fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.served(disk)?.write_block(disk, index, data)
-    }
-
-    fn zero_block(&self, disk: usize, index: u64) -> Result<(), GuestError> {
-        self.served(disk)?.zero_block(disk, index)
-    }
-
     fn flush(&self) -> Result<(), GuestError> {
         match &self.disks {
             // `live` once the received guest runs (its identity recorded then).
             Some(d) => d.disks.flush(self.running_here()),
             None => Ok(()),
         }
-    }
-
-    fn start_writeback(&self) -> Result<(), GuestError> {
-        self.disks
-            .as_ref()
-            .map_or(Ok(()), |d| d.disks.start_writeback())
-    }
-
-    fn base(&self, disk: usize) -> Base {
-        self.served(disk).map_or(Base::None, |d| d.base(disk))
-    }
-
-    fn set_owed(&self, disk: usize, owed: Bitmap, pull: PullFn) -> Result<(), GuestError> {
-        self.served(disk)?.set_owed(disk, owed, pull)
-    }
-
-    fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
-        self.served(disk)?.fill_owed(disk, index, data)
-    }
-
-    fn prepare_disk(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError> {
-        self.served(disk)?.prepare(disk, plan)
     }
 
     fn restore_state(&self, blob: &StateBlob) -> Result<(), GuestError> {
