@@ -8,8 +8,14 @@
 //! ```text
 //! "FERRYIMG" version:u32 state:u8 (0 closed, 1 open, 2 base) id:[16] generation:u64
 //! block_size:u32 blocks:u64
+//! sealed:u8 size:u64 mtime_s:i64 mtime_ns:u32 inode:u64 sample:[32]
 //! written-since-generation bitmap (ceil(blocks/64) u64 words)   crc32c:u32
 //! ```
+//!
+//! A `closed` or `base` sidecar carries a *seal* of the image as it was when the sidecar
+//! was written: its size, modification time, inode and a BLAKE3 digest of sampled blocks.
+//! An image whose seal no longer matches was changed behind Ferry's back (copied, edited,
+//! restored from a backup) and its history is not trusted.
 //!
 //! The file is replaced crash-safely (write a temporary file, fsync, rename, fsync the
 //! directory). `state` is `open` while a guest writes the image, so a crash leaves a
@@ -24,8 +30,78 @@ use crate::bitmap::Bitmap;
 
 const MAGIC: &[u8; 8] = b"FERRYIMG";
 /// Sidecar format version.
-pub const VERSION: u32 = 1;
-const HEAD: usize = 8 + 4 + 1 + 16 + 8 + 4 + 8;
+pub const VERSION: u32 = 2;
+const HEAD: usize = 8 + 4 + 1 + 16 + 8 + 4 + 8 + SEAL_LEN;
+const SEAL_LEN: usize = 1 + 8 + 8 + 4 + 8 + 32;
+/// Blocks read for a seal's sampled digest (the first, the last, and evenly spread ones).
+const SEAL_SAMPLES: u64 = 64;
+
+/// What an image file looked like when its sidecar was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    /// File size in bytes.
+    pub size: u64,
+    /// Modification time: seconds since the epoch.
+    pub mtime_s: i64,
+    /// Modification time: nanoseconds.
+    pub mtime_ns: u32,
+    /// Inode number (a copy of the file is another file).
+    pub inode: u64,
+    /// BLAKE3 of sampled blocks, keyed by the image id so samples differ per image.
+    pub sample: [u8; 32],
+}
+
+impl Seal {
+    /// Seals `file`, an image of `blocks` blocks of `block_size` with identity `id`.
+    pub fn of(file: &File, id: &[u8; 16], block_size: u32, blocks: u64) -> std::io::Result<Seal> {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let m = file.metadata()?;
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(id);
+        key[16..].copy_from_slice(b"ferry image seal");
+        let mut h = blake3::Hasher::new_keyed(&key);
+        let mut buf = vec![0u8; block_size as usize];
+        let n = SEAL_SAMPLES.min(blocks);
+        // Spread the samples evenly, starting at an offset the id chooses, so a guest
+        // cannot know which blocks a seal reads; the first and last block always count.
+        let start = u64::from_le_bytes([id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]]);
+        let step = (blocks / n.max(1)).max(1);
+        let mut picks: Vec<u64> = (0..n)
+            .map(|i| (i * step + start % step) % blocks.max(1))
+            .collect();
+        picks.push(0);
+        picks.push(blocks.saturating_sub(1));
+        picks.sort_unstable();
+        picks.dedup();
+        for b in picks.into_iter().filter(|b| *b < blocks) {
+            file.read_exact_at(&mut buf, b * u64::from(block_size))?;
+            h.update(&b.to_le_bytes());
+            h.update(&buf);
+        }
+        Ok(Seal {
+            size: m.len(),
+            mtime_s: m.mtime(),
+            mtime_ns: m.mtime_nsec().clamp(0, 999_999_999) as u32,
+            inode: m.ino(),
+            sample: *h.finalize().as_bytes(),
+        })
+    }
+
+    /// What differs between this seal (recorded) and `now` (the file today), if anything.
+    pub fn mismatch(&self, now: &Seal) -> Option<&'static str> {
+        if self.size != now.size {
+            Some("its size changed")
+        } else if self.inode != now.inode {
+            Some("it is another file (a copy or a replacement)")
+        } else if (self.mtime_s, self.mtime_ns) != (now.mtime_s, now.mtime_ns) {
+            Some("it was modified")
+        } else if self.sample != now.sample {
+            Some("its content changed")
+        } else {
+            None
+        }
+    }
+}
 
 /// An image's identity at a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +135,8 @@ pub struct Sidecar {
     pub block_size: u32,
     /// Blocks written since the generation began.
     pub written: Bitmap,
+    /// The image as it was when a `closed` or `base` sidecar was written.
+    pub seal: Option<Seal>,
 }
 
 /// What was found next to an image.
@@ -79,6 +157,16 @@ pub struct SidecarError {
     path: PathBuf,
     #[source]
     source: std::io::Error,
+}
+
+impl SidecarError {
+    /// An error writing the metadata of `image`.
+    pub fn new(image: &Path, source: std::io::Error) -> Self {
+        Self {
+            path: sidecar_path(image),
+            source,
+        }
+    }
 }
 
 /// The sidecar path of an image.
@@ -103,6 +191,19 @@ impl Sidecar {
         b.extend_from_slice(&self.identity.generation.to_le_bytes());
         b.extend_from_slice(&self.block_size.to_le_bytes());
         b.extend_from_slice(&self.written.len().to_le_bytes());
+        let seal = self.seal.unwrap_or(Seal {
+            size: 0,
+            mtime_s: 0,
+            mtime_ns: 0,
+            inode: 0,
+            sample: [0; 32],
+        });
+        b.push(u8::from(self.seal.is_some()));
+        b.extend_from_slice(&seal.size.to_le_bytes());
+        b.extend_from_slice(&seal.mtime_s.to_le_bytes());
+        b.extend_from_slice(&seal.mtime_ns.to_le_bytes());
+        b.extend_from_slice(&seal.inode.to_le_bytes());
+        b.extend_from_slice(&seal.sample);
         for w in self.written.words() {
             b.extend_from_slice(&w.to_le_bytes());
         }
@@ -154,6 +255,21 @@ impl Sidecar {
                 "describes {n} blocks of {bs} bytes, the image has {blocks} of {block_size}"
             ));
         }
+        let seal = match body[49] {
+            0 => None,
+            1 => {
+                let mut sample = [0u8; 32];
+                sample.copy_from_slice(&body[78..110]);
+                Some(Seal {
+                    size: u64_at(50),
+                    mtime_s: u64_at(58) as i64,
+                    mtime_ns: u32_at(66),
+                    inode: u64_at(70),
+                    sample,
+                })
+            }
+            f => return Err(format!("unknown seal flag {f}")),
+        };
         let words = &body[HEAD..];
         if words.len() % 8 != 0 {
             return Err("bitmap is not whole words".into());
@@ -172,6 +288,7 @@ impl Sidecar {
             identity: ImageIdentity { id, generation },
             block_size,
             written,
+            seal,
         })
     }
 
@@ -236,6 +353,13 @@ mod tests {
             },
             block_size: 4096,
             written,
+            seal: Some(Seal {
+                size: 409_600,
+                mtime_s: 1_700_000_000,
+                mtime_ns: 5,
+                inode: 77,
+                sample: [3; 32],
+            }),
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use ferry_core::bitmap::{Bitmap, DirtyBitmap};
 use ferry_core::guest::{Base, DiskPlan};
-use ferry_core::image::{sidecar_path, ImageIdentity, Sidecar, SidecarState, SidecarStatus};
+use ferry_core::image::{sidecar_path, ImageIdentity, Seal, Sidecar, SidecarState, SidecarStatus};
 
 /// One disk image.
 pub struct DiskImage {
@@ -60,8 +60,11 @@ fn new_id() -> [u8; 16] {
 
 impl DiskImage {
     /// Opens `path`, creating it sparse with `blocks` blocks when missing; an existing
-    /// image must have exactly that size. Reads its sidecar: a valid, closed one continues
-    /// the image's generation; an open one (a crash), a corrupt one or none leaves the
+    /// image must have exactly that size. Takes an exclusive lock on it for as long as
+    /// this value lives (until [`DiskImage::retire`] or a hand-over), so no other process
+    /// serves, receives into or compares against an image in use. Reads its sidecar: a
+    /// valid, closed one whose seal still matches the file continues the image's
+    /// generation; an open one (a crash), a corrupt one, a stale seal or none leaves the
     /// history incomplete (no incremental migration from it). Returns whether the file
     /// was created.
     pub fn open_or_create(
@@ -69,14 +72,45 @@ impl DiskImage {
         block_size: u32,
         blocks: u64,
     ) -> std::io::Result<(Self, bool)> {
+        Self::open_with(path, block_size, blocks, true)
+    }
+
+    /// As [`DiskImage::open_or_create`], for an image a migration arrives into: a
+    /// symbolic link is refused rather than followed (out of the destination directory),
+    /// and so is an existing file of another size (it is not ours to replace).
+    pub fn open_incoming(
+        path: &Path,
+        block_size: u32,
+        blocks: u64,
+    ) -> std::io::Result<(Self, bool)> {
+        Self::open_with(path, block_size, blocks, false)
+    }
+
+    fn open_with(
+        path: &Path,
+        block_size: u32,
+        blocks: u64,
+        follow: bool,
+    ) -> std::io::Result<(Self, bool)> {
+        use std::os::unix::fs::OpenOptionsExt;
         let size = blocks * u64::from(block_size);
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        if !follow {
+            opts.custom_flags(libc::O_NOFOLLOW);
+        }
         let created = !path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = opts.open(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{} is a symbolic link; refused", path.display()),
+                )
+            } else {
+                e
+            }
+        })?;
+        lock_exclusive(&file, path)?;
         if created {
             file.set_len(size)?;
         } else {
@@ -101,7 +135,16 @@ impl DiskImage {
             base: untrusted,
             retired: false,
         };
-        let meta = match Sidecar::load(path, block_size, blocks) {
+        let status = match Sidecar::load(path, block_size, blocks) {
+            SidecarStatus::Valid(sc) if sc.state != SidecarState::Open => {
+                match check_seal(&file, &sc, block_size, blocks) {
+                    Ok(()) => SidecarStatus::Valid(sc),
+                    Err(why) => SidecarStatus::Corrupt(why),
+                }
+            }
+            other => other,
+        };
+        let meta = match status {
             SidecarStatus::Missing => fresh(created),
             SidecarStatus::Valid(sc) => match sc.state {
                 SidecarState::Closed => DiskMeta {
@@ -200,13 +243,24 @@ impl DiskImage {
         } else {
             SidecarState::Open
         };
+        let seal = match state {
+            SidecarState::Open => None,
+            _ => Some(self.seal(&m.identity)?),
+        };
         Sidecar {
             state,
             identity: m.identity,
             block_size: self.block_size,
             written,
+            seal,
         }
         .store(&self.path)
+    }
+
+    /// The image's seal now (after its last write), for a closed or base sidecar.
+    fn seal(&self, id: &ImageIdentity) -> Result<Seal, ferry_core::image::SidecarError> {
+        Seal::of(&self.file, &id.id, self.block_size, self.blocks)
+            .map_err(|e| ferry_core::image::SidecarError::new(&self.path, e))
     }
 
     /// The guest moved away: this copy is now the state the next generation starts from.
@@ -219,13 +273,18 @@ impl DiskImage {
         m.written = Bitmap::new(self.blocks);
         m.complete = true;
         m.retired = true;
-        Sidecar {
+        let seal = self.seal(&m.identity)?;
+        let r = Sidecar {
             state: SidecarState::Base,
             identity: m.identity,
             block_size: self.block_size,
             written: m.written.clone(),
+            seal: Some(seal),
         }
-        .store(&self.path)
+        .store(&self.path);
+        // This process serves the image no more: the next holder may take it as a base.
+        unlock(&self.file);
+        r
     }
 
     /// A migration arrived here: this image now continues `source`'s image in the
@@ -271,9 +330,11 @@ impl DiskImage {
         Ok(())
     }
 
-    /// The image stops being managed here (discarded): no sidecar is written any more.
+    /// The image stops being managed here (discarded): no sidecar is written any more,
+    /// and the lock is released.
     pub fn retire(&self) {
         self.meta().retired = true;
+        unlock(&self.file);
     }
 
     /// A guest is about to run this image: a base left by a hand-over forks a new
@@ -506,6 +567,48 @@ impl DiskImage {
     }
 }
 
+/// Takes the exclusive lock that says "this image is in use", without waiting.
+fn lock_exclusive(file: &File, path: &Path) -> std::io::Result<()> {
+    // SAFETY: flock(2) on an fd we own; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use by another guest or migration (locked)",
+                path.display()
+            ),
+        ));
+    }
+    Err(e)
+}
+
+/// Releases the lock (the image is no longer served by this process).
+fn unlock(file: &File) {
+    // SAFETY: flock(2) on an fd we own; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
+/// Whether a closed or base sidecar still describes the file: the seal it recorded must
+/// match the file as it is now.
+fn check_seal(file: &File, sc: &Sidecar, block_size: u32, blocks: u64) -> Result<(), String> {
+    let Some(recorded) = sc.seal else {
+        return Err("no seal of the image".into());
+    };
+    let now = Seal::of(file, &sc.identity.id, block_size, blocks)
+        .map_err(|e| format!("cannot read the image to check its seal: {e}"))?;
+    match recorded.mismatch(&now) {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "the image changed since its metadata was written ({why})"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,6 +655,105 @@ mod tests {
         disk.read(5, &mut buf).unwrap();
         assert_eq!(buf[0], 7);
         assert_eq!(disk.owed_count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let mut id = [0u8; 8];
+        ferry_core::engine::fill_random(&mut id);
+        let dir =
+            std::env::temp_dir().join(format!("ferry-{tag}-{}", ferry_core::report::hex(&id)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_image_in_use_is_locked_until_retired() {
+        let dir = scratch("lock");
+        let path = dir.join("d.img");
+        let (a, created) = DiskImage::open_or_create(&path, 4096, 16).unwrap();
+        assert!(created);
+        let e = DiskImage::open_or_create(&path, 4096, 16)
+            .err()
+            .expect("locked");
+        assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().contains("d.img"), "{e}");
+        let e = DiskImage::open_incoming(&path, 4096, 16)
+            .err()
+            .expect("locked");
+        assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy);
+        a.retire();
+        let (_b, created) = DiskImage::open_incoming(&path, 4096, 16).unwrap();
+        assert!(!created);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn incoming_images_never_follow_symlinks_or_replace_other_sizes() {
+        let dir = scratch("nofollow");
+        let outside = dir.join("outside.img");
+        std::fs::write(&outside, vec![7u8; 4096 * 4]).unwrap();
+        let link = dir.join("link.img");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let e = DiskImage::open_incoming(&link, 4096, 4)
+            .err()
+            .expect("symlink");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = DiskImage::open_incoming(&outside, 4096, 8)
+            .err()
+            .expect("size");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(std::fs::read(&outside).unwrap(), vec![7u8; 4096 * 4]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_closed_or_base_history_is_trusted_only_while_its_seal_matches() {
+        let dir = scratch("seal");
+        let path = dir.join("d.img");
+        let close = |content: u8| {
+            let (d, _) = DiskImage::open_or_create(&path, 4096, 64).unwrap();
+            d.guest_write(3, &[content; 4096]).unwrap();
+            d.persist(SidecarState::Closed).unwrap();
+            d.identity()
+        };
+        // Untouched: the history continues.
+        let id = close(1);
+        let (d, _) = DiskImage::open_or_create(&path, 4096, 64).unwrap();
+        assert!(d.history_complete());
+        assert_eq!(d.identity(), id);
+        assert!(d.written_since(id.generation).unwrap().get(3));
+        drop(d);
+
+        // Changed behind Ferry's back (same size, one block): not trusted any more.
+        close(2);
+        {
+            use std::os::unix::fs::FileExt;
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&[9u8; 4096], 40 * 4096).unwrap();
+        }
+        let (d, _) = DiskImage::open_or_create(&path, 4096, 64).unwrap();
+        assert!(
+            !d.history_complete(),
+            "a modified image must not be trusted"
+        );
+        assert_eq!(d.base(), Base::Raw);
+        drop(d);
+
+        // A base left by a hand-over, then replaced by a copy (another inode).
+        let (d, _) = DiskImage::open_or_create(&path, 4096, 64).unwrap();
+        d.start_live().unwrap();
+        d.hand_over().unwrap();
+        let base_id = d.identity();
+        drop(d);
+        let (d, _) = DiskImage::open_or_create(&path, 4096, 64).unwrap();
+        assert_eq!(d.base(), Base::Identity(base_id));
+        drop(d);
+        let copy = dir.join("copy.img");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::rename(&copy, &path).unwrap();
+        let (d, _) = DiskImage::open_or_create(&path, 4096, 64).unwrap();
+        assert_eq!(d.base(), Base::Raw, "a copy of a base is not the base");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

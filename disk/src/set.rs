@@ -24,6 +24,23 @@ fn meta_err(what: String) -> impl FnOnce(ferry_core::image::SidecarError) -> Gue
     }
 }
 
+/// An incoming disk's name must be a plain file name that is not Ferry's own metadata.
+fn check_incoming_name(name: &str) -> Result<(), GuestError> {
+    let plain =
+        !name.is_empty() && !name.contains('/') && !name.contains('\0') && !name.starts_with('.');
+    if !plain {
+        return Err(GuestError::Unsupported(format!(
+            "disk name {name:?} is not a plain file name"
+        )));
+    }
+    if name.ends_with(".ferry") || name.ends_with(".ferry.tmp") {
+        return Err(GuestError::Unsupported(format!(
+            "disk name {name:?} is reserved for image metadata"
+        )));
+    }
+    Ok(())
+}
+
 /// Settings of a disk a new guest starts with.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
@@ -94,23 +111,12 @@ impl GuestDisks {
         let mut disks = Vec::new();
         let mut incoming = Vec::new();
         for d in layouts {
-            if d.name.is_empty() || d.name.contains('/') || d.name.starts_with('.') {
-                return Err(GuestError::Unsupported(format!(
-                    "disk name {:?} is not a plain file name",
-                    d.name
-                )));
-            }
+            check_incoming_name(&d.name)?;
             let path = dir.join(&d.name);
-            let (disk, new) = match DiskImage::open_or_create(&path, d.block_size, d.blocks) {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                    tracing::warn!("replacing {}: {e}", path.display());
-                    std::fs::remove_file(&path).map_err(io("replacing a disk image"))?;
-                    DiskImage::open_or_create(&path, d.block_size, d.blocks)
-                        .map_err(io("creating a disk image"))?
-                }
-                Err(e) => return Err(io("opening a disk image")(e)),
-            };
+            // Locked before anything is read or written: an image another guest or
+            // migration uses is refused here, naming the file, and nothing is touched.
+            let (disk, new) = DiskImage::open_incoming(&path, d.block_size, d.blocks)
+                .map_err(io("opening a disk image for the incoming guest"))?;
             disks.push(Arc::new(disk));
             incoming.push((d.identity, new));
         }
@@ -207,12 +213,13 @@ impl GuestDisks {
     /// trusted.
     pub fn discard(&self) {
         for (i, d) in self.disks.iter().enumerate() {
-            d.retire();
+            // Removed while still locked, so nobody can take the file up in between.
             let created = self.incoming.get(i).is_none_or(|(_, c)| *c);
             if created {
                 let _ = std::fs::remove_file(d.path());
                 let _ = std::fs::remove_file(sidecar_path(d.path()));
             }
+            d.retire();
         }
     }
 }

@@ -199,7 +199,12 @@ pub fn receive(
     };
     let guest = match make_guest(&hello.layout) {
         Ok(g) => g,
-        Err(e) => return refuse(&mut txs, format!("cannot build the guest: {e}")),
+        Err(e) => {
+            return refuse(
+                &mut txs,
+                format!("cannot build the guest: {}", crate::engine::error_chain(&e)),
+            )
+        }
     };
     let mut report = DestReport {
         migration_id: hex(&hello.migration_id),

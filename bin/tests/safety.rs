@@ -1,0 +1,54 @@
+//! The safety rule as a user meets it: no VM and no block is ever lost, with real
+//! processes, real loopback sockets and real files.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+
+/// Two guests whose disks have the same name and size, two listeners sharing one `--dir`:
+/// the second migration must not take the first guest's live image as its base.
+#[test]
+fn two_listeners_in_one_directory_never_share_a_live_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["a", "b", "shared"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    let (a_ctl, b_ctl) = (d.join("a.sock"), d.join("b.sock"));
+    let _a = run_guest_at(&d.join("a/disk0.img"), &a_ctl, &[], &[]);
+    let mut b = run_guest_at(&d.join("b/disk0.img"), &b_ctl, &[], &[]);
+    let (l1_ctl, l2_ctl) = (d.join("l1.sock"), d.join("l2.sock"));
+    let shared = d.join("shared");
+    let (_l1, addr1) = listen_in(&shared, &l1_ctl, "10s", "127.0.0.1:0", &PLAIN, &[]);
+    let (mut l2, addr2) = listen_in(&shared, &l2_ctl, "10s", "127.0.0.1:0", &PLAIN, &[]);
+
+    migrate_verified(&a_ctl, &addr1, &[]);
+    assert_eq!(status(&l1_ctl)["state"], "running");
+    let image = shared.join("disk0.img");
+    let before = std::fs::metadata(&image).unwrap().modified().unwrap();
+
+    let out = migrate_with_timeout(&b_ctl, &addr2, "5s");
+    let r = json_of(&out);
+    assert!(
+        !out.status.success(),
+        "the clashing migration must fail: {r}"
+    );
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("disk0.img") && err.contains("in use"),
+        "the error names the file in use: {err}"
+    );
+    assert_eq!(r["source_resumed"], true);
+    // The refused listener gave up; the second guest still runs where it was.
+    assert_eq!(
+        wait_exit(&mut l2, std::time::Duration::from_secs(10)),
+        Some(1)
+    );
+    assert_advancing(&b_ctl, "second guest after the refusal");
+    assert_check_passes(&b_ctl, "second guest after the refusal");
+    // The first guest's disk was not touched by the refused migration.
+    assert_check_passes(&l1_ctl, "first guest after the refusal");
+    assert_eq!(status(&l1_ctl)["state"], "running");
+    assert!(std::fs::metadata(&image).unwrap().modified().unwrap() >= before);
+    stop_and_wait(&mut b, &b_ctl);
+}
