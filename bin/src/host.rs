@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::guest::Hosted;
 use crate::opts::MigrationArgs;
+use ferry_core::machine::{DestAction, DestEvent, DestSession};
 
 /// Lifecycle of the hosted guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,10 +31,16 @@ pub enum HostState {
     Running,
     /// A migration away is in progress.
     Migrating,
-    /// The guest now runs elsewhere.
+    /// The guest now runs elsewhere (confirmed).
     MigratedAway,
+    /// The guest was handed over, but what followed failed: it is the destination's
+    /// (running or held there) and never runs here again.
+    HandedOver,
     /// Received and verified, but the hand-over never came: paused, awaiting an operator.
     InDoubt,
+    /// Handed over to this host, but it cannot run yet (resuming failed, or owed
+    /// post-copy blocks stopped arriving): paused, never discarded, awaiting an operator.
+    Held,
     /// Stopped by request.
     Stopped,
 }
@@ -65,6 +72,10 @@ pub enum Request {
 pub struct Host {
     guest: Mutex<Option<Hosted>>,
     state: Mutex<HostState>,
+    /// A held or in-doubt guest's session: it decides what an operator may do.
+    session: Mutex<Option<DestSession>>,
+    /// Why the guest is held or in doubt.
+    reason: Mutex<Option<String>>,
     last_report: Mutex<Option<Value>>,
     role: &'static str,
     done: (Mutex<bool>, Condvar),
@@ -83,6 +94,8 @@ impl Host {
         Arc::new(Self {
             guest: Mutex::new(None),
             state: Mutex::new(HostState::Listening),
+            session: Mutex::new(None),
+            reason: Mutex::new(None),
             last_report: Mutex::new(None),
             role,
             done: (Mutex::new(false), Condvar::new()),
@@ -93,6 +106,14 @@ impl Host {
     pub fn attach(&self, guest: Hosted, state: HostState) {
         *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = Some(guest);
         self.set_state(state);
+    }
+
+    /// Holds a received guest (in doubt or held) for an operator; `session` decides
+    /// what may be done with it.
+    pub fn hold(&self, guest: Hosted, state: HostState, session: DestSession, reason: String) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.attach(guest, state);
     }
 
     /// The current state.
@@ -159,6 +180,8 @@ impl Host {
             "disks": disks,
             "workload": workload,
             "progress": stats,
+            "reason": self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "owed_blocks": guest.as_ref().map(|g| g.dest().owed_blocks()),
             "last_migration": self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
@@ -194,11 +217,18 @@ impl Host {
             Ok(r) => r,
             Err(e) => fail(format!("{e:#}")),
         };
-        if report.ok {
-            self.set_state(HostState::MigratedAway);
-            *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        } else {
-            self.set_state(HostState::Running);
+        // The engine's session said where the guest is: the state tells the truth, so an
+        // operator resolving an in-doubt destination never discards the only copy.
+        match (report.ok, report.source_state.as_str()) {
+            (true, _) => {
+                self.set_state(HostState::MigratedAway);
+                *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            (false, "handed-over" | "migrated-away") => {
+                *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = report.error.clone();
+                self.set_state(HostState::HandedOver);
+            }
+            (false, _) => self.set_state(HostState::Running),
         }
         self.set_last_report(serde_json::to_value(&report).unwrap_or(Value::Null));
         report
@@ -242,13 +272,21 @@ impl Host {
                     return Ok(());
                 }
                 if let Some(g) = self.guest() {
-                    if self.state() == HostState::InDoubt {
-                        send(
-                            json!({"event": "error", "message": "the guest is in doubt: resume or discard it"}),
-                        )?;
-                        return Ok(());
+                    match self.state() {
+                        HostState::InDoubt => {
+                            send(
+                                json!({"event": "error", "message": "the guest is in doubt: resume or discard it"}),
+                            )?;
+                            return Ok(());
+                        }
+                        HostState::Held => {
+                            send(
+                                json!({"event": "error", "message": "the guest was handed over to this host and is held: resume it, it is never stopped or discarded here"}),
+                            )?;
+                            return Ok(());
+                        }
+                        _ => g.stop(),
                     }
-                    g.stop();
                 }
                 self.set_state(HostState::Stopped);
                 send(json!({"event": "ok"}))?;
@@ -256,16 +294,41 @@ impl Host {
                 Ok(())
             }
             Request::Resume | Request::Discard => {
-                if self.state() != HostState::InDoubt {
+                if !matches!(self.state(), HostState::InDoubt | HostState::Held) {
                     return send(
-                        json!({"event": "error", "message": "only an in-doubt guest can be resumed or discarded"}),
+                        json!({"event": "error", "message": format!("only an in-doubt or held guest can be resumed or discarded (this one is {})", state_name(self.state()))}),
                     );
                 }
                 let Some(g) = self.guest() else {
                     return send(json!({"event": "error", "message": "no guest"}));
                 };
-                if matches!(req, Request::Resume) {
+                // The session decides: a handed-over guest is never discarded, and one
+                // that owes post-copy blocks cannot run without them.
+                let decided = {
+                    let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+                    let ev = if matches!(req, Request::Resume) {
+                        DestEvent::OperatorResume
+                    } else {
+                        DestEvent::OperatorDiscard
+                    };
+                    match s.as_mut().map(|s| s.on(ev)) {
+                        Some(Ok(a)) => Ok(a),
+                        Some(Err(e)) => Err(format!(
+                            "refused: {} ({} blocks owed by the source)",
+                            e.0,
+                            g.dest().owed_blocks()
+                        )),
+                        None => Err("no session for this guest".into()),
+                    }
+                };
+                let action = match decided {
+                    Ok(a) => a,
+                    Err(m) => return send(json!({"event": "error", "message": m})),
+                };
+                if action == DestAction::Resume {
+                    g.dest().resume()?;
                     g.start();
+                    *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.set_state(HostState::Running);
                     send(json!({"event": "ok"}))
                 } else {
@@ -328,6 +391,14 @@ impl Host {
             path: path.to_path_buf(),
         })
     }
+}
+
+/// A state as `status` spells it.
+pub fn state_name(s: HostState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Removes the socket file when dropped.

@@ -367,28 +367,60 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(1))
         }
-        DestOutcome::InDoubt { error, report, .. } => {
+        DestOutcome::InDoubt {
+            error,
+            report,
+            session,
+            owed_blocks,
+            ..
+        } => {
             eprintln!(
                 "ferry: WARNING: the guest was received and verified but the hand-over never came ({error}). \
-                 It is kept paused: the source may or may not have handed over. \
-                 Resume it here only if the source no longer runs it (`ferry resume --vm SOCKET`), otherwise discard it (`ferry discard --vm SOCKET`)."
+                 It is kept paused: the source may or may not have handed over. Ask the source (`ferry status --vm SOCKET`): \
+                 if it says handed-over (or is gone), resume it here (`ferry resume --vm SOCKET`); if it says running, discard it here (`ferry discard --vm SOCKET`)."
+            );
+            if owed_blocks > 0 {
+                eprintln!(
+                    "ferry: {owed_blocks} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them"
+                );
+            }
+            if a.json {
+                print_json(
+                    &json!({"ok": false, "in_doubt": true, "error": error, "owed_blocks": owed_blocks, "destination": report}),
+                )?;
+            }
+            hold_for_operator(
+                &host,
+                guest,
+                a.control.as_ref(),
+                HostState::InDoubt,
+                session,
+                error,
+            )
+        }
+        DestOutcome::Held {
+            error,
+            report,
+            session,
+            ..
+        } => {
+            eprintln!(
+                "ferry: WARNING: the guest was handed over to this host but cannot run yet: {error}. \
+                 It is kept paused and is never discarded here; `ferry status --vm SOCKET` shows why."
             );
             if a.json {
                 print_json(
-                    &json!({"ok": false, "in_doubt": true, "error": error, "destination": report}),
+                    &json!({"ok": false, "held": true, "error": error, "destination": report}),
                 )?;
             }
-            let (Some(g), Some(_)) = (guest, a.control.as_ref()) else {
-                eprintln!(
-                    "ferry: no --control socket: terminate this process to discard the guest"
-                );
-                loop {
-                    std::thread::park();
-                }
-            };
-            host.attach(g, HostState::InDoubt);
-            host.wait_done();
-            Ok(ExitCode::from(1))
+            hold_for_operator(
+                &host,
+                guest,
+                a.control.as_ref(),
+                HostState::Held,
+                session,
+                error,
+            )
         }
         DestOutcome::Resumed { report, .. } => {
             let verified = report.manifest_ok && report.oracle_ok != Some(false);
@@ -410,9 +442,11 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("the received guest went missing");
             };
             if !verified {
-                g.stop();
-                host.set_state(HostState::Stopped);
-                return Ok(ExitCode::from(1));
+                // Handed over: the only copy runs here now. Stopping it would lose the VM,
+                // so it keeps running and the failure is reported for an operator.
+                eprintln!(
+                    "ferry: WARNING: the guest's check after the hand-over failed; it keeps running here (the source no longer runs it)"
+                );
             }
             host.set_last_report(serde_json::to_value(&report)?);
             match &a.control {
@@ -426,9 +460,38 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                     host.wait_done();
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            drop(g);
+            Ok(if verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
+}
+
+/// Keeps a held or in-doubt guest for an operator until it is resumed (then runs it) or
+/// discarded.
+fn hold_for_operator(
+    host: &std::sync::Arc<Host>,
+    guest: Option<Hosted>,
+    control: Option<&PathBuf>,
+    state: HostState,
+    session: ferry_core::machine::DestSession,
+    reason: String,
+) -> anyhow::Result<ExitCode> {
+    let (Some(g), Some(_)) = (guest, control) else {
+        eprintln!(
+            "ferry: no --control socket: the guest stays held until this process is terminated"
+        );
+        loop {
+            std::thread::park();
+        }
+    };
+    host.hold(g, state, session, reason);
+    host.wait_done();
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(ExitCode::from(1))
 }
 
 fn report_exit(r: &ferry_core::Report) -> ExitCode {

@@ -147,6 +147,14 @@ pub trait GuestStorage: Send + Sync {
     fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError>;
     /// Prepares `disk` for the plan before any block arrives.
     fn prepare(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError>;
+    /// A received guest is about to be acknowledged: make every image's data durable and
+    /// record in its metadata which image (and generation) it now continues.
+    fn record_received(&self) -> Result<(), GuestError>;
+    /// Storage post-copy: the owed blocks can no longer arrive; reads of them fail at
+    /// once instead of waiting.
+    fn abandon_owed(&self);
+    /// Storage post-copy: blocks still owed, over every disk.
+    fn owed_blocks(&self) -> u64;
 }
 
 /// The error for disk `disk` of a guest without disks.
@@ -290,8 +298,26 @@ pub trait DestGuest: Send + Sync {
             .ok_or_else(|| no_disk(disk))?
             .zero_block(disk, index)
     }
-    /// Makes every write durable (the destination does this before reporting success).
+    /// Makes every write durable.
     fn flush(&self) -> Result<(), GuestError>;
+    /// Before `verified`: every received block on stable storage, and the disks' metadata
+    /// recording what they hold, so a power loss after the hand-over loses nothing.
+    fn make_durable(&self) -> Result<(), GuestError> {
+        self.flush()?;
+        self.storage().map_or(Ok(()), |s| s.record_received())
+    }
+    /// Pauses a resumed guest that must not run yet (held for an operator).
+    fn hold(&self) -> Result<(), GuestError>;
+    /// Storage post-copy: the owed blocks can no longer arrive.
+    fn abandon_owed(&self) {
+        if let Some(s) = self.storage() {
+            s.abandon_owed();
+        }
+    }
+    /// Storage post-copy: blocks still owed.
+    fn owed_blocks(&self) -> u64 {
+        self.storage().map_or(0, |s| s.owed_blocks())
+    }
     /// Starts write-back of what was written so far without waiting for it, so dirty data
     /// does not pile up in memory during pre-copy. Without disks of Ferry's, a full flush.
     fn start_writeback(&self) -> Result<(), GuestError> {

@@ -7,6 +7,7 @@
 //! - [`machine`]: the phase and session state machines, free of I/O.
 //! - [`policy`]: the convergence policy, a pure function of measured figures.
 //! - [`engine`]: the threaded drivers around the machines.
+//! - [`fault`]: the process-level fault switch (`FERRY_FAULT`).
 //! - [`codec`], [`transport`]: the seams codecs and transports plug into.
 
 pub mod basecmp;
@@ -14,6 +15,7 @@ pub mod bitmap;
 pub mod codec;
 pub mod digest;
 pub mod engine;
+pub mod fault;
 pub mod guest;
 pub mod image;
 pub mod machine;

@@ -54,6 +54,11 @@ pub struct Report {
     /// On failure: whether the source guest runs again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_resumed: Option<bool>,
+    /// Where the source's session ended: `running` (the guest stays here),
+    /// `handed-over` (the destination has it, even if what followed failed) or
+    /// `migrated-away` (confirmed running there).
+    #[serde(default)]
+    pub source_state: String,
     /// Hex migration id.
     pub migration_id: String,
     /// Transport name.

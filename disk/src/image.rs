@@ -30,6 +30,8 @@ pub struct DiskImage {
 /// Blocks a post-copy destination still waits for.
 struct Owed {
     disk: usize,
+    /// The source can no longer send them: reads fail at once.
+    abandoned: bool,
     bits: Bitmap,
     requested: Bitmap,
     pull: ferry_core::guest::PullFn,
@@ -404,6 +406,11 @@ impl DiskImage {
             if !o.bits.get(index) {
                 return Ok(());
             }
+            if o.abandoned {
+                return Err(std::io::Error::other(format!(
+                    "block {index} is owed by a source that is gone"
+                )));
+            }
             if !o.requested.get(index) {
                 o.requested.set(index);
                 (o.pull)(o.disk, index);
@@ -428,6 +435,7 @@ impl DiskImage {
         let requested = Bitmap::new(owed.len());
         *self.owed_lock() = Some(Owed {
             disk,
+            abandoned: false,
             bits: owed,
             requested,
             pull,
@@ -453,6 +461,14 @@ impl DiskImage {
         }
         self.owed_cond.notify_all();
         Ok(true)
+    }
+
+    /// The owed blocks can no longer arrive: waiting reads fail now, later ones at once.
+    pub fn abandon_owed(&self) {
+        if let Some(o) = self.owed_lock().as_mut() {
+            o.abandoned = true;
+        }
+        self.owed_cond.notify_all();
     }
 
     /// Blocks still owed.

@@ -305,4 +305,28 @@ impl GuestStorage for GuestDisks {
             .prepare(plan)
             .map_err(io("preparing a disk image"))
     }
+
+    /// Data durable, then each image's metadata names the image it now continues (an
+    /// `open` sidecar: its history is trusted only after a clean stop).
+    fn record_received(&self) -> Result<(), GuestError> {
+        for d in &self.disks {
+            d.flush().map_err(io("flushing a received disk image"))?;
+        }
+        self.adopt_incoming()?;
+        for d in &self.disks {
+            d.persist(SidecarState::Open)
+                .map_err(meta_err("writing image metadata".into()))?;
+        }
+        Ok(())
+    }
+
+    fn abandon_owed(&self) {
+        for d in &self.disks {
+            d.abandon_owed();
+        }
+    }
+
+    fn owed_blocks(&self) -> u64 {
+        self.disks.iter().map(|d| d.owed_count()).sum()
+    }
 }

@@ -642,6 +642,10 @@ impl SourceGuest for KvmGuest {
 }
 
 impl DestGuest for KvmGuest {
+    fn hold(&self) -> Result<(), GuestError> {
+        SourceGuest::pause(self)
+    }
+
     fn storage(&self) -> Option<&dyn GuestStorage> {
         Some(&self.m.disks)
     }

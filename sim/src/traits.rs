@@ -91,6 +91,10 @@ impl SourceGuest for SimGuest {
 }
 
 impl DestGuest for SimGuest {
+    fn hold(&self) -> Result<(), GuestError> {
+        SourceGuest::pause(self)
+    }
+
     fn layout(&self) -> GuestLayout {
         self.current_layout()
     }

@@ -662,6 +662,10 @@ impl SourceGuest for XenGuest {
 }
 
 impl DestGuest for XenGuest {
+    fn hold(&self) -> Result<(), GuestError> {
+        SourceGuest::pause(self)
+    }
+
     fn storage(&self) -> Option<&dyn GuestStorage> {
         self.served_disks()
     }

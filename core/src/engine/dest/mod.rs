@@ -20,6 +20,7 @@ use super::{micros, ms, read_frame_until, Control, ReadError};
 use crate::bitmap::Bitmap;
 use crate::codec::CodecFactory;
 use crate::digest::{guest_sums, DigestDelta, DigestTable};
+use crate::fault::{Faults, Point, Side};
 use crate::guest::{Base, DestGuest, GuestError, GuestLayout, PullFn, StateBlob};
 use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState};
 use crate::report::hex;
@@ -31,6 +32,14 @@ use crate::wire::{
 
 use receiver::*;
 use storage::*;
+
+/// What the background flusher is asked to do.
+pub(super) enum Flush {
+    /// Start write-back of what was written so far (every 32 MiB of blocks).
+    Writeback,
+    /// Make everything written so far durable (after every round).
+    Sync,
+}
 
 /// Block bytes a receiver writes between background flush requests.
 const FLUSH_EVERY: u64 = 32 << 20;
@@ -75,6 +84,9 @@ pub struct DestReport {
     pub resume_ms: f64,
     /// Final flush of the disk images after resuming, ms (outside the downtime).
     pub flush_ms: f64,
+    /// Making the received blocks and the images' metadata durable before `verified`,
+    /// ms (inside the downtime; rounds are flushed during pre-copy to keep it short).
+    pub durable_ms: f64,
     /// Storage post-copy: from resuming to the last owed block, ms.
     pub postcopy_ms: f64,
     /// The guest's own check.
@@ -104,6 +116,24 @@ pub enum DestOutcome {
         guest: Arc<dyn DestGuest>,
         /// Why.
         error: String,
+        /// Storage post-copy: blocks only the source holds. While any are owed the guest
+        /// cannot be resumed here.
+        owed_blocks: u64,
+        /// The session, which decides what an operator may do with the guest.
+        session: DestSession,
+        /// Figures so far.
+        report: DestReport,
+    },
+    /// Handed over, but what had to follow could not complete (resuming failed, or the
+    /// owed blocks stopped arriving): the guest is this side's, never discarded, and kept
+    /// paused for an operator.
+    Held {
+        /// The guest.
+        guest: Arc<dyn DestGuest>,
+        /// Why.
+        error: String,
+        /// The session, which decides what an operator may do with the guest.
+        session: DestSession,
         /// Figures so far.
         report: DestReport,
     },
@@ -139,6 +169,8 @@ pub fn receive(
     on_resumed: &dyn Fn(),
 ) -> DestOutcome {
     let n = channels.len();
+    let faults = Faults::from_env(Side::Dest);
+    let channels: Vec<Channel> = channels.into_iter().map(|c| faults.wrap(c)).collect();
     let mut txs = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
     let mut closers = Vec::new();
@@ -215,6 +247,7 @@ pub fn receive(
     let bases: Vec<Base> = (0..hello.layout.disks.len())
         .map(|d| guest.base(d))
         .collect();
+    faults.hit(Point::Handshake);
     if let Err(e) = send(
         txs[0].as_mut(),
         &Message::Welcome(Welcome {
@@ -282,13 +315,17 @@ pub fn receive(
     });
     let max_unit = layout.max_unit_size();
     let (ev_tx, ev_rx) = unbounded();
-    let (flush_tx, flush_rx) = crossbeam_channel::bounded::<()>(1);
+    let (flush_tx, flush_rx) = crossbeam_channel::bounded::<Flush>(1);
     let flusher = {
         let guest = Arc::clone(&guest);
         std::thread::spawn(move || {
-            for () in flush_rx {
-                if let Err(e) = guest.start_writeback() {
-                    // The final flush before the acknowledgement reports it for real.
+            for f in flush_rx {
+                let r = match f {
+                    Flush::Writeback => guest.start_writeback(),
+                    Flush::Sync => guest.flush(),
+                };
+                if let Err(e) = r {
+                    // The flush before the acknowledgement reports it for real.
                     tracing::warn!("background flush failed: {e}");
                 }
             }
@@ -319,7 +356,6 @@ pub fn receive(
         workers.push(std::thread::spawn(move || w.run(reader, out, stop)));
     }
     drop(ev_tx);
-    drop(flush_tx);
 
     let mut page_deltas = Vec::new();
     let mut decode_s: Vec<f64> = Vec::new();
@@ -352,13 +388,14 @@ pub fn receive(
                         "no data from the source for {:.1} s",
                         idle as f64 / 1000.0
                     ));
-                    let _ = session.on(DestEvent::Lost);
+                    session.fail();
                     break;
                 }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
                 error.get_or_insert_with(|| "all channels closed".into());
+                session.fail();
                 break;
             }
         };
@@ -369,6 +406,7 @@ pub fn receive(
                 disks: dd,
                 decode_s: ds,
             } => {
+                faults.hit(Point::Pause);
                 for (i, s) in ds.into_iter().enumerate() {
                     match decode_s.get_mut(i) {
                         Some(sum) => *sum += s,
@@ -382,6 +420,7 @@ pub fn receive(
                 session.on(DestEvent::FinalBarrier(channel))
             }
             Event::Control(Control::State { version, bytes }) => {
+                faults.hit(Point::State);
                 state = Some(StateBlob { version, bytes });
                 session.on(DestEvent::State)
             }
@@ -390,6 +429,7 @@ pub fn receive(
                 session.on(DestEvent::Manifest)
             }
             Event::Control(Control::Commit) => {
+                faults.hit(Point::Commit);
                 t_commit = Some(Instant::now());
                 session.on(DestEvent::Commit)
             }
@@ -405,8 +445,13 @@ pub fn receive(
                     layout.disks.get(usize::from(disk)),
                 ) {
                     (Some(slot), Some(dl)) if bits.len() == dl.blocks => {
+                        let any = !bits.none();
                         *slot = Some(bits);
-                        Ok(DestAction::Continue)
+                        if any {
+                            session.on(DestEvent::Owed)
+                        } else {
+                            Ok(DestAction::Continue)
+                        }
                     }
                     _ => Err(crate::machine::ProtocolError(format!(
                         "owed blocks for a disk {disk} that does not match"
@@ -420,18 +465,26 @@ pub fn receive(
             Event::PostcopyBarrier { .. } => Err(crate::machine::ProtocolError(
                 "post-copy barrier before the hand-over".into(),
             )),
-            Event::RoundBarrier { round } => {
+            Event::RoundBarrier { round, phase } => {
                 // Acknowledge a round once every channel processed it: the source times
                 // rounds (and estimates the link) end to end, not into socket buffers.
                 let c = round_barriers.entry(round).or_insert(0);
                 *c += 1;
                 if *c == n {
                     round_barriers.remove(&round);
+                    match phase {
+                        crate::wire::Phase::Storage => faults.hit(Point::Storage),
+                        crate::wire::Phase::Memory => faults.hit(Point::Memory),
+                        _ => {}
+                    }
                     if let Err(e) = send_shared(&tx0, &Message::RoundAck(round)) {
                         error = Some(format!("sending a round acknowledgement: {e}"));
-                        let _ = session.on(DestEvent::Lost);
+                        session.fail();
                         break;
                     }
+                    // Durability outside the downtime: what this round wrote reaches
+                    // stable storage now, so the flush before `verified` is short.
+                    let _ = flush_tx.try_send(Flush::Sync);
                 }
                 Ok(DestAction::Continue)
             }
@@ -440,7 +493,7 @@ pub fn receive(
                 session.on(DestEvent::Lost)
             }
             Event::Closed(ch) => {
-                if session.state() == DestState::Committed {
+                if session.owns_guest() {
                     continue;
                 }
                 error = Some(format!("source closed channel {ch} early"));
@@ -451,16 +504,13 @@ pub fn receive(
             Ok(a) => a,
             Err(e) => {
                 error = Some(e.to_string());
-                // A violation before the ack discards; after it the guest is in doubt.
-                if session.state() == DestState::AwaitCommit {
-                    DestAction::HoldInDoubt
-                } else {
-                    DestAction::Discard
-                }
+                // The machine decides: discard before the ack, in doubt after it.
+                session.fail()
             }
         };
         match action {
             DestAction::Continue | DestAction::AckVerified => {}
+            DestAction::ConfirmResumed | DestAction::Hold => break,
             DestAction::Verify => {
                 let t = Instant::now();
                 let r = verify_and_restore(
@@ -470,11 +520,22 @@ pub fn receive(
                     &disks,
                     &page_deltas,
                     &disk_deltas,
+                    &owed,
                     manifest.as_ref(),
                     state.as_ref(),
                     hello.verify,
                     &mut report,
                 );
+                // Durability before the acknowledgement: every received block on stable
+                // storage, and the images' metadata saying what they now hold.
+                let r = r.and_then(|()| {
+                    let tf = Instant::now();
+                    let d = guest
+                        .make_durable()
+                        .map_err(|e| format!("making the received disks durable: {e}"));
+                    report.durable_ms = ms(tf.elapsed());
+                    d
+                });
                 // Storage post-copy: the guest resumes with owed blocks it pulls on demand.
                 let r = r.and_then(|()| {
                     for (d, bits) in owed.iter().enumerate() {
@@ -503,6 +564,7 @@ pub fn receive(
                 }
                 match session.on(DestEvent::VerifyDone(ok)) {
                     Ok(DestAction::AckVerified) => {
+                        faults.hit(Point::Verified);
                         if let Err(e) = send_shared(
                             &tx0,
                             &Message::Verified {
@@ -510,7 +572,7 @@ pub fn receive(
                             },
                         ) {
                             error = Some(format!("sending verified: {e}"));
-                            let _ = session.on(DestEvent::Lost);
+                            session.fail();
                             break;
                         }
                         // Restart the silence clock: the source now waits on us.
@@ -529,92 +591,25 @@ pub fn receive(
     report.pages_received = received.pages.load(Ordering::Relaxed);
     report.blocks_received = received.blocks.load(Ordering::Relaxed);
     let outcome = match session.state() {
-        DestState::Committed => {
-            let t = t_commit.unwrap_or_else(Instant::now);
-            match guest.resume() {
-                Ok(()) => {
-                    report.resume_ms = ms(t.elapsed());
-                    on_resumed();
-                    let _ = send_shared(
-                        &tx0,
-                        &Message::Resumed {
-                            resume_us: micros(t.elapsed()),
-                        },
-                    );
-                    // Durability outside the downtime: the guest's writes live in the page
-                    // cache until it flushes, on the source as here, so the guest may run
-                    // while the received blocks reach the disk. The migration is reported
-                    // done (the verdict) only once they have.
-                    // The guest's own check runs first: with post-copy it reads owed
-                    // blocks, which it pulls ahead of the background push.
-                    let check = guest.self_check();
-                    let postcopy = if owed.iter().any(Option::is_some) {
-                        let tp = Instant::now();
-                        let r = wait_postcopy(&ev_rx, &disks, n, cfg);
-                        report.postcopy_ms = ms(tp.elapsed());
-                        Some(r)
-                    } else {
-                        None
-                    };
-                    let tf = Instant::now();
-                    let flushed = guest.flush();
-                    report.flush_ms = ms(tf.elapsed());
-                    let mut verdict = match check {
-                        Some(o) => {
-                            report.oracle_ok = Some(o.ok);
-                            report.oracle_detail = if o.ok {
-                                format!(
-                                    "{} pages and {} blocks hold their last written version",
-                                    o.pages_checked, o.blocks_checked
-                                )
-                            } else {
-                                o.problems.join("; ")
-                            };
-                            Verdict {
-                                ok: o.ok,
-                                pages_checked: o.pages_checked,
-                                blocks_checked: o.blocks_checked,
-                                detail: report.oracle_detail.clone(),
-                                decode_ns: Vec::new(),
-                            }
-                        }
-                        None => Verdict {
-                            ok: report.manifest_ok,
-                            pages_checked: 0,
-                            blocks_checked: 0,
-                            detail: "no guest oracle; manifest matched".into(),
-                            decode_ns: Vec::new(),
-                        },
-                    };
-                    verdict.decode_ns = decode_s.iter().map(|s| (s * 1e9) as u64).collect();
-                    if let Some(Err(e)) = postcopy {
-                        verdict.ok = false;
-                        verdict.detail = format!("post-copy: {e}");
-                        report.oracle_ok = Some(false);
-                        report.oracle_detail = verdict.detail.clone();
-                    }
-                    if let Err(e) = flushed {
-                        verdict.ok = false;
-                        verdict.detail = format!("flushing the disk images failed: {e}");
-                        report.oracle_ok = Some(false);
-                        report.oracle_detail = verdict.detail.clone();
-                    }
-                    let _ = send_shared(&tx0, &Message::Verdict(verdict));
-                    DestOutcome::Resumed {
-                        guest: Arc::clone(&guest),
-                        report,
-                    }
-                }
-                Err(e) => DestOutcome::InDoubt {
-                    guest: Arc::clone(&guest),
-                    error: format!("committed but resuming failed: {e}"),
-                    report,
-                },
-            }
-        }
+        DestState::Committed => after_commit(
+            &mut session,
+            &faults,
+            &guest,
+            &tx0,
+            &ev_rx,
+            &disks,
+            n,
+            cfg,
+            t_commit.unwrap_or_else(Instant::now),
+            &decode_s,
+            report,
+            on_resumed,
+        ),
         DestState::InDoubt => DestOutcome::InDoubt {
             guest: Arc::clone(&guest),
             error: error.unwrap_or_else(|| "hand-over never arrived".into()),
+            owed_blocks: owed_count(&owed),
+            session: session.clone(),
             report,
         },
         _ => {
@@ -625,7 +620,10 @@ pub fn receive(
         }
     };
     // Let the source read our last frames before the sockets go.
-    if matches!(outcome, DestOutcome::Resumed { .. }) {
+    if matches!(
+        outcome,
+        DestOutcome::Resumed { .. } | DestOutcome::Held { .. }
+    ) {
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline && workers.iter().any(|w| !w.is_finished()) {
             std::thread::sleep(Duration::from_millis(5));
@@ -636,8 +634,142 @@ pub fn receive(
     for w in workers {
         let _ = w.join();
     }
+    drop(flush_tx);
     let _ = flusher.join();
     outcome
+}
+
+fn owed_count(owed: &[Option<Bitmap>]) -> u64 {
+    owed.iter().flatten().map(Bitmap::count).sum()
+}
+
+/// After `commit`: the guest is this side's and is never discarded. Resume it, confirm,
+/// wait for owed blocks, flush, and send the self-check. What cannot complete holds the
+/// guest (paused) for an operator.
+#[allow(clippy::too_many_arguments)]
+fn after_commit(
+    session: &mut DestSession,
+    faults: &Faults,
+    guest: &Arc<dyn DestGuest>,
+    tx0: &SharedTx,
+    ev_rx: &crossbeam_channel::Receiver<Event>,
+    disks: &[DigestTable],
+    channels: usize,
+    cfg: &DestConfig,
+    t_commit: Instant,
+    decode_s: &[f64],
+    mut report: DestReport,
+    on_resumed: &dyn Fn(),
+) -> DestOutcome {
+    let held = |session: &DestSession, report: DestReport, error: String| DestOutcome::Held {
+        guest: Arc::clone(guest),
+        error,
+        session: session.clone(),
+        report,
+    };
+    let resumed = guest.resume();
+    let ok = resumed.is_ok();
+    if session.on(DestEvent::ResumeDone(ok)) != Ok(DestAction::ConfirmResumed) {
+        let why = resumed.err().map_or_else(String::new, |e| e.to_string());
+        return held(
+            session,
+            report,
+            format!("committed, but resuming the guest failed: {why}"),
+        );
+    }
+    report.resume_ms = ms(t_commit.elapsed());
+    on_resumed();
+    faults.hit(Point::Resumed);
+    let _ = send_shared(
+        tx0,
+        &Message::Resumed {
+            resume_us: micros(t_commit.elapsed()),
+        },
+    );
+    // The guest's own check runs beside the post-copy wait: it reads owed blocks, which
+    // it pulls ahead of the background push; if the push fails the reads fail at once.
+    let mut held_error = None;
+    let check = std::thread::scope(|scope| {
+        let checker = scope.spawn(|| guest.self_check());
+        if session.owes_blocks() {
+            faults.hit(Point::Postcopy);
+            let tp = Instant::now();
+            let r = wait_postcopy(ev_rx, disks, channels, cfg);
+            report.postcopy_ms = ms(tp.elapsed());
+            match r {
+                Ok(()) => {
+                    let _ = session.on(DestEvent::PostcopyDone);
+                }
+                Err(e) => {
+                    // The blocks can only come from the source: hold the guest paused
+                    // rather than let it read holes.
+                    if session.fail() == DestAction::Hold {
+                        guest.abandon_owed();
+                        if let Err(p) = guest.hold() {
+                            tracing::warn!("pausing the held guest: {p}");
+                        }
+                    }
+                    held_error = Some(format!(
+                        "committed, but post-copy did not finish ({e}); the guest is held paused with {} blocks owed by the source",
+                        guest.owed_blocks()
+                    ));
+                }
+            }
+        }
+        checker.join().ok().flatten()
+    });
+    let tf = Instant::now();
+    let flushed = guest.flush();
+    report.flush_ms = ms(tf.elapsed());
+    let mut verdict = match check {
+        Some(o) => {
+            report.oracle_ok = Some(o.ok);
+            report.oracle_detail = if o.ok {
+                format!(
+                    "{} pages and {} blocks hold their last written version",
+                    o.pages_checked, o.blocks_checked
+                )
+            } else {
+                o.problems.join("; ")
+            };
+            Verdict {
+                ok: o.ok,
+                pages_checked: o.pages_checked,
+                blocks_checked: o.blocks_checked,
+                detail: report.oracle_detail.clone(),
+                decode_ns: Vec::new(),
+            }
+        }
+        None => Verdict {
+            ok: report.manifest_ok,
+            pages_checked: 0,
+            blocks_checked: 0,
+            detail: "no guest oracle; manifest matched".into(),
+            decode_ns: Vec::new(),
+        },
+    };
+    verdict.decode_ns = decode_s.iter().map(|s| (s * 1e9) as u64).collect();
+    let mut fail = |detail: String| {
+        verdict.ok = false;
+        verdict.detail.clone_from(&detail);
+        report.oracle_ok = Some(false);
+        report.oracle_detail = detail;
+    };
+    if let Some(e) = &held_error {
+        fail(e.clone());
+    }
+    if let Err(e) = flushed {
+        fail(format!("flushing the disk images failed: {e}"));
+    }
+    faults.hit(Point::Verdict);
+    let _ = send_shared(tx0, &Message::Verdict(verdict));
+    match held_error {
+        Some(e) => held(session, report, e),
+        None => DestOutcome::Resumed {
+            guest: Arc::clone(guest),
+            report,
+        },
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -648,6 +780,7 @@ fn verify_and_restore(
     disks: &[DigestTable],
     page_deltas: &[DigestDelta],
     disk_deltas: &[DigestDelta],
+    owed: &[Option<Bitmap>],
     manifest: Option<&Manifest>,
     state: Option<&StateBlob>,
     verify: VerifyMode,
@@ -672,10 +805,18 @@ fn verify_and_restore(
             .full
             .as_ref()
             .ok_or("full verification asked but not sent")?;
+        // Owed blocks are not here yet: both sides hash them as absent, and the
+        // post-copy push checks them against the source's digests as they arrive.
         let (got_p, got_d) = guest_sums(
             layout,
             |i, b| guest.read_page(i, b).is_ok(),
-            |d, i, b| guest.read_block(d, i, b).is_ok(),
+            |d, i, b| {
+                let is_owed = owed
+                    .get(d)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|o| o.get(i));
+                !is_owed && guest.read_block(d, i, b).is_ok()
+            },
         );
         let ok = got_p == *want_p && got_d == *want_d;
         report.full_verify_ok = Some(ok);

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use super::{read_frame_until, Control, ReadError};
+use super::{read_frame_until, Control, Flush, ReadError};
 use crate::codec::{DecodeItem, Decoder, Unit, UnitKind, TAG_RAW};
 use crate::digest::{unit_digest, DigestDelta, DigestTable};
 use crate::guest::{DestGuest, GuestError, GuestLayout};
@@ -30,6 +30,7 @@ pub(super) enum Event {
     /// A channel processed everything of pre-copy round `round`.
     RoundBarrier {
         round: u32,
+        phase: crate::wire::Phase,
     },
     Control(Control),
     Failed(String),
@@ -55,7 +56,7 @@ pub(super) struct ReceiverWorker {
     /// Asks the background flusher to make what arrived so far durable (at every round
     /// barrier and every 32 MiB of blocks), so the final flush inside the downtime has
     /// little left.
-    pub(super) flush: Sender<()>,
+    pub(super) flush: Sender<Flush>,
     /// Block bytes written since this worker last asked for a flush.
     pub(super) unflushed: u64,
     pub(super) page_delta: DigestDelta,
@@ -119,8 +120,10 @@ impl ReceiverWorker {
                         Ok(())
                     }
                     Ok(false) => {
-                        let _ = self.flush.try_send(());
-                        let _ = out.send(Event::RoundBarrier { round: end.round });
+                        let _ = out.send(Event::RoundBarrier {
+                            round: end.round,
+                            phase: end.phase,
+                        });
                         Ok(())
                     }
                     Err(e) => Err(e.to_string()),
@@ -259,7 +262,7 @@ impl ReceiverWorker {
                 self.unflushed += n * size as u64;
                 if self.unflushed >= FLUSH_EVERY {
                     self.unflushed = 0;
-                    let _ = self.flush.try_send(());
+                    let _ = self.flush.try_send(Flush::Writeback);
                 }
                 self.received.blocks.fetch_add(n, Ordering::Relaxed)
             }

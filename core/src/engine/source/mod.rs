@@ -20,8 +20,9 @@ use super::{block_channel, ms, page_channel, read_frame_until, Control, ReadErro
 use crate::bitmap::Bitmap;
 use crate::codec::CodecFactory;
 use crate::digest::{guest_sums, DigestDelta, DigestTable};
+use crate::fault::{Faults, Point, Side};
 use crate::guest::{Base, DiskPlan, SourceGuest};
-use crate::machine::{SourcePlan, SourceStep};
+use crate::machine::{SourceAction, SourceEvent, SourcePlan, SourceSession, SourceStep};
 use crate::pacer::Pacer;
 use crate::policy::{ConvergencePolicy, RoundFigures};
 use crate::report::{hex, OracleSummary, Progress, Report};
@@ -138,8 +139,11 @@ pub fn migrate(
             return report;
         }
     };
+    let faults = Faults::from_env(Side::Source);
+    let channels: Vec<Channel> = channels.into_iter().map(|c| faults.wrap(c)).collect();
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
+        faults,
         guest: Arc::clone(&guest),
         pages: DigestTable::zeroed(layout.pages, layout.page_size as usize),
         disks: layout
@@ -170,6 +174,7 @@ pub fn migrate(
         let mut tx: Box<dyn Write + Send> =
             Box::new(CountingWriter::new(tx, Arc::clone(&wire_bytes)));
         if i == 0 {
+            shared.faults.hit(Point::Handshake);
             let hello = Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 capabilities: CAPABILITIES,
@@ -224,10 +229,12 @@ pub fn migrate(
         acks: Default::default(),
     };
     let mut paused_at: Option<Instant> = None;
-    let mut committed = false;
-    let result = run(&mut s, cfg, &mut paused_at, &mut committed, t0);
-
-    if result.is_err() && !committed {
+    let mut machine = SourceSession::new(cfg.storage_mode == StorageMode::PostCopy);
+    let result = run(&mut s, cfg, &mut paused_at, &mut machine, t0);
+    // Every failure goes through the machine, which alone decides whether the guest
+    // resumes here (before the hand-over) or never again (after it).
+    let on_failure = result.as_ref().err().map(|_| machine.fail());
+    if on_failure == Some(SourceAction::ResumeHere) {
         s.merge_back_pending();
     }
     if let Some((since, _)) = s.throttled {
@@ -238,10 +245,13 @@ pub fn migrate(
         }
     }
     let mut report = std::mem::take(&mut s.report);
+    report.source_state = machine.state().name().into();
     if let Err(Failure(msg)) = &result {
-        report.ok = false;
         report.error = Some(msg.clone());
-        if !committed {
+        if on_failure != Some(SourceAction::Finish) {
+            report.ok = false;
+        }
+        if on_failure == Some(SourceAction::ResumeHere) {
             // Tell the destination to discard, best effort, then resume the guest.
             let mut body = Vec::new();
             let ty = Message::Abort(msg.clone()).encode(&mut body);
@@ -317,11 +327,16 @@ pub fn migrate(
     report
 }
 
+/// Feeds `ev` to the machine; an event it does not expect is a failure.
+fn feed(machine: &mut SourceSession, ev: SourceEvent) -> Result<SourceAction, Failure> {
+    machine.on(ev).map_err(|e| Failure(e.to_string()))
+}
+
 fn run(
     s: &mut Session<'_>,
     cfg: &SourceConfig,
     paused_at: &mut Option<Instant>,
-    committed: &mut bool,
+    machine: &mut SourceSession,
     t0: Instant,
 ) -> Result<(), Failure> {
     let guest = Arc::clone(&s.shared.guest);
@@ -346,6 +361,7 @@ fn run(
         Control::Refuse(r) => return Err(Failure(format!("destination refused: {r}"))),
         other => return Err(Failure(format!("expected welcome, got {}", other.name()))),
     };
+    feed(machine, SourceEvent::Welcome)?;
     // Per disk: incremental when the destination holds this image at a generation our
     // history covers, else a full copy.
     if !layout.disks.is_empty() {
@@ -477,6 +493,9 @@ fn run(
             }
         }
     }
+    if feed(machine, SourceEvent::Converged)? != SourceAction::Pause {
+        return Err(Failure("the session did not pause".into()));
+    }
 
     // Stop-and-copy: what was pending plus what was dirtied until the pause.
     (s.progress)(Progress::Note {
@@ -488,6 +507,7 @@ fn run(
     }
     guest.pause()?;
     *paused_at = Some(t_pause);
+    s.shared.faults.hit(Point::Pause);
     s.report.downtime_breakdown.pause_ms = ms(t_pause.elapsed());
     let t_copy = Instant::now();
     let pages = s.take_pending_pages()?;
@@ -504,6 +524,7 @@ fn run(
     s.report.downtime_breakdown.final_copy_ms = ms(t_copy.elapsed());
     let t_state = Instant::now();
     let state = guest.save_state()?;
+    s.shared.faults.hit(Point::State);
     s.control(&Message::State {
         version: state.version,
         bytes: &state.bytes,
@@ -550,6 +571,7 @@ fn run(
     };
     let t_verify = Instant::now();
     s.control(&Message::Manifest(manifest))?;
+    feed(machine, SourceEvent::FinalSent)?;
     // The destination answers after checking the manifest and flushing; with `--verify
     // full` it also hashes the whole guest (allow ~200 MB/s for that on a slow disk).
     let verify_wait = match cfg.verify {
@@ -563,28 +585,45 @@ fn run(
         Control::Verified { .. } => {}
         other => return Err(Failure(format!("expected verified, got {}", other.name()))),
     }
+    s.shared.faults.hit(Point::Verified);
     s.report.downtime_breakdown.verify_ms = ms(t_verify.elapsed());
 
-    // Hand-over: from here on the source never resumes.
-    *committed = true;
+    // Hand-over: the machine decides before `commit` is written, so from here on the
+    // source never resumes, whatever happens to the message.
+    if feed(machine, SourceEvent::Verified)? != SourceAction::Commit {
+        return Err(Failure("the session did not commit".into()));
+    }
     let t_commit = Instant::now();
+    s.shared.faults.hit(Point::Commit);
     let sent = s
         .control(&Message::Commit)
-        .map_err(|Failure(e)| Failure(format!("commit sent but not confirmed: {e}")));
+        .map_err(|Failure(e)| Failure(format!("commit sent but not confirmed: {e}")))
+        .and_then(|()| feed(machine, SourceEvent::CommitSent).map(drop));
     // The backend's hand-over work (stopping the vCPUs for good, marking images as bases)
     // runs beside the wait for `resumed`: the guest is paused and `committed` is set.
     let handing = {
         let g = Arc::clone(&guest);
         std::thread::spawn(move || g.handed_over())
     };
-    let result = finish_after_commit(s, cfg, plan.next_round(), t0, t_pause, t_commit, sent);
+    let result = finish_after_commit(
+        s,
+        machine,
+        cfg,
+        plan.next_round(),
+        t0,
+        t_pause,
+        t_commit,
+        sent,
+    );
     let _ = handing.join();
     result
 }
 
 /// After `commit`: wait for `resumed`, run the post-copy push if any, wait for the verdict.
+#[allow(clippy::too_many_arguments)]
 fn finish_after_commit(
     s: &mut Session<'_>,
+    machine: &mut SourceSession,
     cfg: &SourceConfig,
     postcopy_round: u32,
     t0: Instant,
@@ -607,17 +646,23 @@ fn finish_after_commit(
     s.report.downtime_breakdown.commit_resume_ms = ms(now - t_commit);
     s.report.downtime_ms = ms(now - t_pause);
     s.report.total_ms = ms(now - t0);
-    s.report.ok = true;
-    if cfg.storage_mode == StorageMode::PostCopy {
+    s.shared.faults.hit(Point::Resumed);
+    if feed(machine, SourceEvent::Resumed)? == SourceAction::PushOwed {
+        s.shared.faults.hit(Point::Postcopy);
         let owed = s.pending.blocks.take().unwrap_or_default();
         postcopy_push(s, cfg, postcopy_round, owed)
             .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
+        feed(machine, SourceEvent::PostcopyDone)?;
     }
+    // The guest runs on the destination with everything it needs.
+    s.report.ok = true;
     (s.progress)(Progress::Note {
         text: "guest resumed on the destination; waiting for its self-check".into(),
     });
     match s.expect("verdict", cfg.io_timeout.max(Duration::from_secs(120))) {
         Ok(Control::Verdict(v)) => {
+            s.shared.faults.hit(Point::Verdict);
+            feed(machine, SourceEvent::Verdict)?;
             s.report.verified = v.ok;
             // The channels' encoder figures are added to these when the senders finish.
             s.report.codec_stats = v
@@ -639,9 +684,11 @@ fn finish_after_commit(
             }
         }
         Ok(other) => {
+            machine.fail();
             s.report.error = Some(format!("expected verdict, got {}", other.name()));
         }
         Err(Failure(e)) => {
+            machine.fail();
             s.report.error = Some(format!("no verdict from the destination: {e}"));
         }
     }

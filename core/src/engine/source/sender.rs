@@ -34,6 +34,8 @@ pub(super) struct Counters {
 
 pub(super) struct Shared {
     pub(super) guest: Arc<dyn SourceGuest>,
+    /// `FERRY_FAULT`'s switches on this migration's link.
+    pub(super) faults: crate::fault::Faults,
     pub(super) layout: GuestLayout,
     pub(super) pages: DigestTable,
     pub(super) disks: Vec<DigestTable>,

@@ -119,6 +119,11 @@ impl Session<'_> {
             })?;
             self.check_abort()?;
         }
+        match phase {
+            Phase::Storage => self.shared.faults.hit(crate::fault::Point::Storage),
+            Phase::Memory => self.shared.faults.hit(crate::fault::Point::Memory),
+            _ => {}
+        }
         // Barrier on every channel, then wait, reporting progress meanwhile.
         let (reply_tx, reply_rx) = unbounded();
         for ch in 0..n {
