@@ -229,6 +229,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // A fault switch that does not parse is refused before anything starts.
+    if let Err(e) = ferry_core::fault::from_env() {
+        eprintln!("ferry: error: {e}");
+        return ExitCode::from(2);
+    }
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Listen(a) => listen(a),

@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -497,24 +496,6 @@ fn bad_input_names_the_flag() {
             "{args:?}: error does not name {flag}: {err}"
         );
     }
-}
-
-/// Runs `ferry keygen` for `name` in `dir`; returns (cert, key, fingerprint).
-fn keygen(dir: &Path, name: &str) -> (String, String, String) {
-    let out = ferry()
-        .args(["keygen", "--json", "--out"])
-        .arg(dir)
-        .args(["--name", name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = json_of(&out);
-    let s = |k: &str| v[k].as_str().unwrap().to_string();
-    (s("cert"), s("key"), s("fingerprint"))
 }
 
 /// `ferry migrate` of a new 32 MiB guest started here, to `to`, with transport flags.

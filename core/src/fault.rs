@@ -142,6 +142,8 @@ type Closer = Arc<dyn Fn() + Send + Sync>;
 pub struct Faults {
     side: Side,
     plan: Vec<Fault>,
+    /// A stalled write fails after this long, as a socket's write timeout makes it.
+    write_timeout: Duration,
     stalled: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
     closers: Mutex<Vec<Closer>>,
@@ -150,19 +152,20 @@ pub struct Faults {
 impl Faults {
     /// This side's part of `FERRY_FAULT` (a malformed value is ignored with a warning;
     /// the command line refuses it before any migration starts).
-    pub fn from_env(side: Side) -> Self {
+    pub fn from_env(side: Side, write_timeout: Duration) -> Self {
         let plan = from_env().unwrap_or_else(|e| {
             tracing::warn!("{e}");
             Vec::new()
         });
-        Self::new(side, plan)
+        Self::new(side, plan, write_timeout)
     }
 
-    /// `plan`'s faults for `side`.
-    pub fn new(side: Side, plan: Vec<Fault>) -> Self {
+    /// `plan`'s faults for `side`; a stalled write fails after `write_timeout`.
+    pub fn new(side: Side, plan: Vec<Fault>, write_timeout: Duration) -> Self {
         Self {
             side,
             plan: plan.into_iter().filter(|f| f.side == side).collect(),
+            write_timeout,
             stalled: Arc::new(AtomicBool::new(false)),
             closed: Arc::new(AtomicBool::new(false)),
             closers: Mutex::new(Vec::new()),
@@ -187,11 +190,13 @@ impl Faults {
                 inner: ch.tx,
                 stalled: Arc::clone(&self.stalled),
                 closed: Arc::clone(&self.closed),
+                timeout: self.write_timeout,
             }),
             rx: Box::new(Switched {
                 inner: ch.rx,
                 stalled: Arc::clone(&self.stalled),
                 closed: Arc::clone(&self.closed),
+                timeout: self.write_timeout,
             }),
             closer: Some(Box::new(move || {
                 closed.store(true, Ordering::SeqCst);
@@ -237,12 +242,29 @@ struct Switched<T> {
     inner: T,
     stalled: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
+    timeout: Duration,
 }
 
 impl<T> Switched<T> {
     /// While stalled and not closed: nothing moves.
     fn frozen(&self) -> bool {
         self.stalled.load(Ordering::Relaxed) && !self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Blocks a write while the link is stalled, then fails as a socket's write timeout
+    /// does; a closed link fails at once.
+    fn wait_writable(&self) -> std::io::Result<()> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        while self.frozen() {
+            if std::time::Instant::now() >= deadline {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.stalled.load(Ordering::Relaxed) {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(())
     }
 }
 
@@ -259,19 +281,12 @@ impl<R: Read> Read for Switched<R> {
 
 impl<W: Write> Write for Switched<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        while self.frozen() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if self.stalled.load(Ordering::Relaxed) {
-            return Err(std::io::ErrorKind::BrokenPipe.into());
-        }
+        self.wait_writable()?;
         self.inner.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        while self.frozen() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_writable()?;
         self.inner.flush()
     }
 }
@@ -315,6 +330,7 @@ mod tests {
         let f = Faults::new(
             Side::Dest,
             parse("dest:state:stall,dest:verdict:close").unwrap(),
+            Duration::from_millis(50),
         );
         let ch = f.wrap(Channel {
             tx: Box::new(Vec::new()),
@@ -326,6 +342,12 @@ mod tests {
         f.hit(Point::State);
         let e = rx.read(&mut b).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let e = tx.write(b"x").unwrap_err();
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "a stalled write times out"
+        );
         f.hit(Point::Verdict);
         assert!(
             tx.write(b"x").is_err(),

@@ -215,3 +215,21 @@ pub fn wait_exit(p: &mut Proc, within: Duration) -> Option<i32> {
     }
     None
 }
+
+/// `ferry keygen` of `name` in `dir`: (certificate, key, fingerprint).
+pub fn keygen(dir: &Path, name: &str) -> (String, String, String) {
+    let out = ferry()
+        .args(["keygen", "--json", "--out"])
+        .arg(dir)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out);
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    (s("cert"), s("key"), s("fingerprint"))
+}

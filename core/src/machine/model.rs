@@ -34,9 +34,8 @@ pub enum Msg {
     Resumed,
     /// Source → destination: the owed blocks.
     Push,
-    /// Destination → source: every owed block arrived.
-    PostcopyAck,
-    /// Destination → source: the self-check.
+    /// Destination → source: the self-check (with post-copy: after every owed block
+    /// arrived, so it confirms the push too).
     Verdict,
     /// Either way: give up.
     Abort,
@@ -272,13 +271,12 @@ impl World {
             Msg::Push => {
                 if self.dst.state() == DestState::PostCopy {
                     self.dst_on(DestEvent::PostcopyDone, true, true);
-                    self.send_to_src(Msg::PostcopyAck);
                     self.send_to_src(Msg::Verdict);
                 }
                 // A push to a held guest or a repeat: the blocks are ignored.
             }
             Msg::Abort => self.dst_on(DestEvent::Abort, true, true),
-            Msg::Welcome | Msg::Verified | Msg::Resumed | Msg::PostcopyAck | Msg::Verdict => {
+            Msg::Welcome | Msg::Verified | Msg::Resumed | Msg::Verdict => {
                 self.dst_on(DestEvent::Lost, true, true)
             }
         }
@@ -289,11 +287,10 @@ impl World {
             Msg::Welcome => SourceEvent::Welcome,
             Msg::Verified => SourceEvent::Verified,
             Msg::Resumed => SourceEvent::Resumed,
-            Msg::PostcopyAck => SourceEvent::PostcopyDone,
             Msg::Verdict => SourceEvent::Verdict,
             _ => SourceEvent::Failed,
         };
-        // A verdict that overtook the post-copy acknowledgement is read after it.
+        // With post-copy the verdict confirms every owed block arrived.
         if m == Msg::Verdict && self.src.state() == SourceState::PostCopy {
             self.src_on(SourceEvent::PostcopyDone);
         }

@@ -169,7 +169,7 @@ pub fn receive(
     on_resumed: &dyn Fn(),
 ) -> DestOutcome {
     let n = channels.len();
-    let faults = Faults::from_env(Side::Dest);
+    let faults = Faults::from_env(Side::Dest, cfg.io_timeout);
     let channels: Vec<Channel> = channels.into_iter().map(|c| faults.wrap(c)).collect();
     let mut txs = Vec::with_capacity(n);
     let mut rxs = Vec::with_capacity(n);
@@ -689,8 +689,25 @@ fn after_commit(
     // The guest's own check runs beside the post-copy wait: it reads owed blocks, which
     // it pulls ahead of the background push; if the push fails the reads fail at once.
     let mut held_error = None;
+    let done = AtomicBool::new(false);
     let check = std::thread::scope(|scope| {
-        let checker = scope.spawn(|| guest.self_check());
+        let checker = scope.spawn(|| {
+            let c = guest.self_check();
+            done.store(true, Ordering::Release);
+            c
+        });
+        // The source waits for the verdict no longer than its timeout after the last
+        // sign of life: say every second that the check is still running.
+        scope.spawn(|| {
+            let mut last = Instant::now();
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50));
+                if last.elapsed() >= Duration::from_secs(1) {
+                    let _ = send_shared(tx0, &Message::Progress(0));
+                    last = Instant::now();
+                }
+            }
+        });
         if session.owes_blocks() {
             faults.hit(Point::Postcopy);
             let tp = Instant::now();
@@ -716,7 +733,9 @@ fn after_commit(
                 }
             }
         }
-        checker.join().ok().flatten()
+        let c = checker.join().ok().flatten();
+        done.store(true, Ordering::Release);
+        c
     });
     let tf = Instant::now();
     let flushed = guest.flush();

@@ -139,7 +139,7 @@ pub fn migrate(
             return report;
         }
     };
-    let faults = Faults::from_env(Side::Source);
+    let faults = Faults::from_env(Side::Source, cfg.io_timeout);
     let channels: Vec<Channel> = channels.into_iter().map(|c| faults.wrap(c)).collect();
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
@@ -647,50 +647,66 @@ fn finish_after_commit(
     s.report.downtime_ms = ms(now - t_pause);
     s.report.total_ms = ms(now - t0);
     s.shared.faults.hit(Point::Resumed);
-    if feed(machine, SourceEvent::Resumed)? == SourceAction::PushOwed {
+    let postcopy = feed(machine, SourceEvent::Resumed)? == SourceAction::PushOwed;
+    if postcopy {
         s.shared.faults.hit(Point::Postcopy);
         let owed = s.pending.blocks.take().unwrap_or_default();
         postcopy_push(s, cfg, postcopy_round, owed)
             .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
-        feed(machine, SourceEvent::PostcopyDone)?;
+    } else {
+        // The guest runs on the destination with everything it needs.
+        s.report.ok = true;
     }
-    // The guest runs on the destination with everything it needs.
-    s.report.ok = true;
     (s.progress)(Progress::Note {
         text: "guest resumed on the destination; waiting for its self-check".into(),
     });
-    match s.expect("verdict", cfg.io_timeout.max(Duration::from_secs(120))) {
-        Ok(Control::Verdict(v)) => {
-            s.shared.faults.hit(Point::Verdict);
-            feed(machine, SourceEvent::Verdict)?;
-            s.report.verified = v.ok;
-            // The channels' encoder figures are added to these when the senders finish.
-            s.report.codec_stats = v
-                .decode_ns
-                .iter()
-                .map(|ns| crate::codec::StageStats {
-                    decode_s: *ns as f64 / 1e9,
-                    ..Default::default()
-                })
-                .collect();
-            s.report.oracle = Some(OracleSummary {
-                ok: v.ok,
-                pages_checked: v.pages_checked,
-                blocks_checked: v.blocks_checked,
-                detail: v.detail,
-            });
-            if !v.ok {
-                s.report.error = Some("destination's self-check failed".into());
-            }
-        }
+    // The destination says every second that its check still runs. With post-copy, its
+    // verdict is also the confirmation that every owed block arrived: until then the
+    // migration is not done, whatever the push wrote into the socket.
+    let v = match s.expect("verdict", cfg.io_timeout) {
+        Ok(Control::Verdict(v)) => v,
         Ok(other) => {
-            machine.fail();
-            s.report.error = Some(format!("expected verdict, got {}", other.name()));
+            return Err(Failure(format!(
+                "committed; expected verdict, got {}",
+                other.name()
+            )))
         }
         Err(Failure(e)) => {
-            machine.fail();
-            s.report.error = Some(format!("no verdict from the destination: {e}"));
+            return Err(Failure(format!(
+                "committed; no verdict from the destination: {e}"
+            )))
         }
+    };
+    s.shared.faults.hit(Point::Verdict);
+    if postcopy {
+        if !v.ok {
+            return Err(Failure(format!(
+                "committed, but the destination could not complete post-copy: {}",
+                v.detail
+            )));
+        }
+        feed(machine, SourceEvent::PostcopyDone)?;
+        s.report.ok = true;
+    }
+    feed(machine, SourceEvent::Verdict)?;
+    s.report.verified = v.ok;
+    // The channels' encoder figures are added to these when the senders finish.
+    s.report.codec_stats = v
+        .decode_ns
+        .iter()
+        .map(|ns| crate::codec::StageStats {
+            decode_s: *ns as f64 / 1e9,
+            ..Default::default()
+        })
+        .collect();
+    s.report.oracle = Some(OracleSummary {
+        ok: v.ok,
+        pages_checked: v.pages_checked,
+        blocks_checked: v.blocks_checked,
+        detail: v.detail,
+    });
+    if !v.ok {
+        s.report.error = Some("destination's self-check failed".into());
     }
     Ok(())
 }
