@@ -147,8 +147,8 @@ pub trait GuestStorage: Send + Sync {
     fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError>;
     /// Prepares `disk` for the plan before any block arrives.
     fn prepare(&self, disk: usize, plan: DiskPlan) -> Result<(), GuestError>;
-    /// A received guest is about to be acknowledged: make every image's data durable and
-    /// record in its metadata which image (and generation) it now continues.
+    /// A received guest is about to be acknowledged and its data is durable: record in
+    /// every image's metadata which image (and generation) it now continues.
     fn record_received(&self) -> Result<(), GuestError>;
     /// Storage post-copy: the owed blocks can no longer arrive; reads of them fail at
     /// once instead of waiting.

@@ -306,12 +306,12 @@ impl GuestStorage for GuestDisks {
             .map_err(io("preparing a disk image"))
     }
 
-    /// Data durable, then each image's metadata names the image it now continues (an
-    /// `open` sidecar: its history is trusted only after a clean stop).
+    /// Once the data is durable ([`DestGuest::flush`] first), each image's metadata names
+    /// the image it now continues (an `open` sidecar: its history is trusted only after a
+    /// clean stop).
+    ///
+    /// [`DestGuest::flush`]: ferry_core::DestGuest::flush
     fn record_received(&self) -> Result<(), GuestError> {
-        for d in &self.disks {
-            d.flush().map_err(io("flushing a received disk image"))?;
-        }
         self.adopt_incoming()?;
         for d in &self.disks {
             d.persist(SidecarState::Open)

@@ -554,7 +554,7 @@ mod tests {
         for postcopy in [false, true] {
             v.push(ModelConfig {
                 postcopy,
-                network_faults: 2,
+                network_faults: 4,
                 crashes: true,
             });
         }
