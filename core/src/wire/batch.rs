@@ -18,17 +18,62 @@ pub struct UnitRecord<'a> {
     pub data: &'a [u8],
 }
 
+/// What a batch carries: the one name for a kind of unit, on the wire and in both drivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BatchKind {
+    /// Guest memory pages.
+    Pages,
+    /// Blocks of disk `n`, before the hand-over.
+    Blocks(u16),
+    /// Blocks of disk `n` still owed after the hand-over (storage post-copy): written only
+    /// where the guest has not written since.
+    OwedBlocks(u16),
+}
+
+impl BatchKind {
+    /// The disk, for blocks.
+    pub fn disk(self) -> Option<u16> {
+        match self {
+            BatchKind::Pages => None,
+            BatchKind::Blocks(d) | BatchKind::OwedBlocks(d) => Some(d),
+        }
+    }
+
+    /// The frame type that carries it.
+    pub fn frame_type(self) -> u8 {
+        match self {
+            BatchKind::Pages => super::ty::PAGES,
+            BatchKind::Blocks(_) => super::ty::BLOCKS,
+            BatchKind::OwedBlocks(_) => super::ty::POSTCOPY_BLOCKS,
+        }
+    }
+
+    /// The unit kind codecs see (an owed block is a block).
+    pub fn unit_kind(self) -> crate::codec::UnitKind {
+        match self.disk() {
+            None => crate::codec::UnitKind::Page,
+            Some(d) => crate::codec::UnitKind::Block(d),
+        }
+    }
+
+    /// "page" or "block", for errors.
+    pub fn unit_name(self) -> &'static str {
+        match self {
+            BatchKind::Pages => "page",
+            BatchKind::Blocks(_) | BatchKind::OwedBlocks(_) => "block",
+        }
+    }
+}
+
 /// A batch of pages or of one disk's blocks, decoded lazily.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batch<'a> {
-    /// Disk number for block batches, `None` for pages.
-    pub disk: Option<u16>,
+    /// What the records are.
+    pub kind: BatchKind,
     /// Round the batch belongs to.
     pub round: u32,
     /// Number of records.
     pub count: u32,
-    /// Owed blocks pushed after the hand-over (storage post-copy).
-    pub postcopy: bool,
     /// The prefix bytes (disk, round, count) for the header CRC.
     pub(super) prefix: &'a [u8],
     pub(super) records: &'a [u8],

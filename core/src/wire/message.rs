@@ -1,7 +1,7 @@
 //! Message bodies. Every decoder bounds-checks and returns [`DecodeError`], never panics.
 //! The layout of each message is documented in `docs/protocol.md`.
 
-pub use super::batch::{Batch, BatchBuilder, RecordIter, UnitRecord};
+pub use super::batch::{Batch, BatchBuilder, BatchKind, RecordIter, UnitRecord};
 use super::cursor::{put_str, Cursor};
 use super::handshake::{decode_hello, encode_hello, get_identity, put_identity};
 pub use super::handshake::{Hello, VerifyMode, Welcome};
@@ -219,8 +219,9 @@ pub enum Message<'a> {
     State {
         /// Format version.
         version: u32,
-        /// Encoded state.
-        bytes: &'a [u8],
+        /// Encoded state (borrowed from the frame when decoded, owned once it is passed
+        /// between threads).
+        bytes: std::borrow::Cow<'a, [u8]>,
     },
     /// Final digests.
     Manifest(Manifest),
@@ -288,6 +289,64 @@ pub enum Message<'a> {
 }
 
 impl Message<'_> {
+    /// The message with its data owned, to pass between threads; `None` for data
+    /// (batches, barriers) and handshakes, which are handled where they are read.
+    pub fn into_control(self) -> Option<Message<'static>> {
+        Some(match self {
+            Message::Hello(_) | Message::Batch(_) | Message::RoundEnd(_) => return None,
+            Message::State { version, bytes } => Message::State {
+                version,
+                bytes: std::borrow::Cow::Owned(bytes.into_owned()),
+            },
+            Message::Welcome(w) => Message::Welcome(w),
+            Message::Refuse(s) => Message::Refuse(s),
+            Message::Manifest(m) => Message::Manifest(m),
+            Message::Verified { verify_us } => Message::Verified { verify_us },
+            Message::Commit => Message::Commit,
+            Message::Resumed { resume_us } => Message::Resumed { resume_us },
+            Message::Verdict(v) => Message::Verdict(v),
+            Message::Abort(s) => Message::Abort(s),
+            Message::StoragePlan(p) => Message::StoragePlan(p),
+            Message::BaseDigests { disk, digests } => Message::BaseDigests { disk, digests },
+            Message::DigestRequest { disk, chunks } => Message::DigestRequest { disk, chunks },
+            Message::OwedBlocks { disk, owed } => Message::OwedBlocks { disk, owed },
+            Message::PullBlocks { disk, blocks } => Message::PullBlocks { disk, blocks },
+            Message::PostcopyDone(s) => Message::PostcopyDone(s),
+            Message::RoundAck(r) => Message::RoundAck(r),
+            Message::Progress(n) => Message::Progress(n),
+            Message::BlockDigests { disk, last, chunks } => {
+                Message::BlockDigests { disk, last, chunks }
+            }
+        })
+    }
+
+    /// The message's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Refuse(_) => "refuse",
+            Message::Batch(_) => "batch",
+            Message::RoundEnd(_) => "round-end",
+            Message::State { .. } => "state",
+            Message::Manifest(_) => "manifest",
+            Message::Verified { .. } => "verified",
+            Message::Commit => "commit",
+            Message::Resumed { .. } => "resumed",
+            Message::Verdict(_) => "verdict",
+            Message::Abort(_) => "abort",
+            Message::StoragePlan(_) => "storage-plan",
+            Message::BaseDigests { .. } => "base-digests",
+            Message::DigestRequest { .. } => "digest-request",
+            Message::BlockDigests { .. } => "block-digests",
+            Message::OwedBlocks { .. } => "owed-blocks",
+            Message::PullBlocks { .. } => "pull-blocks",
+            Message::PostcopyDone(_) => "postcopy-done",
+            Message::RoundAck(_) => "round-ack",
+            Message::Progress(_) => "progress",
+        }
+    }
+
     /// Decodes a frame: like [`Message::decode`], honouring the header's flags.
     pub fn decode_frame<'b>(h: &FrameHeader, body: &'b [u8]) -> Result<Message<'b>, DecodeError> {
         if h.flags & FLAG_RECORD_DIGESTS == 0 {
@@ -355,7 +414,11 @@ impl Message<'_> {
             }
             PAGES | BLOCKS | POSTCOPY_BLOCKS => {
                 let mut c = Cursor::new(body, "batch");
-                let disk = if ty == PAGES { None } else { Some(c.u16()?) };
+                let kind = match ty {
+                    PAGES => BatchKind::Pages,
+                    BLOCKS => BatchKind::Blocks(c.u16()?),
+                    _ => BatchKind::OwedBlocks(c.u16()?),
+                };
                 let round = c.u32()?;
                 let count = c.u32()?;
                 // Each record needs at least its header: reject absurd counts up front.
@@ -364,10 +427,9 @@ impl Message<'_> {
                 }
                 let prefix = &body[..c.pos];
                 Ok(Message::Batch(Batch {
-                    disk,
+                    kind,
                     round,
                     count,
-                    postcopy: ty == POSTCOPY_BLOCKS,
                     prefix,
                     records: c.rest(),
                     header_crc: None,
@@ -386,7 +448,7 @@ impl Message<'_> {
                 let version = c.u32()?;
                 Ok(Message::State {
                     version,
-                    bytes: c.rest(),
+                    bytes: std::borrow::Cow::Borrowed(c.rest()),
                 })
             }
             MANIFEST => {
@@ -663,17 +725,13 @@ impl Message<'_> {
                 ABORT
             }
             Message::Batch(b) => {
-                if let Some(d) = b.disk {
+                if let Some(d) = b.kind.disk() {
                     out.extend_from_slice(&d.to_le_bytes());
                 }
                 out.extend_from_slice(&b.round.to_le_bytes());
                 out.extend_from_slice(&b.count.to_le_bytes());
                 out.extend_from_slice(b.records);
-                match (b.disk, b.postcopy) {
-                    (None, _) => PAGES,
-                    (Some(_), false) => BLOCKS,
-                    (Some(_), true) => POSTCOPY_BLOCKS,
-                }
+                b.kind.frame_type()
             }
             Message::RoundEnd(r) => {
                 out.push(r.phase.code());

@@ -84,7 +84,7 @@ fn all_messages() -> Vec<Message<'static>> {
         }),
         Message::State {
             version: 2,
-            bytes: b"blob",
+            bytes: std::borrow::Cow::Borrowed(b"blob"),
         },
         Message::Manifest(Manifest {
             pages: 1,

@@ -421,7 +421,10 @@ pub fn receive(
             }
             Event::Control(Control::State { version, bytes }) => {
                 faults.hit(Point::State);
-                state = Some(StateBlob { version, bytes });
+                state = Some(StateBlob {
+                    version,
+                    bytes: bytes.into_owned(),
+                });
                 session.on(DestEvent::State)
             }
             Event::Control(Control::Manifest(m)) => {

@@ -8,10 +8,11 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 
 use super::{read_frame_until, Control, Flush, ReadError};
-use crate::codec::{DecodeItem, Decoder, Unit, UnitKind, TAG_RAW};
+use crate::codec::{DecodeItem, Decoder, Unit, TAG_RAW};
 use crate::digest::{unit_digest, DigestDelta, DigestTable};
 use crate::guest::{DestGuest, GuestError, GuestLayout};
 use crate::machine::ChannelOrder;
+use crate::wire::BatchKind;
 use crate::wire::{frame::write_frame, Batch, FrameReader, Message, Phase};
 
 use super::*;
@@ -128,7 +129,7 @@ impl ReceiverWorker {
                     }
                     Err(e) => Err(e.to_string()),
                 },
-                Ok(m) => match Control::from_message(m) {
+                Ok(m) => match m.into_control() {
                     Some(c) if self.channel == 0 => {
                         let _ = out.send(Event::Control(c));
                         Ok(())
@@ -145,17 +146,17 @@ impl ReceiverWorker {
     }
 
     pub(super) fn batch(&mut self, b: &Batch<'_>) -> Result<(), String> {
-        if b.postcopy {
+        if let BatchKind::OwedBlocks(_) = b.kind {
             self.order.on_postcopy_data().map_err(|e| e.to_string())?;
         } else {
             self.order.on_data(b.round).map_err(|e| e.to_string())?;
         }
-        let (size, limit, table, kind) = match b.disk {
+        let kind = b.kind.unit_kind();
+        let (size, limit, table) = match b.kind.disk() {
             None => (
                 self.layout.page_size as usize,
                 self.layout.pages,
                 &self.pages.as_ref(),
-                UnitKind::Page,
             ),
             Some(d) => {
                 let dl = self
@@ -163,19 +164,11 @@ impl ReceiverWorker {
                     .disks
                     .get(d as usize)
                     .ok_or_else(|| format!("blocks for unknown disk {d}"))?;
-                (
-                    dl.block_size as usize,
-                    dl.blocks,
-                    &&self.disks[d as usize],
-                    UnitKind::Block(d),
-                )
+                (dl.block_size as usize, dl.blocks, &&self.disks[d as usize])
             }
         };
         let guest = Arc::clone(&self.guest);
-        let what = match kind {
-            UnitKind::Page => "page",
-            UnitKind::Block(_) => "block",
-        };
+        let what = b.kind.unit_name();
         let records = b
             .records(size, limit)
             .collect::<Result<Vec<_>, _>>()
@@ -192,7 +185,7 @@ impl ReceiverWorker {
             for (k, rec) in records.iter().enumerate().filter(|(_, r)| encoded(r)) {
                 let Some(target) = slots.next() else { break };
                 if self.decoder.needs_base() {
-                    match b.disk {
+                    match b.kind.disk() {
                         None => guest.read_page(rec.index, target),
                         Some(d) => guest.read_block(d as usize, rec.index, target),
                     }
@@ -213,7 +206,7 @@ impl ReceiverWorker {
                 .decode_batch(&mut items)
                 .map_err(|e| format!("decoding {what} {}: {}", e.unit.index, e.error))?;
         }
-        let delta = match b.disk {
+        let delta = match b.kind.disk() {
             None => &mut self.page_delta,
             Some(d) => &mut self.disk_deltas[d as usize],
         };
@@ -221,10 +214,10 @@ impl ReceiverWorker {
         for (rec, slot) in records.iter().zip(decoded) {
             let i = rec.index;
             let digest = if rec.zero {
-                match (b.disk, b.postcopy) {
-                    (None, _) => guest.zero_page(i),
-                    (Some(d), false) => guest.zero_block(d as usize, i),
-                    (Some(d), true) => guest
+                match b.kind {
+                    BatchKind::Pages => guest.zero_page(i),
+                    BatchKind::Blocks(d) => guest.zero_block(d as usize, i),
+                    BatchKind::OwedBlocks(d) => guest
                         .fill_owed(d as usize, i, &self.zeros[..size])
                         .map(|_| ()),
                 }
@@ -247,14 +240,14 @@ impl ReceiverWorker {
                         format!("{what} {i} decoded to the wrong content (digest mismatch)")
                     });
                 }
-                write_unit(&*guest, b.disk, b.postcopy, i, data)
+                write_unit(&*guest, b.kind, i, data)
                     .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 d
             };
             table.record(i, digest, delta);
             n += 1;
         }
-        match b.disk {
+        match b.kind.disk() {
             None => self.received.pages.fetch_add(n, Ordering::Relaxed),
             Some(_) => {
                 // Keep write-back going during pre-copy, so the flush inside the downtime
@@ -274,15 +267,14 @@ impl ReceiverWorker {
 /// Writes a unit; a post-copy block only where the guest has not written it since.
 pub(super) fn write_unit(
     guest: &dyn DestGuest,
-    disk: Option<u16>,
-    postcopy: bool,
+    kind: BatchKind,
     i: u64,
     data: &[u8],
 ) -> Result<(), GuestError> {
-    match (disk, postcopy) {
-        (None, _) => guest.write_page(i, data),
-        (Some(d), false) => guest.write_block(d as usize, i, data),
-        (Some(d), true) => guest.fill_owed(d as usize, i, data).map(|_| ()),
+    match kind {
+        BatchKind::Pages => guest.write_page(i, data),
+        BatchKind::Blocks(d) => guest.write_block(d as usize, i, data),
+        BatchKind::OwedBlocks(d) => guest.fill_owed(d as usize, i, data).map(|_| ()),
     }
 }
 

@@ -225,7 +225,6 @@ pub fn migrate(
         pending: Pending::default(),
         migration_id,
         throttled: None,
-        postcopy_round: None,
         acks: Default::default(),
     };
     let mut paused_at: Option<Instant> = None;
@@ -527,7 +526,7 @@ fn run(
     s.shared.faults.hit(Point::State);
     s.control(&Message::State {
         version: state.version,
-        bytes: &state.bytes,
+        bytes: std::borrow::Cow::Borrowed(&state.bytes),
     })?;
     if cfg.storage_mode == StorageMode::PostCopy {
         for (d, owed) in s
@@ -731,7 +730,7 @@ fn control_reader(
             Ok(Some(h)) => {
                 let ty = h.ty;
                 let msg = match Message::decode_frame(&h, reader.body()) {
-                    Ok(m) => match Control::from_message(m) {
+                    Ok(m) => match m.into_control() {
                         Some(c) => Ok(c),
                         None => Err(format!("unexpected message type {ty} from the destination")),
                     },

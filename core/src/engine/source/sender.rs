@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::codec::{EncodeItem, Encoder, Unit, UnitKind, TAG_RAW};
+use crate::codec::{EncodeItem, Encoder, Unit, TAG_RAW};
 use crate::digest::{unit_digest, DigestDelta, DigestTable};
 use crate::guest::{GuestLayout, SourceGuest};
 use crate::pacer::Pacer;
 use crate::wire::frame::{FLAG_RECORD_DIGESTS, HEADER_LEN};
+use crate::wire::BatchKind;
 use crate::wire::{
     frame::write_frame, BatchBuilder, FrameBuf, Message, RoundEnd, CODEC_SLACK, RECORD_HEADER,
 };
@@ -62,13 +63,11 @@ impl Shared {
 
 pub(super) enum Work {
     Units {
-        disk: Option<u16>,
+        kind: BatchKind,
         round: u32,
         indices: Vec<u64>,
         /// First storage pass: zero blocks are skipped, the destination starts zeroed.
         skip_zero: bool,
-        /// Owed blocks pushed after the hand-over.
-        postcopy: bool,
     },
     Barrier {
         end: RoundEnd,
@@ -125,15 +124,13 @@ impl SenderWorker {
             let failed = self.shared.failed.load(Ordering::Acquire);
             match w {
                 Work::Units {
-                    disk,
+                    kind,
                     round,
                     indices,
                     skip_zero,
-                    postcopy,
                 } => {
                     if !failed {
-                        if let Err(e) = self.send_units(disk, round, &indices, skip_zero, postcopy)
-                        {
+                        if let Err(e) = self.send_units(kind, round, &indices, skip_zero) {
                             self.shared.fail(format!("channel {}: {e}", self.channel));
                         }
                     }
@@ -186,19 +183,19 @@ impl SenderWorker {
     /// batch (in parallel inside the codec). Fills `self.slots` in `indices` order.
     fn stage_and_encode(
         &mut self,
-        disk: Option<u16>,
+        batch: BatchKind,
         indices: &[u64],
         size: usize,
-        kind: UnitKind,
     ) -> Result<(), String> {
         let shared = Arc::clone(&self.shared);
+        let kind = batch.unit_kind();
         self.staging.resize(indices.len() * size, 0);
         for (&i, chunk) in indices.iter().zip(self.staging.chunks_mut(size)) {
-            match disk {
+            match batch.disk() {
                 None => shared.guest.read_page(i, chunk),
                 Some(d) => shared.guest.read_block(d as usize, i, chunk),
             }
-            .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
+            .map_err(|e| format!("reading {} {i}: {e}", batch.unit_name()))?;
         }
         for s in self.slots.drain(..) {
             if let Slot::Encoded { out, .. } = s {
@@ -242,30 +239,25 @@ impl SenderWorker {
 
     pub(super) fn send_units(
         &mut self,
-        disk: Option<u16>,
+        batch: BatchKind,
         round: u32,
         indices: &[u64],
         skip_zero: bool,
-        postcopy: bool,
     ) -> Result<(), String> {
         let shared = Arc::clone(&self.shared);
-        let (size, table, kind) = match disk {
-            None => (
-                shared.layout.page_size as usize,
-                &shared.pages,
-                UnitKind::Page,
-            ),
+        let (disk, kind) = (batch.disk(), batch.unit_kind());
+        let (size, table) = match disk {
+            None => (shared.layout.page_size as usize, &shared.pages),
             Some(d) => (
                 shared.layout.disks[d as usize].block_size as usize,
                 &shared.disks[d as usize],
-                UnitKind::Block(d),
             ),
         };
         // With a codec, the batch is read and encoded first; raw units are read straight
         // into their place in the frame, never copied twice.
         let staged = !self.encoder.is_raw();
         if staged {
-            self.stage_and_encode(disk, indices, size, kind)?;
+            self.stage_and_encode(batch, indices, size)?;
         }
         // An adaptive encoder sending raw may want a few units to measure its candidates.
         let mut sampling = !staged;
@@ -288,7 +280,7 @@ impl SenderWorker {
                     None => shared.guest.read_page(i, &mut body[data_at..]),
                     Some(d) => shared.guest.read_block(d as usize, i, &mut body[data_at..]),
                 }
-                .map_err(|e| format!("reading {kind:?} {i}: {e}"))?;
+                .map_err(|e| format!("reading {} {i}: {e}", batch.unit_name()))?;
                 &body[data_at..]
             };
             let delta = match disk {
@@ -358,12 +350,9 @@ impl SenderWorker {
                     std::thread::sleep(wait);
                 }
             }
-            let ty = match (disk, postcopy) {
-                (None, _) => crate::wire::ty::PAGES,
-                (Some(_), false) => crate::wire::ty::BLOCKS,
-                (Some(_), true) => crate::wire::ty::POSTCOPY_BLOCKS,
-            };
-            let frame = self.frame.finish_with(ty, FLAG_RECORD_DIGESTS, crc);
+            let frame = self
+                .frame
+                .finish_with(batch.frame_type(), FLAG_RECORD_DIGESTS, crc);
             self.tx
                 .write_all(frame)
                 .map_err(|e| format!("send failed: {e}"))?;

@@ -10,7 +10,7 @@ use super::{block_channel, ms, page_channel, Control};
 use crate::bitmap::Bitmap;
 use crate::digest::DigestDelta;
 use crate::report::{Progress, Report, RoundReport};
-use crate::wire::{Message, Phase, RoundEnd};
+use crate::wire::{BatchKind, Message, Phase, RoundEnd};
 
 use super::sender::*;
 use super::*;
@@ -37,14 +37,8 @@ pub(super) struct Session<'a> {
     pub(super) migration_id: [u8; 16],
     /// When throttling began, and the current limit in blocks per second.
     pub(super) throttled: Option<(Instant, u64)>,
-    /// The round number of the post-copy push, once it started.
-    pub(super) postcopy_round: Option<u32>,
     /// Round acknowledgements that arrived while we polled for something else.
     pub(super) acks: std::cell::RefCell<Vec<u32>>,
-}
-
-pub(super) fn phase_is_postcopy(round: u32, postcopy_round: Option<u32>) -> bool {
-    postcopy_round == Some(round)
 }
 
 #[derive(Default)]
@@ -108,13 +102,15 @@ impl Session<'_> {
         });
         let page_size = self.shared.layout.page_size as usize;
         if let Some(p) = pages {
-            self.dispatch(p, None, page_size, round, false, |i| page_channel(i, n))?;
+            self.dispatch(p, BatchKind::Pages, page_size, round, false, |i| {
+                page_channel(i, n)
+            })?;
         }
         for (d, b) in blocks.iter().enumerate() {
             let bs = self.shared.layout.disks[d].block_size as usize;
             let disk = d as u16;
             let skip = skip_zero.get(d).copied().unwrap_or(false);
-            self.dispatch(b, Some(disk), bs, round, skip, |i| {
+            self.dispatch(b, BatchKind::Blocks(disk), bs, round, skip, |i| {
                 block_channel(disk, i, n)
             })?;
             self.check_abort()?;
@@ -203,7 +199,7 @@ impl Session<'_> {
     pub(super) fn dispatch(
         &self,
         units: &Bitmap,
-        disk: Option<u16>,
+        kind: BatchKind,
         unit_size: usize,
         round: u32,
         skip_zero: bool,
@@ -215,11 +211,10 @@ impl Session<'_> {
             self.send_work(
                 ch,
                 Work::Units {
-                    disk,
+                    kind,
                     round,
                     indices,
                     skip_zero,
-                    postcopy: phase_is_postcopy(round, self.postcopy_round),
                 },
             )
         };

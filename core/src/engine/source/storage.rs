@@ -13,7 +13,7 @@ use crate::basecmp::{
 use crate::bitmap::Bitmap;
 use crate::digest::DigestDelta;
 use crate::report::{Progress, RoundReport};
-use crate::wire::{Message, Phase, RoundEnd};
+use crate::wire::{BatchKind, Message, Phase, RoundEnd};
 
 use super::sender::*;
 use super::session::*;
@@ -28,7 +28,6 @@ pub(super) fn postcopy_push(
     owed: Vec<Bitmap>,
 ) -> Result<(), Failure> {
     const SLICE: usize = 256;
-    s.postcopy_round = Some(round);
     let n = s.work.len();
     let mut sent: Vec<Bitmap> = owed.iter().map(|b| Bitmap::new(b.len())).collect();
     let order: Vec<(usize, u64)> = owed
@@ -89,7 +88,7 @@ pub(super) fn postcopy_push(
             if !set.none() {
                 let bs = s.shared.layout.disks[d].block_size as usize;
                 let disk = d as u16;
-                s.dispatch(&set, Some(disk), bs, round, false, |i| {
+                s.dispatch(&set, BatchKind::OwedBlocks(disk), bs, round, false, |i| {
                     block_channel(disk, i, n)
                 })?;
             }
