@@ -254,13 +254,16 @@ impl SenderWorker {
             ),
         };
         // With a codec, the batch is read and encoded first; raw units are read straight
-        // into their place in the frame, never copied twice.
-        let staged = !self.encoder.is_raw();
+        // into their place in the frame, never copied twice. Owed blocks always go raw: a
+        // codec that decodes against the destination's copy would need the very block
+        // that is owed, and the guest there may have written it since.
+        let owed = matches!(batch, BatchKind::OwedBlocks(_));
+        let staged = !self.encoder.is_raw() && !owed;
         if staged {
             self.stage_and_encode(batch, indices, size)?;
         }
         // An adaptive encoder sending raw may want a few units to measure its candidates.
-        let mut sampling = !staged;
+        let mut sampling = !staged && !owed;
         let c = &shared.counters;
         let body = self.frame.start();
         let at = BatchBuilder::begin(body, disk, round);
