@@ -442,19 +442,16 @@ pub fn request(
         .with_context(|| format!("--vm: cannot reach a ferry guest at {}", path.display()))?;
     let mut w = &conn;
     writeln!(w, "{}", serde_json::to_string(req)?)?;
-    let mut last = Value::Null;
     for line in BufReader::new(&conn).lines() {
         let line = line.context("reading the control socket")?;
         let v: Value = serde_json::from_str(&line).context("bad answer on the control socket")?;
         on_line(&v);
-        let fin = v.get("event").and_then(Value::as_str) != Some("progress");
-        last = v;
-        if fin {
-            break;
+        if v.get("event").and_then(Value::as_str) != Some("progress") {
+            return Ok(v);
         }
     }
-    if last.is_null() {
-        anyhow::bail!("the guest process closed the control socket without answering");
-    }
-    Ok(last)
+    anyhow::bail!(
+        "--vm: the guest's process at {} closed the control socket before answering (did it die?)",
+        path.display()
+    )
 }

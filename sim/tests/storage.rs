@@ -293,13 +293,14 @@ fn throttling_lets_storage_converge_over_a_slow_link() {
     );
 }
 
-#[test]
-fn storage_postcopy_resumes_at_once_and_ends_with_the_sources_disk() {
-    use std::os::unix::fs::FileExt;
-    let dir_a = tempfile::tempdir().unwrap();
-    let dir_b = tempfile::tempdir().unwrap();
-    // The disk is written faster than the 16 MiB/s link carries it: many blocks are still
-    // dirty at the pause.
+/// A guest whose disk is written faster than a 16 MiB/s link carries it (many blocks are
+/// still dirty at the pause), migrated from `dir_a` to `dir_b` with storage post-copy.
+fn postcopy_migration(
+    dir_a: &std::path::Path,
+    dir_b: &std::path::Path,
+    codec: &str,
+    verify: VerifyMode,
+) -> common::Run {
     let a = Spec {
         memory: 8 << 20,
         disk_rate: 8000,
@@ -307,21 +308,21 @@ fn storage_postcopy_resumes_at_once_and_ends_with_the_sources_disk() {
         dirty_rate: 20,
         ..Spec::default()
     }
-    .start(dir_a.path());
+    .start(dir_a);
     std::thread::sleep(Duration::from_millis(100));
-    let out = migrate_tuned(
-        a,
-        MemTransport::new(),
-        "raw",
-        2,
-        VerifyMode::Digest,
-        dir_b.path(),
-        |c| {
-            c.max_bandwidth = Some(16 << 20);
-            c.throttle = Throttle::Off;
-            c.storage_mode = StorageMode::PostCopy;
-        },
-    );
+    migrate_tuned(a, MemTransport::new(), codec, 2, verify, dir_b, |c| {
+        c.max_bandwidth = Some(16 << 20);
+        c.throttle = Throttle::Off;
+        c.storage_mode = StorageMode::PostCopy;
+    })
+}
+
+#[test]
+fn storage_postcopy_resumes_at_once_and_ends_with_the_sources_disk() {
+    use std::os::unix::fs::FileExt;
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let out = postcopy_migration(dir_a.path(), dir_b.path(), "raw", VerifyMode::Digest);
     let r = out.report;
     assert!(r.ok && r.verified, "{:?} {:?}", r.error, r.oracle);
     assert_eq!(r.storage_mode, "postcopy");
@@ -372,27 +373,11 @@ fn storage_postcopy_resumes_at_once_and_ends_with_the_sources_disk() {
 fn storage_postcopy_with_full_verification_and_a_delta_codec() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
-    let a = Spec {
-        memory: 8 << 20,
-        disk_rate: 8000,
-        pattern: Pattern::Uniform,
-        dirty_rate: 20,
-        ..Spec::default()
-    }
-    .start(dir_a.path());
-    std::thread::sleep(Duration::from_millis(100));
-    let out = migrate_tuned(
-        a,
-        MemTransport::new(),
-        "xor-delta,lz4",
-        2,
-        VerifyMode::Full,
+    let out = postcopy_migration(
+        dir_a.path(),
         dir_b.path(),
-        |c| {
-            c.max_bandwidth = Some(16 << 20);
-            c.throttle = Throttle::Off;
-            c.storage_mode = StorageMode::PostCopy;
-        },
+        "xor-delta,lz4",
+        VerifyMode::Full,
     );
     let r = out.report;
     assert!(r.ok && r.verified, "{:?} {:?}", r.error, r.oracle);
