@@ -57,6 +57,10 @@ pub enum Request {
         to: String,
         /// How (boxed: by far the largest request).
         args: Box<MigrationArgs>,
+        /// Recover the interrupted storage post-copy of the last migration instead: push
+        /// what the destination at `to` still owes.
+        #[serde(default)]
+        recover: bool,
     },
     /// Run the guest's self-check now.
     Check,
@@ -114,6 +118,22 @@ impl Host {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
         *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         self.attach(guest, state);
+    }
+
+    /// A held guest's owed post-copy blocks all arrived (recovery): it may be resumed.
+    pub fn owed_arrived(&self) {
+        if let Some(s) = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            let _ = s.on(DestEvent::OwedArrived);
+        }
+        let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = reason.as_mut() {
+            r.push_str("; the owed blocks were recovered since");
+        }
     }
 
     /// The current state.
@@ -186,37 +206,60 @@ impl Host {
         })
     }
 
-    /// Migrates the hosted guest; `emit` gets progress events.
+    /// Migrates the hosted guest; `emit` gets progress events. With `recover`, instead
+    /// pushes the blocks a destination still owes after this guest's interrupted storage
+    /// post-copy (the guest was handed over; it never runs here again either way).
     pub fn migrate(
         &self,
         to: &str,
         args: &MigrationArgs,
+        recover: bool,
         emit: &(dyn Fn(Progress) + Sync),
     ) -> Report {
         let fail = |msg: String| Report {
             ok: false,
             error: Some(msg),
-            source_resumed: Some(true),
+            source_resumed: Some(!recover),
+            source_state: if recover { "handed-over" } else { "running" }.into(),
             ..Report::default()
+        };
+        let from = if recover {
+            HostState::HandedOver
+        } else {
+            HostState::Running
         };
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if *st != HostState::Running {
+            if *st != from {
+                let why = if recover {
+                    format!(
+                        "only a handed-over source recovers a post-copy (this guest is {} here)",
+                        state_name(*st)
+                    )
+                } else {
+                    format!("cannot migrate a guest that is {} here", state_name(*st))
+                };
                 return Report {
                     source_resumed: None,
-                    ..fail(format!("cannot migrate a guest that is {:?}", *st))
+                    source_state: state_name(*st),
+                    ..fail(why)
                 };
             }
             *st = HostState::Migrating;
         }
         let Some(guest) = self.guest() else {
-            self.set_state(HostState::Running);
+            self.set_state(from);
             return fail("no guest".into());
         };
-        let report = match run_source(guest, to, args, emit) {
-            Ok(r) => r,
-            Err(e) => fail(format!("{e:#}")),
+        let run = if recover {
+            match self.last_migration_id() {
+                Some(id) => run_source_recovery(guest, to, args, id, emit),
+                None => Err(anyhow::anyhow!("no interrupted migration to recover")),
+            }
+        } else {
+            run_source(guest, to, args, emit)
         };
+        let report = run.unwrap_or_else(|e| fail(format!("{e:#}")));
         // The engine's session said where the guest is: the state tells the truth, so an
         // operator resolving an in-doubt destination never discards the only copy.
         match (report.ok, report.source_state.as_str()) {
@@ -234,6 +277,12 @@ impl Host {
         report
     }
 
+    /// The id of the last migration away, from its report.
+    fn last_migration_id(&self) -> Option<[u8; 16]> {
+        let last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
+        parse_id(last.as_ref()?.get("migration_id")?.as_str()?)
+    }
+
     fn handle(&self, req: Request, conn: &UnixStream) -> anyhow::Result<()> {
         let send = |v: Value| -> anyhow::Result<()> {
             let mut w = conn;
@@ -243,8 +292,8 @@ impl Host {
         };
         match req {
             Request::Status => send(self.status()),
-            Request::Migrate { to, args } => {
-                let report = self.migrate(&to, &args, &|p| {
+            Request::Migrate { to, args, recover } => {
+                let report = self.migrate(&to, &args, recover, &|p| {
                     // A client that went away does not stop the migration.
                     let _ = send(json!({"event": "progress", "progress": p}));
                 });
@@ -429,6 +478,39 @@ pub fn run_source(
         &cfg,
         emit,
     ))
+}
+
+/// Runs the source side of a post-copy recovery of migration `id` of `guest` to `to`.
+pub fn run_source_recovery(
+    guest: Hosted,
+    to: &str,
+    args: &MigrationArgs,
+    id: [u8; 16],
+    emit: &(dyn Fn(Progress) + Sync),
+) -> anyhow::Result<Report> {
+    let cfg = args.source_config(to)?;
+    let transport = args.peer.transport(cfg.io_timeout)?;
+    let codec = args.codec()?;
+    Ok(engine::recover_postcopy(
+        guest.source(),
+        &*transport,
+        codec,
+        &cfg,
+        id,
+        emit,
+    ))
+}
+
+/// A migration id from its hex form.
+pub fn parse_id(hex: &str) -> Option<[u8; 16]> {
+    let mut id = [0u8; 16];
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
 }
 
 /// Sends `req` to the control socket at `path` and calls `on_line` for each answer line;

@@ -191,6 +191,10 @@ struct MigrateArgs {
     /// With a guest started here: let its workload run this long first.
     #[arg(long, default_value = "1s")]
     warmup: String,
+    /// Recover the interrupted storage post-copy of the guest at `--vm` (it was handed
+    /// over): push the blocks the destination at `--to`, which holds the guest, still owes.
+    #[arg(long, requires = "vm")]
+    recover: bool,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -386,7 +390,9 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             );
             if owed_blocks > 0 {
                 eprintln!(
-                    "ferry: {owed_blocks} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them"
+                    "ferry: {owed_blocks} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them. \
+                     A handed-over source can push them: `ferry migrate --vm SOURCE_SOCKET --to {} --recover`",
+                    listener.local_addr()
                 );
             }
             if a.json {
@@ -394,14 +400,17 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                     &json!({"ok": false, "in_doubt": true, "error": error, "owed_blocks": owed_blocks, "destination": report}),
                 )?;
             }
-            hold_for_operator(
-                &host,
-                guest,
-                a.control.as_ref(),
-                HostState::InDoubt,
+            let held = Held {
+                state: HostState::InDoubt,
                 session,
-                error,
-            )
+                reason: error,
+                recovery: (owed_blocks > 0).then(|| Recovery {
+                    listener,
+                    migration_id: report.migration_id.clone(),
+                    timeout,
+                }),
+            };
+            hold_for_operator(&host, guest, a.control.as_ref(), held)
         }
         DestOutcome::Held {
             error,
@@ -413,19 +422,29 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                 "ferry: WARNING: the guest was handed over to this host but cannot run yet: {error}. \
                  It is kept paused and is never discarded here; `ferry status --vm SOCKET` shows why."
             );
+            let owed = guest.as_ref().map_or(0, |g| g.dest().owed_blocks());
+            if owed > 0 {
+                eprintln!(
+                    "ferry: the source can push the {owed} owed blocks again: `ferry migrate --vm SOURCE_SOCKET --to {} --recover`, then `ferry resume --vm SOCKET`",
+                    listener.local_addr()
+                );
+            }
             if a.json {
                 print_json(
-                    &json!({"ok": false, "held": true, "error": error, "destination": report}),
+                    &json!({"ok": false, "held": true, "error": error, "owed_blocks": owed, "destination": report}),
                 )?;
             }
-            hold_for_operator(
-                &host,
-                guest,
-                a.control.as_ref(),
-                HostState::Held,
+            let held = Held {
+                state: HostState::Held,
                 session,
-                error,
-            )
+                reason: error,
+                recovery: (owed > 0).then(|| Recovery {
+                    listener,
+                    migration_id: report.migration_id.clone(),
+                    timeout,
+                }),
+            };
+            hold_for_operator(&host, guest, a.control.as_ref(), held)
         }
         DestOutcome::Resumed { report, .. } => {
             let verified = report.manifest_ok && report.oracle_ok != Some(false);
@@ -475,15 +494,29 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A received guest held for an operator.
+struct Held {
+    state: HostState,
+    session: ferry_core::machine::DestSession,
+    reason: String,
+    /// Owed post-copy blocks: the listener stays open for the source to push them.
+    recovery: Option<Recovery>,
+}
+
+/// What a post-copy recovery needs on this side.
+struct Recovery {
+    listener: Box<dyn ferry_core::transport::Listener>,
+    migration_id: String,
+    timeout: Duration,
+}
+
 /// Keeps a held or in-doubt guest for an operator until it is resumed (then runs it) or
-/// discarded.
+/// discarded. While it owes post-copy blocks, the listener accepts the source's recovery.
 fn hold_for_operator(
     host: &std::sync::Arc<Host>,
     guest: Option<Hosted>,
     control: Option<&PathBuf>,
-    state: HostState,
-    session: ferry_core::machine::DestSession,
-    reason: String,
+    held: Held,
 ) -> anyhow::Result<ExitCode> {
     let (Some(g), Some(_)) = (guest, control) else {
         eprintln!(
@@ -493,10 +526,50 @@ fn hold_for_operator(
             std::thread::park();
         }
     };
-    host.hold(g, state, session, reason);
+    if let Some(r) = held.recovery {
+        let (host, g) = (std::sync::Arc::clone(host), g.clone());
+        std::thread::spawn(move || accept_recovery(&host, &g, r));
+    }
+    host.hold(g, held.state, held.session, held.reason);
     host.wait_done();
     std::thread::sleep(Duration::from_millis(100));
     Ok(ExitCode::from(1))
+}
+
+/// Accepts recovery connections until the owed blocks are all here.
+fn accept_recovery(host: &Host, guest: &Hosted, mut r: Recovery) {
+    let Some(id) = host::parse_id(&r.migration_id) else {
+        return;
+    };
+    let cfg = DestConfig {
+        io_timeout: r.timeout,
+    };
+    loop {
+        let channels = match r.listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ferry: accepting a recovery: {}", engine::error_chain(&e));
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        match engine::receive_owed_blocks(
+            channels,
+            &guest.dest(),
+            &id,
+            &ferry_codecs::resolve,
+            &cfg,
+        ) {
+            Ok(n) => {
+                host.owed_arrived();
+                eprintln!(
+                    "ferry: post-copy recovered: {n} owed blocks arrived; the guest can be resumed (`ferry resume --vm SOCKET`)"
+                );
+                return;
+            }
+            Err(e) => eprintln!("ferry: post-copy recovery failed: {e}"),
+        }
+    }
 }
 
 fn report_exit(r: &ferry_core::Report) -> ExitCode {
@@ -520,6 +593,7 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 &Request::Migrate {
                     to: a.to.clone(),
                     args: Box::new(a.migration.clone()),
+                    recover: a.recover,
                 },
                 |v| {
                     if let Some(p) = v.get("progress") {

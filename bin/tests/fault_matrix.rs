@@ -226,6 +226,17 @@ fn cell(side: &str, point: &str, action: &str, peers: &Peers) -> String {
         );
         assert_ne!(report["source_resumed"], true, "{what}: {report}");
     }
+    if s0 == "handed-over" {
+        // A handed-over source never migrates (and so never runs) the guest again.
+        let again = migrate_with_timeout(&src_ctl, &addr, "2s");
+        let r = json_of(&again);
+        assert!(
+            !again.status.success(),
+            "{what}: a second migration was accepted"
+        );
+        let err = r["error"].as_str().unwrap_or_default();
+        assert!(err.contains("handed-over"), "{what}: {err}");
+    }
     if s0 == "running" && matches!(dst_seen, Seen::Dead(_)) {
         assert_ne!(
             mig_code,
@@ -265,7 +276,26 @@ fn cell(side: &str, point: &str, action: &str, peers: &Peers) -> String {
                 msg.contains("owed"),
                 "{what}: the operator's {take} was refused: {msg}"
             );
-            resolution = format!(" → operator: {take} refused (blocks owed)");
+            resolution = format!(" → {take} refused (blocks owed)");
+            if s0 == "handed-over" {
+                // Post-copy recovery: the handed-over source pushes what is still owed,
+                // then the guest can be resumed.
+                let out = ferry()
+                    .args(["migrate", "--json", "--recover", "--timeout", "5s"])
+                    .args(&peers.src)
+                    .arg("--vm")
+                    .arg(&src_ctl)
+                    .args(["--to", &addr])
+                    .output()
+                    .unwrap();
+                let r = json_of(&out);
+                assert!(out.status.success(), "{what}: recovery failed: {r}");
+                assert_eq!(r["source_state"], "migrated-away", "{what}");
+                let (ok, msg) = operator("resume", &dst_ctl);
+                assert!(ok, "{what}: resume after recovery refused: {msg}");
+                resolution.push_str(" → source: --recover → operator: resume");
+                d1 = "running".into();
+            }
         }
     }
     let running_after = [&s0, &d1]

@@ -155,6 +155,8 @@ pub trait GuestStorage: Send + Sync {
     fn abandon_owed(&self);
     /// Storage post-copy: blocks still owed, over every disk.
     fn owed_blocks(&self) -> u64;
+    /// Storage post-copy: the blocks of `disk` still owed (`None`: nothing owed).
+    fn owed_bitmap(&self, disk: usize) -> Option<Bitmap>;
 }
 
 /// The error for disk `disk` of a guest without disks.
@@ -317,6 +319,10 @@ pub trait DestGuest: Send + Sync {
     /// Storage post-copy: blocks still owed.
     fn owed_blocks(&self) -> u64 {
         self.storage().map_or(0, |s| s.owed_blocks())
+    }
+    /// Storage post-copy: the blocks of `disk` still owed (`None`: nothing owed).
+    fn owed_bitmap(&self, disk: usize) -> Option<Bitmap> {
+        self.storage().and_then(|s| s.owed_bitmap(disk))
     }
     /// Starts write-back of what was written so far without waiting for it, so dirty data
     /// does not pile up in memory during pre-copy. Without disks of Ferry's, a full flush.

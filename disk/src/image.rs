@@ -471,6 +471,11 @@ impl DiskImage {
         self.owed_cond.notify_all();
     }
 
+    /// The blocks still owed, if any.
+    pub fn owed_bits(&self) -> Option<Bitmap> {
+        self.owed_lock().as_ref().map(|o| o.bits.clone())
+    }
+
     /// Blocks still owed.
     pub fn owed_count(&self) -> u64 {
         self.owed_lock().as_ref().map_or(0, |o| o.bits.count())

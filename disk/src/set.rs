@@ -329,4 +329,8 @@ impl GuestStorage for GuestDisks {
     fn owed_blocks(&self) -> u64 {
         self.disks.iter().map(|d| d.owed_count()).sum()
     }
+
+    fn owed_bitmap(&self, d: usize) -> Option<Bitmap> {
+        self.disks.get(d)?.owed_bits()
+    }
 }

@@ -12,8 +12,10 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-pub use dest::{receive, DestConfig, DestOutcome, DestReport};
-pub use source::{error_chain, fill_random, migrate, SourceConfig, StorageMode, Throttle};
+pub use dest::{receive, receive_owed_blocks, DestConfig, DestOutcome, DestReport};
+pub use source::{
+    error_chain, fill_random, migrate, recover_postcopy, SourceConfig, StorageMode, Throttle,
+};
 
 use crate::wire::frame::FrameHeader;
 use crate::wire::{FrameError, FrameReader, Message, ReadOutcome};

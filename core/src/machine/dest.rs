@@ -82,6 +82,8 @@ pub enum DestEvent {
     ResumeDone(bool),
     /// The last owed block arrived.
     PostcopyDone,
+    /// A held or in-doubt guest got its owed blocks from a recovering source.
+    OwedArrived,
     /// An operator resumes a held or in-doubt guest.
     OperatorResume,
     /// An operator discards an in-doubt guest.
@@ -251,6 +253,10 @@ impl DestSession {
                 self.state = S::Running;
                 DestAction::Continue
             }
+            (S::InDoubt | S::Held, E::OwedArrived) => {
+                self.owed = false;
+                DestAction::Continue
+            }
             (S::InDoubt | S::Held, E::OperatorResume) => {
                 if self.owed {
                     return Err(violation(
@@ -380,6 +386,8 @@ mod tests {
         assert_eq!(s.state(), DestState::InDoubt);
         // Only an operator resolves it.
         assert_eq!(s.on(DestEvent::Commit).unwrap(), DestAction::Continue);
+        assert!(s.on(DestEvent::OwedArrived).is_ok());
+        assert_eq!(s.state(), DestState::InDoubt);
         assert_eq!(s.on(DestEvent::Abort).unwrap(), DestAction::Continue);
         assert_eq!(s.state(), DestState::InDoubt);
         assert_eq!(s.on(DestEvent::OperatorResume).unwrap(), DestAction::Resume);
@@ -412,6 +420,10 @@ mod tests {
         assert!(s.on(DestEvent::OperatorDiscard).is_err());
         assert_eq!(s.fail(), DestAction::Continue);
         assert_eq!(s.state(), DestState::Held);
+        // A recovering source delivered them: resumable now, by the operator.
+        assert_eq!(s.on(DestEvent::OwedArrived).unwrap(), DestAction::Continue);
+        assert_eq!(s.state(), DestState::Held);
+        assert_eq!(s.on(DestEvent::OperatorResume).unwrap(), DestAction::Resume);
 
         let mut s = verified(1, false);
         s.on(DestEvent::Commit).unwrap();

@@ -110,6 +110,16 @@ pub struct ChannelOrder {
 }
 
 impl ChannelOrder {
+    /// A channel of a post-copy recovery: the pre-copy rounds and the final barrier
+    /// happened on the connection that broke; only post-copy data may come.
+    pub fn after_final_barrier() -> Self {
+        Self {
+            last_round: None,
+            finished: true,
+            postcopy_done: false,
+        }
+    }
+
     /// Checks a data batch for `round`.
     pub fn on_data(&mut self, round: u32) -> Result<(), ProtocolError> {
         if self.finished {

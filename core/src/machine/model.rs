@@ -135,6 +135,9 @@ pub enum Step {
     Crash(&'static str),
     /// An operator resolved a held guest.
     Operator(&'static str),
+    /// A handed-over source pushed the blocks a held destination still owed (post-copy
+    /// recovery over a new connection).
+    Recover,
 }
 
 /// What the check found.
@@ -336,6 +339,17 @@ impl World {
         )
     }
 
+    /// Post-copy recovery: a live, handed-over source and a live destination that holds the
+    /// guest and still owes blocks.
+    fn recoverable(&self) -> bool {
+        self.src_alive
+            && self.dst_alive
+            && self.src.state() == SourceState::HandedOver
+            && self.src.is_postcopy()
+            && self.dst.owes_blocks()
+            && matches!(self.dst.state(), DestState::InDoubt | DestState::Held)
+    }
+
     /// An operator resolving a held guest asks the source what it did.
     fn operator(&self) -> Option<DestEvent> {
         if !matches!(self.dst.state(), DestState::InDoubt | DestState::Held) {
@@ -420,6 +434,20 @@ impl World {
                 w.dst_alive = false;
                 w.to_dst.clear();
                 out.push((Step::Crash("destination"), w));
+            }
+        }
+        if self.recoverable() {
+            let mut w = self.clone();
+            if w.dst.on(DestEvent::OwedArrived).is_ok() {
+                let mut src = SourceSession::recovering();
+                #[cfg(test)]
+                {
+                    src.mutation = w.src.mutation;
+                }
+                let _ = src.on(SourceEvent::PostcopyDone);
+                let _ = src.on(SourceEvent::Verdict);
+                w.src = src;
+                out.push((Step::Recover, w));
             }
         }
         if self.dst_alive {

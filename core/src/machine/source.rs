@@ -142,6 +142,17 @@ impl SourceSession {
         }
     }
 
+    /// A session that recovers an interrupted storage post-copy: the guest was handed over
+    /// long ago, and only the owed blocks remain to push.
+    pub fn recovering() -> Self {
+        Self {
+            state: SourceState::PostCopy,
+            postcopy: true,
+            #[cfg(test)]
+            mutation: None,
+        }
+    }
+
     /// Current state.
     pub fn state(&self) -> SourceState {
         self.state

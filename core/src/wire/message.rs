@@ -21,6 +21,9 @@ pub const CAP_DIGESTS: u64 = 1 << 1;
 pub const CAP_FULL_VERIFY: u64 = 1 << 2;
 /// Capability: disk blocks.
 pub const CAP_BLOCKS: u64 = 1 << 3;
+/// In a hello: this connection recovers the interrupted storage post-copy of the
+/// migration it names (the destination holds the guest and still owes blocks).
+pub const CAP_RECOVER: u64 = 1 << 4;
 /// Everything this build supports.
 pub const CAPABILITIES: u64 = CAP_ZERO_UNITS | CAP_DIGESTS | CAP_FULL_VERIFY | CAP_BLOCKS;
 /// Capabilities a peer must have for a migration to start.

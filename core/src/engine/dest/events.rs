@@ -34,8 +34,9 @@ pub(super) struct Receivers {
 }
 
 impl Receivers {
-    /// One receiver thread per channel, and a background flusher.
-    pub(super) fn start(links: &mut Links, accepted: &Accepted) -> Self {
+    /// One receiver thread per channel, each checking its rounds from `order`, and a
+    /// background flusher.
+    pub(super) fn start(links: &mut Links, accepted: &Accepted, order: ChannelOrder) -> Self {
         let layout = &accepted.hello.layout;
         let guest = &accepted.guest;
         let pages = Arc::new(DigestTable::zeroed(layout.pages, layout.page_size as usize));
@@ -86,7 +87,7 @@ impl Receivers {
                     disks: Arc::clone(&disks),
                     received: Arc::clone(&received),
                     epoch,
-                    order: ChannelOrder::default(),
+                    order: order.clone(),
                     flush: flush_tx.clone(),
                     unflushed: 0,
                     page_delta: DigestDelta::default(),

@@ -14,7 +14,7 @@ use crate::fault::{Faults, Point};
 use crate::guest::{Base, DestGuest};
 use crate::machine::{DestEvent, DestSession};
 use crate::transport::Channel;
-use crate::wire::{FrameReader, Hello, Message, Welcome, CAPABILITIES};
+use crate::wire::{FrameReader, Hello, Message, Welcome, CAPABILITIES, CAP_RECOVER};
 
 /// The channels of one migration, split into halves.
 pub(super) struct Links {
@@ -63,13 +63,34 @@ impl Links {
     }
 
     /// Refuses the migration: tells the source why and closes.
-    fn refuse(&mut self, why: String) -> String {
+    pub(super) fn refuse(&mut self, why: String) -> String {
         if let Some(tx) = self.txs.first_mut() {
             let _ = send(tx.as_mut(), &Message::Refuse(why.clone()));
         }
         self.close_all();
         why
     }
+}
+
+/// Reads and checks the hello on channel 0; a bad one is refused.
+pub(super) fn read_hello(links: &mut Links, cfg: &DestConfig) -> Result<Hello, String> {
+    let n = links.count();
+    let Some(reader0) = links.rx0.as_mut() else {
+        return Err("no channels".into());
+    };
+    let deadline = Some(Instant::now() + cfg.io_timeout);
+    let hello = match read_frame_until(reader0, deadline, &links.stop) {
+        Ok(Some(fh)) => match Message::decode_frame(&fh, reader0.body()) {
+            Ok(Message::Hello(h)) => Ok(h),
+            Ok(_) => Err(format!("expected hello, got message type {}", fh.ty)),
+            Err(e) => Err(format!("bad hello: {e}")),
+        },
+        Ok(None) => Err("source closed the connection before the handshake".into()),
+        Err(e) => Err(format!("handshake: {}", crate::engine::error_chain(&e))),
+    };
+    hello
+        .and_then(|h| check_hello(&h, n).map(|()| h))
+        .map_err(|e| links.refuse(e))
 }
 
 /// A migration the destination accepted.
@@ -89,23 +110,10 @@ pub(super) fn handshake(
     cfg: &DestConfig,
     faults: &Faults,
 ) -> Result<Accepted, String> {
-    let n = links.count();
-    let Some(reader0) = links.rx0.as_mut() else {
-        return Err("no channels".into());
-    };
-    let deadline = Some(Instant::now() + cfg.io_timeout);
-    let hello = match read_frame_until(reader0, deadline, &links.stop) {
-        Ok(Some(fh)) => match Message::decode_frame(&fh, reader0.body()) {
-            Ok(Message::Hello(h)) => Ok(h),
-            Ok(_) => Err(format!("expected hello, got message type {}", fh.ty)),
-            Err(e) => Err(format!("bad hello: {e}")),
-        },
-        Ok(None) => Err("source closed the connection before the handshake".into()),
-        Err(e) => Err(format!("handshake: {}", crate::engine::error_chain(&e))),
-    };
-    let hello = hello
-        .and_then(|h| check_hello(&h, n).map(|()| h))
-        .map_err(|e| links.refuse(e))?;
+    let hello = read_hello(links, cfg)?;
+    if hello.capabilities & CAP_RECOVER != 0 {
+        return Err(links.refuse("nothing to recover here: no guest is held".into()));
+    }
     let codec =
         codecs(&hello.codec).map_err(|e| links.refuse(format!("codec {:?}: {e}", hello.codec)))?;
     let guest = make_guest(&hello.layout).map_err(|e| {

@@ -9,6 +9,7 @@ mod commit;
 mod events;
 mod handshake;
 mod receiver;
+mod recover;
 mod storage;
 
 use std::sync::atomic::Ordering;
@@ -21,10 +22,12 @@ use crate::codec::CodecFactory;
 use crate::digest::{guest_sums, DigestDelta, DigestTable};
 use crate::fault::{Faults, Side};
 use crate::guest::{DestGuest, GuestError, GuestLayout, StateBlob};
-use crate::machine::{DestSession, DestState};
+use crate::machine::{ChannelOrder, DestSession, DestState};
 use crate::report::hex;
 use crate::transport::Channel;
 use crate::wire::{Hello, Manifest, Message, VerifyMode, REQUIRED_CAPABILITIES};
+
+pub use recover::receive_owed_blocks;
 
 use commit::{after_commit, owed_count};
 use events::{Receive, Receivers};
@@ -186,7 +189,7 @@ pub fn receive(
     };
     // From here on channel 0's sender is shared: the post-copy puller uses it too.
     let tx0: SharedTx = Arc::new(std::sync::Mutex::new(links.txs.swap_remove(0)));
-    let rx = Receivers::start(&mut links, &accepted);
+    let rx = Receivers::start(&mut links, &accepted, ChannelOrder::default());
     let mut r = Receive::new(session, &faults, &accepted, tx0, report);
     r.run(&rx, n, cfg);
 

@@ -29,10 +29,10 @@ use crate::report::{hex, Progress, Report};
 use crate::transport::{Channel, CountingWriter, Transport};
 use crate::wire::{
     frame::write_frame, FrameBuf, FrameReader, Hello, Message, VerifyMode, CAPABILITIES,
-    PROTOCOL_VERSION,
+    CAP_RECOVER, PROTOCOL_VERSION,
 };
 
-use phases::run;
+use phases::{recover_owed, run};
 use sender::*;
 use session::*;
 
@@ -107,6 +107,33 @@ pub fn migrate(
     cfg: &SourceConfig,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Report {
+    drive(guest, transport, codec, cfg, progress, None)
+}
+
+/// Recovers the interrupted storage post-copy of migration `migration_id`: `guest` was
+/// handed over, and the destination holds it with blocks still owed (its link broke
+/// during the push). Connects to `cfg.addr` again and pushes exactly what the destination
+/// says it still owes; `ok` when it has everything. The guest never resumes here.
+pub fn recover_postcopy(
+    guest: Arc<dyn SourceGuest>,
+    transport: &dyn Transport,
+    codec: Arc<dyn CodecFactory>,
+    cfg: &SourceConfig,
+    migration_id: [u8; 16],
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Report {
+    drive(guest, transport, codec, cfg, progress, Some(migration_id))
+}
+
+/// A migration, or (`recover` names it) the recovery of one's post-copy.
+fn drive(
+    guest: Arc<dyn SourceGuest>,
+    transport: &dyn Transport,
+    codec: Arc<dyn CodecFactory>,
+    cfg: &SourceConfig,
+    progress: &(dyn Fn(Progress) + Sync),
+    recover: Option<[u8; 16]>,
+) -> Report {
     let t0 = Instant::now();
     let layout = guest.layout();
     let mut report = Report {
@@ -127,15 +154,24 @@ pub fn migrate(
         disk_bytes: layout.disk_bytes(),
         ..Report::default()
     };
-    let mut migration_id = [0u8; 16];
-    fill_random(&mut migration_id);
+    let migration_id = recover.unwrap_or_else(|| {
+        let mut id = [0u8; 16];
+        fill_random(&mut id);
+        id
+    });
     report.migration_id = hex(&migration_id);
+    // A recovery starts handed over: a failure never resumes the guest here.
+    let mut machine = match recover {
+        Some(_) => SourceSession::recovering(),
+        None => SourceSession::new(cfg.storage_mode == StorageMode::PostCopy),
+    };
 
     let channels = match transport.connect(&cfg.addr, cfg.channels.max(1)) {
         Ok(c) => c,
         Err(e) => {
             report.error = Some(error_chain(&e));
-            report.source_resumed = Some(true);
+            report.source_resumed = Some(machine.fail() == SourceAction::ResumeHere);
+            report.source_state = machine.state().name().into();
             return report;
         }
     };
@@ -177,7 +213,7 @@ pub fn migrate(
             shared.faults.hit(Point::Handshake);
             let hello = Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
-                capabilities: CAPABILITIES,
+                capabilities: CAPABILITIES | if recover.is_some() { CAP_RECOVER } else { 0 },
                 migration_id,
                 channels: cfg.channels.max(1) as u16,
                 verify: cfg.verify,
@@ -228,8 +264,10 @@ pub fn migrate(
         acks: Default::default(),
     };
     let mut paused_at: Option<Instant> = None;
-    let mut machine = SourceSession::new(cfg.storage_mode == StorageMode::PostCopy);
-    let result = run(&mut s, cfg, &mut paused_at, &mut machine, t0);
+    let result = match recover {
+        None => run(&mut s, cfg, &mut paused_at, &mut machine, t0),
+        Some(_) => recover_owed(&mut s, cfg, &mut machine),
+    };
     // Every failure goes through the machine, which alone decides whether the guest
     // resumes here (before the hand-over) or never again (after it).
     let on_failure = result.as_ref().err().map(|_| machine.fail());

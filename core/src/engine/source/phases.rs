@@ -16,7 +16,7 @@ use crate::guest::{Base, DiskPlan};
 use crate::machine::{SourceAction, SourceEvent, SourcePlan, SourceSession, SourceStep};
 use crate::policy::RoundFigures;
 use crate::report::{hex, OracleSummary, Progress};
-use crate::wire::{Manifest, Message, Phase, VerifyMode, REQUIRED_CAPABILITIES};
+use crate::wire::{Manifest, Message, Phase, VerifyMode, CAP_RECOVER, REQUIRED_CAPABILITIES};
 
 /// Feeds `ev` to the machine; an event it does not expect is a failure.
 fn feed(machine: &mut SourceSession, ev: SourceEvent) -> Result<SourceAction, Failure> {
@@ -455,5 +455,71 @@ fn finish_after_commit(
     if !v.ok {
         s.report.error = Some("destination's self-check failed".into());
     }
+    Ok(())
+}
+
+/// Post-copy recovery: the destination says what it still owes, disk by disk; push
+/// exactly that, then wait for its verdict, which says whether it has everything now.
+pub(super) fn recover_owed(
+    s: &mut Session<'_>,
+    cfg: &SourceConfig,
+    machine: &mut SourceSession,
+) -> Result<(), Failure> {
+    let layout = s.shared.layout.clone();
+    match s.expect("welcome", cfg.io_timeout)? {
+        Control::Welcome(w) => {
+            if w.capabilities & CAP_RECOVER == 0 || w.migration_id != s.migration_id {
+                return Err(Failure(
+                    "the destination does not hold this migration's guest".into(),
+                ));
+            }
+        }
+        Control::Refuse(r) => return Err(Failure(format!("destination refused: {r}"))),
+        other => return Err(Failure(format!("expected welcome, got {}", other.name()))),
+    }
+    let mut owed = Vec::with_capacity(layout.disks.len());
+    for (d, dl) in layout.disks.iter().enumerate() {
+        match s.expect("owed blocks", cfg.io_timeout)? {
+            Control::OwedBlocks { disk, owed: bits }
+                if usize::from(disk) == d && bits.len() == dl.blocks =>
+            {
+                owed.push(bits);
+            }
+            other => {
+                return Err(Failure(format!(
+                    "expected the owed blocks of disk {d}, got {}",
+                    other.name()
+                )))
+            }
+        }
+    }
+    s.report.blocks_postcopy = owed.iter().map(Bitmap::count).sum();
+    (s.progress)(Progress::Note {
+        text: format!(
+            "recovering post-copy: {} blocks still owed",
+            s.report.blocks_postcopy
+        ),
+    });
+    postcopy_push(s, cfg, 0, owed)?;
+    let v = match s.expect("verdict", cfg.io_timeout)? {
+        Control::Verdict(v) => v,
+        other => return Err(Failure(format!("expected verdict, got {}", other.name()))),
+    };
+    if !v.ok {
+        return Err(Failure(format!(
+            "the destination still lacks blocks: {}",
+            v.detail
+        )));
+    }
+    feed(machine, SourceEvent::PostcopyDone)?;
+    feed(machine, SourceEvent::Verdict)?;
+    s.report.ok = true;
+    s.report.verified = true;
+    s.report.oracle = Some(OracleSummary {
+        ok: v.ok,
+        pages_checked: v.pages_checked,
+        blocks_checked: v.blocks_checked,
+        detail: v.detail,
+    });
     Ok(())
 }
