@@ -253,7 +253,7 @@ impl Host {
         };
         let run = if recover {
             match self.last_migration_id() {
-                Some(id) => run_source_recovery(guest, to, args, id, emit),
+                Some(id) => run_source_recovery(guest.source(), to, args, id, emit),
                 None => Err(anyhow::anyhow!("no interrupted migration to recover")),
             }
         } else {
@@ -360,6 +360,13 @@ impl Host {
                     } else {
                         DestEvent::OperatorDiscard
                     };
+                    // The disks know best whether the owed blocks arrived (a recovery may
+                    // still be closing its connection).
+                    if g.dest().owed_blocks() == 0 {
+                        if let Some(s) = s.as_mut() {
+                            let _ = s.on(DestEvent::OwedArrived);
+                        }
+                    }
                     match s.as_mut().map(|s| s.on(ev)) {
                         Some(Ok(a)) => Ok(a),
                         Some(Err(e)) => Err(format!(
@@ -482,7 +489,7 @@ pub fn run_source(
 
 /// Runs the source side of a post-copy recovery of migration `id` of `guest` to `to`.
 pub fn run_source_recovery(
-    guest: Hosted,
+    guest: Arc<dyn ferry_core::SourceGuest>,
     to: &str,
     args: &MigrationArgs,
     id: [u8; 16],
@@ -492,7 +499,7 @@ pub fn run_source_recovery(
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
     Ok(engine::recover_postcopy(
-        guest.source(),
+        guest,
         &*transport,
         codec,
         &cfg,

@@ -191,10 +191,15 @@ struct MigrateArgs {
     /// With a guest started here: let its workload run this long first.
     #[arg(long, default_value = "1s")]
     warmup: String,
-    /// Recover the interrupted storage post-copy of the guest at `--vm` (it was handed
-    /// over): push the blocks the destination at `--to`, which holds the guest, still owes.
-    #[arg(long, requires = "vm")]
+    /// Recover an interrupted storage post-copy: push the blocks the destination at `--to`,
+    /// which holds the guest, still owes. From the handed-over guest at `--vm`, or, when
+    /// the source process is gone, from the image it left (`--disk IMAGE
+    /// --migration-id ID`, the id the destination's `ferry status` shows).
+    #[arg(long)]
     recover: bool,
+    /// With `--recover` and no `--vm`: the migration whose post-copy is recovered.
+    #[arg(long, requires = "recover", conflicts_with = "vm")]
+    migration_id: Option<String>,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -391,10 +396,13 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             if owed_blocks > 0 {
                 eprintln!(
                     "ferry: {owed_blocks} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them. \
-                     A handed-over source can push them: `ferry migrate --vm SOURCE_SOCKET --to {} --recover`",
-                    listener.local_addr()
+                     A handed-over source can push them: `ferry migrate --vm SOURCE_SOCKET --to {addr} --recover`; \
+                     if the source process is gone, from its image: `ferry migrate --to {addr} --recover --disk SOURCE_IMAGE --migration-id {}`",
+                    report.migration_id,
+                    addr = listener.local_addr(),
                 );
             }
+            host.set_last_report(serde_json::to_value(&report)?);
             if a.json {
                 print_json(
                     &json!({"ok": false, "in_doubt": true, "error": error, "owed_blocks": owed_blocks, "destination": report}),
@@ -425,10 +433,13 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             let owed = guest.as_ref().map_or(0, |g| g.dest().owed_blocks());
             if owed > 0 {
                 eprintln!(
-                    "ferry: the source can push the {owed} owed blocks again: `ferry migrate --vm SOURCE_SOCKET --to {} --recover`, then `ferry resume --vm SOCKET`",
-                    listener.local_addr()
+                    "ferry: the source can push the {owed} owed blocks again: `ferry migrate --vm SOURCE_SOCKET --to {addr} --recover` \
+                     (or, the source process gone, `ferry migrate --to {addr} --recover --disk SOURCE_IMAGE --migration-id {}`), then `ferry resume --vm SOCKET`",
+                    report.migration_id,
+                    addr = listener.local_addr(),
                 );
             }
+            host.set_last_report(serde_json::to_value(&report)?);
             if a.json {
                 print_json(
                     &json!({"ok": false, "held": true, "error": error, "owed_blocks": owed, "destination": report}),
@@ -612,6 +623,23 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
                         .unwrap_or("the guest process answered without a report")
                 ),
             }
+        }
+        None if a.recover => {
+            let disk = a.guest.disk.clone().ok_or_else(|| {
+                anyhow::anyhow!("--recover without --vm: --disk names the image the source left")
+            })?;
+            let id = a.migration_id.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--recover without --vm: --migration-id names the migration (the destination's `ferry status` shows it)"
+                )
+            })?;
+            let id = host::parse_id(id)
+                .ok_or_else(|| anyhow::anyhow!("--migration-id: {id:?} is not 32 hex digits"))?;
+            let source = ferry_disk::ImageSource::open(&[disk], 4096)
+                .map_err(|e| anyhow::anyhow!("--disk: {}", engine::error_chain(&e)))?;
+            host::run_source_recovery(std::sync::Arc::new(source), &a.to, &a.migration, id, &|p| {
+                view.on(&p)
+            })?
         }
         None => {
             let warmup = parse_duration(&a.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?;

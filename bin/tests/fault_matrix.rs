@@ -135,7 +135,7 @@ fn images_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs one cell; returns its row of the table.
-fn cell(side: &str, point: &str, action: &str, peers: &Peers) -> String {
+fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) -> String {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let fault = format!("{side}:{point}:{action}");
@@ -163,7 +163,7 @@ fn cell(side: &str, point: &str, action: &str, peers: &Peers) -> String {
         .arg("--vm")
         .arg(&src_ctl)
         .args(["--to", &addr]);
-    if point == "postcopy" {
+    if postcopy {
         mig.args(["--storage-mode", "postcopy"]);
     }
     let mut child = mig
@@ -277,25 +277,45 @@ fn cell(side: &str, point: &str, action: &str, peers: &Peers) -> String {
                 "{what}: the operator's {take} was refused: {msg}"
             );
             resolution = format!(" → {take} refused (blocks owed)");
-            if s0 == "handed-over" {
-                // Post-copy recovery: the handed-over source pushes what is still owed,
-                // then the guest can be resumed.
-                let out = ferry()
+            // Post-copy recovery: the handed-over source pushes what is still owed, or,
+            // the source process gone, the image it left does; then the guest can run.
+            let recover = |from: &[&str]| {
+                ferry()
                     .args(["migrate", "--json", "--recover", "--timeout", "5s"])
                     .args(&peers.src)
-                    .arg("--vm")
-                    .arg(&src_ctl)
+                    .args(from)
                     .args(["--to", &addr])
                     .output()
-                    .unwrap();
-                let r = json_of(&out);
-                assert!(out.status.success(), "{what}: recovery failed: {r}");
-                assert_eq!(r["source_state"], "migrated-away", "{what}");
-                let (ok, msg) = operator("resume", &dst_ctl);
-                assert!(ok, "{what}: resume after recovery refused: {msg}");
-                resolution.push_str(" → source: --recover → operator: resume");
-                d1 = "running".into();
-            }
+                    .unwrap()
+            };
+            let image = d.join("src.img");
+            let image = image.to_str().unwrap();
+            let out = if s0 == "handed-over" {
+                recover(&["--vm", src_ctl.to_str().unwrap()])
+            } else {
+                let id = status(&dst_ctl)["last_migration"]["migration_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                // Another migration's id is refused, and changes nothing.
+                let wrong = recover(&["--disk", image, "--migration-id", &"0".repeat(32)]);
+                assert!(
+                    !wrong.status.success(),
+                    "{what}: a wrong migration id was taken"
+                );
+                recover(&["--disk", image, "--migration-id", &id])
+            };
+            let r = json_of(&out);
+            assert!(out.status.success(), "{what}: recovery failed: {r}");
+            assert_eq!(r["source_state"], "migrated-away", "{what}");
+            let (ok, msg) = operator("resume", &dst_ctl);
+            assert!(ok, "{what}: resume after recovery refused: {msg}");
+            resolution.push_str(if s0 == "handed-over" {
+                " → source: --recover → operator: resume"
+            } else {
+                " → the source's image: --recover → operator: resume"
+            });
+            d1 = "running".into();
         }
     }
     let running_after = [&s0, &d1]
@@ -316,7 +336,12 @@ fn cell(side: &str, point: &str, action: &str, peers: &Peers) -> String {
     }
     let code = |c: Option<i32>| c.map_or("signal".to_string(), |c| c.to_string());
     format!(
-        "| `{fault}` | {} | {s0} | {d0}{resolution} | {} |",
+        "| `{fault}`{} | {} | {s0} | {d0}{resolution} | {} |",
+        if postcopy && point != "postcopy" {
+            " (post-copy)"
+        } else {
+            ""
+        },
         peers.name,
         code(mig_code)
     )
@@ -331,10 +356,19 @@ fn every_fault_leaves_exactly_one_copy() {
         for side in SIDES {
             for point in POINTS {
                 for action in ACTIONS {
-                    cells.push((side, point, action, p));
+                    cells.push((side, point, action, point == "postcopy", p));
                 }
             }
         }
+    }
+    // Around the hand-over with blocks owed: the in-doubt guest owes blocks too.
+    for (side, point, action) in [
+        ("source", "commit", "exit"),
+        ("source", "verified", "close"),
+        ("dest", "verified", "stall"),
+        ("dest", "commit", "close"),
+    ] {
+        cells.push((side, point, action, true, &peers[0]));
     }
     let rows = Mutex::new(Vec::new());
     let failures = Mutex::new(Vec::new());
@@ -342,12 +376,12 @@ fn every_fault_leaves_exactly_one_copy() {
     std::thread::scope(|s| {
         for _ in 0..3 {
             s.spawn(|| loop {
-                let Some((side, point, action, p)) = next.lock().unwrap().next() else {
+                let Some((side, point, action, postcopy, p)) = next.lock().unwrap().next() else {
                     return;
                 };
                 // Every cell runs; failures are gathered and reported together.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    cell(side, point, action, p)
+                    cell(side, point, action, postcopy, p)
                 })) {
                     Ok(row) => rows.lock().unwrap().push(row),
                     Err(e) => {
@@ -376,5 +410,5 @@ fn every_fault_leaves_exactly_one_copy() {
     for r in &rows {
         println!("{r}");
     }
-    assert_eq!(rows.len(), 120);
+    assert_eq!(rows.len(), 124);
 }

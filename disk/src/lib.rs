@@ -8,8 +8,10 @@ pub mod content;
 pub mod image;
 pub mod kernel_nbd;
 pub mod nbd;
+pub mod recovery;
 pub mod set;
 
 pub use content::{prefill_disk, random_bytes, Fill};
 pub use image::DiskImage;
+pub use recovery::ImageSource;
 pub use set::{DiskSpec, GuestDisks};

@@ -123,6 +123,14 @@ impl GuestDisks {
         Ok(Self { disks, incoming })
     }
 
+    /// Images opened by the caller, as they are (no metadata written).
+    pub(crate) fn from_images(images: Vec<DiskImage>) -> Self {
+        Self {
+            disks: images.into_iter().map(Arc::new).collect(),
+            incoming: Vec::new(),
+        }
+    }
+
     /// The images.
     pub fn images(&self) -> &[Arc<DiskImage>] {
         &self.disks

@@ -123,7 +123,9 @@ pub(super) fn decode_hello(body: &[u8]) -> Result<Hello, DecodeError> {
     let page_size = c.u32()?;
     check_size(&c, "page size", page_size)?;
     let pages = c.u64()?;
-    if pages == 0 || pages > (1 << 40) {
+    // A post-copy recovery may come from the images alone: no memory, only disks.
+    let recovering = capabilities & super::message::CAP_RECOVER != 0;
+    if (pages == 0 && !recovering) || pages > (1 << 40) {
         return Err(c.invalid(format!("{pages} pages")));
     }
     let n = c.u16()? as usize;

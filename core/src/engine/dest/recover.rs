@@ -40,14 +40,13 @@ pub fn receive_owed_blocks(
             hex(&hello.migration_id)
         ))
     } else if hello.layout.disks.len() != layout.disks.len()
-        || hello
-            .layout
-            .disks
-            .iter()
-            .zip(&layout.disks)
-            .any(|(a, b)| a.blocks != b.blocks || a.block_size != b.block_size)
+        || hello.layout.disks.iter().zip(&layout.disks).any(|(a, b)| {
+            a.blocks != b.blocks
+                || a.block_size != b.block_size
+                || a.identity.map(|i| i.id) != b.identity.map(|i| i.id)
+        })
     {
-        Some("the recovering source describes other disks".into())
+        Some("the recovering source's disks are not the images this guest came from".into())
     } else {
         None
     };
