@@ -385,7 +385,6 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             error,
             report,
             session,
-            owed_blocks,
             ..
         } => {
             eprintln!(
@@ -393,32 +392,13 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                  It is kept paused: the source may or may not have handed over. Ask the source (`ferry status --vm SOCKET`): \
                  if it says handed-over (or is gone), resume it here (`ferry resume --vm SOCKET`); if it says running, discard it here (`ferry discard --vm SOCKET`)."
             );
-            if owed_blocks > 0 {
-                eprintln!(
-                    "ferry: {owed_blocks} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them. \
-                     A handed-over source can push them: `ferry migrate --vm SOURCE_SOCKET --to {addr} --recover`; \
-                     if the source process is gone, from its image: `ferry migrate --to {addr} --recover --disk SOURCE_IMAGE --migration-id {}`",
-                    report.migration_id,
-                    addr = listener.local_addr(),
-                );
-            }
-            host.set_last_report(serde_json::to_value(&report)?);
-            if a.json {
-                print_json(
-                    &json!({"ok": false, "in_doubt": true, "error": error, "owed_blocks": owed_blocks, "destination": report}),
-                )?;
-            }
             let held = Held {
                 state: HostState::InDoubt,
                 session,
                 reason: error,
-                recovery: (owed_blocks > 0).then(|| Recovery {
-                    listener,
-                    migration_id: report.migration_id.clone(),
-                    timeout,
-                }),
+                recovery: None,
             };
-            hold_for_operator(&host, guest, a.control.as_ref(), held)
+            hold_received(&host, guest, &a, held, report, listener, timeout)
         }
         DestOutcome::Held {
             error,
@@ -430,32 +410,13 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                 "ferry: WARNING: the guest was handed over to this host but cannot run yet: {error}. \
                  It is kept paused and is never discarded here; `ferry status --vm SOCKET` shows why."
             );
-            let owed = guest.as_ref().map_or(0, |g| g.dest().owed_blocks());
-            if owed > 0 {
-                eprintln!(
-                    "ferry: the source can push the {owed} owed blocks again: `ferry migrate --vm SOURCE_SOCKET --to {addr} --recover` \
-                     (or, the source process gone, `ferry migrate --to {addr} --recover --disk SOURCE_IMAGE --migration-id {}`), then `ferry resume --vm SOCKET`",
-                    report.migration_id,
-                    addr = listener.local_addr(),
-                );
-            }
-            host.set_last_report(serde_json::to_value(&report)?);
-            if a.json {
-                print_json(
-                    &json!({"ok": false, "held": true, "error": error, "owed_blocks": owed, "destination": report}),
-                )?;
-            }
             let held = Held {
                 state: HostState::Held,
                 session,
                 reason: error,
-                recovery: (owed > 0).then(|| Recovery {
-                    listener,
-                    migration_id: report.migration_id.clone(),
-                    timeout,
-                }),
+                recovery: None,
             };
-            hold_for_operator(&host, guest, a.control.as_ref(), held)
+            hold_received(&host, guest, &a, held, report, listener, timeout)
         }
         DestOutcome::Resumed { report, .. } => {
             let verified = report.manifest_ok && report.oracle_ok != Some(false);
@@ -519,6 +480,45 @@ struct Recovery {
     listener: Box<dyn ferry_core::transport::Listener>,
     migration_id: String,
     timeout: Duration,
+}
+
+/// Reports a received guest that is held or in doubt, then keeps it for an operator; while
+/// it owes post-copy blocks, `listener` stays open for the source's recovery.
+fn hold_received(
+    host: &std::sync::Arc<Host>,
+    guest: Option<Hosted>,
+    a: &ListenArgs,
+    mut held: Held,
+    report: engine::DestReport,
+    listener: Box<dyn ferry_core::transport::Listener>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let owed = guest.as_ref().map_or(0, |g| g.dest().owed_blocks());
+    if owed > 0 {
+        eprintln!(
+            "ferry: {owed} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them. \
+             The handed-over source pushes them again with `ferry migrate --vm SOURCE_SOCKET --to {addr} --recover`, \
+             or, if the source process is gone, its image does: `ferry migrate --to {addr} --recover --disk SOURCE_IMAGE --migration-id {}`",
+            report.migration_id,
+            addr = listener.local_addr(),
+        );
+        held.recovery = Some(Recovery {
+            listener,
+            migration_id: report.migration_id.clone(),
+            timeout,
+        });
+    }
+    host.set_last_report(serde_json::to_value(&report)?);
+    if a.json {
+        let state = if held.state == HostState::Held {
+            "held"
+        } else {
+            "in_doubt"
+        };
+        print_json(&json!({"ok": false, state: true, "error": held.reason,
+            "owed_blocks": owed, "destination": report}))?;
+    }
+    hold_for_operator(host, guest, a.control.as_ref(), held)
 }
 
 /// Keeps a held or in-doubt guest for an operator until it is resumed (then runs it) or
