@@ -390,6 +390,34 @@ fn network_dying_right_after_verified_leaves_one_running_copy() {
 fn bad_input_names_the_flag() {
     for (args, flag) in [
         (&["demo", "--memory", "12parsecs"][..], "--memory"),
+        (
+            &[
+                "migrate",
+                "--to",
+                "127.0.0.1:1",
+                "--recover",
+                "--transport",
+                "tcp",
+                "--insecure",
+            ][..],
+            "--disk",
+        ),
+        (
+            &[
+                "migrate",
+                "--to",
+                "127.0.0.1:1",
+                "--recover",
+                "--disk",
+                "/tmp/x.img",
+                "--migration-id",
+                "abc",
+                "--transport",
+                "tcp",
+                "--insecure",
+            ][..],
+            "--migration-id",
+        ),
         (&["demo", "--codec", "lz5"][..], "--codec"),
         (&["demo", "--codec", "lz4,xor-delta"][..], "--codec"),
         (&["demo", "--codec", "zstd:99"][..], "--codec"),
@@ -496,6 +524,18 @@ fn bad_input_names_the_flag() {
             "{args:?}: error does not name {flag}: {err}"
         );
     }
+    // A fault switch that does not parse is refused before anything starts.
+    let out = ferry()
+        .args(["demo", "--memory", "32MiB"])
+        .env("FERRY_FAULT", "source:commit:explode")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("FERRY_FAULT") && err.contains("explode"),
+        "{err}"
+    );
 }
 
 /// `ferry migrate` of a new 32 MiB guest started here, to `to`, with transport flags.
