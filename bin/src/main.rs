@@ -678,6 +678,18 @@ fn status(a: VmArgs) -> anyhow::Result<ExitCode> {
         g("/progress/page_writes"),
         g("/progress/block_writes")
     );
+    if let Some(r) = v.get("reason").and_then(Value::as_str) {
+        eprintln!("why: {r}");
+    }
+    if let Some(n) = v
+        .get("owed_blocks")
+        .and_then(Value::as_u64)
+        .filter(|n| *n > 0)
+    {
+        eprintln!(
+            "owed post-copy blocks: {n} (the source pushes them with `ferry migrate --recover`)"
+        );
+    }
     if let Some(r) = v.get("last_migration").filter(|r| !r.is_null()) {
         eprintln!("last migration: {r}");
     }
