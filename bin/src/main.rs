@@ -392,12 +392,7 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                  It is kept paused: the source may or may not have handed over. Ask the source (`ferry status --vm SOCKET`): \
                  if it says handed-over (or is gone), resume it here (`ferry resume --vm SOCKET`); if it says running, discard it here (`ferry discard --vm SOCKET`)."
             );
-            let held = Held {
-                state: HostState::InDoubt,
-                session,
-                reason: error,
-                recovery: None,
-            };
+            let held = Held::new(HostState::InDoubt, session, error);
             hold_received(&host, guest, &a, held, report, listener, timeout)
         }
         DestOutcome::Held {
@@ -410,12 +405,7 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
                 "ferry: WARNING: the guest was handed over to this host but cannot run yet: {error}. \
                  It is kept paused and is never discarded here; `ferry status --vm SOCKET` shows why."
             );
-            let held = Held {
-                state: HostState::Held,
-                session,
-                reason: error,
-                recovery: None,
-            };
+            let held = Held::new(HostState::Held, session, error);
             hold_received(&host, guest, &a, held, report, listener, timeout)
         }
         DestOutcome::Resumed { report, .. } => {
@@ -473,6 +463,17 @@ struct Held {
     reason: String,
     /// Owed post-copy blocks: the listener stays open for the source to push them.
     recovery: Option<Recovery>,
+}
+
+impl Held {
+    fn new(state: HostState, session: ferry_core::machine::DestSession, reason: String) -> Self {
+        Self {
+            state,
+            session,
+            reason,
+            recovery: None,
+        }
+    }
 }
 
 /// What a post-copy recovery needs on this side.
