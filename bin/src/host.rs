@@ -4,7 +4,7 @@
 //! object, the host answers with zero or more `{"event":"progress",...}` lines and one
 //! final line (`status`, `report`, `check`, `ok` or `error`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -402,7 +402,16 @@ impl Host {
 
     /// Serves the control socket at `path` on a background thread.
     pub fn serve(self: &Arc<Self>, path: &Path) -> anyhow::Result<ControlSocket> {
-        if path.exists() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            // Only a socket is ever replaced: `--control` naming any other file is a
+            // mistake that must not cost the user that file.
+            if !meta.file_type().is_socket() {
+                anyhow::bail!(
+                    "--control: {} exists and is not a socket; refusing to replace it",
+                    path.display()
+                );
+            }
             // A stale socket from a dead process blocks bind; a live one answers.
             if UnixStream::connect(path).is_ok() {
                 anyhow::bail!("--control: {} is in use by a running ferry", path.display());
@@ -410,43 +419,98 @@ impl Host {
             std::fs::remove_file(path)
                 .with_context(|| format!("--control: removing stale {}", path.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("--control: binding {}", path.display()))?;
+        // Private from its first moment: created with no access for group and others
+        // (the umask is only narrowed around the bind), then set to 0600 explicitly.
+        // SAFETY: umask(2) only changes this process's file-creation mask; no memory is
+        // passed. It is restored right after the bind.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        let listener = bound.with_context(|| format!("--control: binding {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("--control: making {} private", path.display()))?;
         let host = Arc::clone(self);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let host = Arc::clone(&host);
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(&conn);
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).is_err() {
-                        return;
-                    }
-                    let mut w = &conn;
-                    let r = match serde_json::from_str::<Request>(&line) {
-                        Ok(req) => host.handle(req, &conn),
-                        Err(e) => writeln!(
-                            w,
-                            "{}",
-                            json!({"event": "error", "message": format!("bad request: {e}")})
-                        )
-                        .map_err(Into::into),
-                    };
-                    if let Err(e) = r {
-                        let _ = writeln!(
-                            w,
-                            "{}",
-                            json!({"event": "error", "message": format!("{e:#}")})
-                        );
-                    }
-                });
+                std::thread::spawn(move || serve_one(&host, &conn));
             }
         });
         Ok(ControlSocket {
             path: path.to_path_buf(),
         })
     }
+}
+
+/// The longest request line taken, and how long a client may take to send it.
+const MAX_REQUEST: u64 = 64 << 10;
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Answers one control connection: only this user (or root) may steer the guest.
+fn serve_one(host: &Host, conn: &UnixStream) {
+    let mut w = conn;
+    let reply_error = |w: &mut &UnixStream, message: String| {
+        let _ = writeln!(w, "{}", json!({"event": "error", "message": message}));
+    };
+    match peer_uid(conn) {
+        // SAFETY: geteuid(2) has no arguments and cannot fail.
+        Some(uid) if uid == 0 || uid == unsafe { libc::geteuid() } => {}
+        other => {
+            let who = other.map_or("an unknown user".to_string(), |u| format!("uid {u}"));
+            reply_error(&mut w, format!("refused: {who} may not steer this guest"));
+            return;
+        }
+    }
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let mut line = String::new();
+    let mut reader = BufReader::new(conn).take(MAX_REQUEST);
+    match reader.read_line(&mut line) {
+        Ok(_) if line.ends_with('\n') => {}
+        Ok(_) if line.len() as u64 >= MAX_REQUEST => {
+            return reply_error(
+                &mut w,
+                format!("bad request: longer than {} KiB", MAX_REQUEST >> 10),
+            )
+        }
+        Ok(_) if line.is_empty() => return,
+        Ok(_) => {}
+        Err(e) => return reply_error(&mut w, format!("bad request: {e}")),
+    }
+    let r = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => host.handle(req, conn),
+        Err(e) => {
+            reply_error(&mut w, format!("bad request: {e}"));
+            Ok(())
+        }
+    };
+    if let Err(e) = r {
+        reply_error(&mut w, format!("{e:#}"));
+    }
+}
+
+/// The uid of the process at the other end of `conn` (`SO_PEERCRED`).
+fn peer_uid(conn: &UnixStream) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a socket we own, writing at most `len` bytes into `cred`,
+    // a properly sized and aligned ucred that lives across the call.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
 }
 
 /// A state as `status` spells it.

@@ -659,6 +659,13 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
 
 fn status(a: VmArgs) -> anyhow::Result<ExitCode> {
     let v = host::request(&a.vm, &Request::Status, |_| {})?;
+    if v.get("event").and_then(Value::as_str) == Some("error") {
+        anyhow::bail!(
+            "--vm {}: {}",
+            a.vm.display(),
+            v.get("message").and_then(Value::as_str).unwrap_or("error")
+        );
+    }
     if a.json {
         print_json(&v)?;
         return Ok(ExitCode::SUCCESS);

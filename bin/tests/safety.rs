@@ -52,3 +52,74 @@ fn two_listeners_in_one_directory_never_share_a_live_image() {
     assert!(std::fs::metadata(&image).unwrap().modified().unwrap() >= before);
     stop_and_wait(&mut b, &b_ctl);
 }
+
+/// The control socket steers the whole VM: it is private to its owner, takes bounded
+/// requests, and `--control` never replaces anything but a socket.
+#[test]
+fn the_control_socket_is_private_and_bounded() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // A regular file named by --control is refused and left as it was.
+    let precious = d.join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let out = ferry()
+        .args(["run", "--memory", "16MiB", "--no-disk", "--control"])
+        .arg(&precious)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--control") && err.contains("not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+
+    let ctl = d.join("guest.sock");
+    let mut guest = run_guest_at(&d.join("g.img"), &ctl, &[], &[]);
+    let meta = std::fs::symlink_metadata(&ctl).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.mode() & 0o777,
+        0o600,
+        "the socket is private to its owner"
+    );
+
+    // A request longer than the limit is refused without being parsed.
+    let mut c = UnixStream::connect(&ctl).unwrap();
+    c.write_all(&vec![b'x'; 100 << 10]).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&c).read_line(&mut answer).unwrap();
+    assert!(answer.contains("longer than 64 KiB"), "{answer}");
+
+    // Another user cannot reach it (as root here: a child of uid 65534).
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        // The directory lets anyone in: only the socket's own mode keeps them out.
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = ferry()
+            .args(["status", "--vm"])
+            .arg(&ctl)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "another uid reached the guest: {err}"
+        );
+        assert!(err.contains("Permission denied"), "{err}");
+    } else {
+        eprintln!("skipped the other-uid check: not root");
+    }
+    assert_eq!(status(&ctl)["state"], "running");
+    stop_and_wait(&mut guest, &ctl);
+}
