@@ -15,6 +15,9 @@ use ferry_core::codec::CodecError;
 
 /// Default bytes of content the destination keeps per channel.
 pub const DEFAULT_CAPACITY: usize = 64 << 20;
+/// The largest store a peer may ask for: the destination keeps one per channel, sized by
+/// the source's spec, so it is bounded here whatever the source sends.
+pub const MAX_CAPACITY: usize = 4 << 30;
 
 /// The source's side: keyed hash → registration number.
 pub struct DedupIndex {

@@ -144,11 +144,13 @@ fn stage(word: &str) -> Result<Option<StageSpec>, SpecError> {
         ("dedup", p) => StageSpec::Dedup {
             capacity: match p {
                 None => dedup::DEFAULT_CAPACITY,
-                Some(p) => parse_size(p).filter(|n| *n >= 64 << 10).ok_or_else(|| {
-                    SpecError::BadParameter(format!(
-                        "dedup store size {p:?} is not a size of at least 64KiB (e.g. 256MiB)"
-                    ))
-                })?,
+                Some(p) => parse_size(p)
+                    .filter(|n| (64 << 10..=dedup::MAX_CAPACITY).contains(n))
+                    .ok_or_else(|| {
+                        SpecError::BadParameter(format!(
+                            "dedup store size {p:?} is not a size from 64KiB to 4GiB (e.g. 256MiB)"
+                        ))
+                    })?,
             },
         },
         (c, Some(p)) => {
@@ -259,7 +261,14 @@ mod tests {
         );
         assert_eq!(parse_spec("raw,lz4"), Err(SpecError::Alone("raw")));
         assert_eq!(parse_spec("auto,lz4"), Err(SpecError::Alone("auto")));
-        for bad in ["zstd:0", "zstd:x", "lz4:2", "dedup:12", "dedup:5XB"] {
+        for bad in [
+            "zstd:0",
+            "zstd:x",
+            "lz4:2",
+            "dedup:12",
+            "dedup:5XB",
+            "dedup:5GiB",
+        ] {
             assert!(
                 matches!(parse_spec(bad), Err(SpecError::BadParameter(_))),
                 "{bad}"

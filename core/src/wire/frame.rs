@@ -71,8 +71,8 @@ pub enum FrameError {
     /// The body is larger than allowed.
     #[error("frame body of {len} bytes exceeds the {max}-byte limit")]
     TooLarge {
-        /// Claimed length.
-        len: u32,
+        /// Claimed (or attempted) length.
+        len: u64,
         /// Limit.
         max: u32,
     },
@@ -92,7 +92,10 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError> {
     }
     let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
     if len > MAX_BODY {
-        return Err(FrameError::TooLarge { len, max: MAX_BODY });
+        return Err(FrameError::TooLarge {
+            len: u64::from(len),
+            max: MAX_BODY,
+        });
     }
     if h[3] & !KNOWN_FLAGS != 0 {
         return Err(FrameError::BadFlags(h[3]));
@@ -116,7 +119,9 @@ pub fn header_with(ty: u8, flags: u8, len: usize, body_crc: u32) -> [u8; HEADER_
     h[0..2].copy_from_slice(&MAGIC);
     h[2] = ty;
     h[3] = flags;
-    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    // Never truncated: a body too large for the field claims the largest length, which
+    // every reader refuses (writers check first, see `write_frame`).
+    h[4..8].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
     h[8..12].copy_from_slice(&body_crc.to_le_bytes());
     let hc = crc32c::crc32c(&h[..12]);
     h[12..16].copy_from_slice(&hc.to_le_bytes());
@@ -173,6 +178,12 @@ impl FrameBuf {
 
 /// Writes one frame of type `ty` with `body`.
 pub fn write_frame<W: Write + ?Sized>(w: &mut W, ty: u8, body: &[u8]) -> Result<(), FrameError> {
+    if body.len() > MAX_BODY as usize {
+        return Err(FrameError::TooLarge {
+            len: body.len() as u64,
+            max: MAX_BODY,
+        });
+    }
     let h = make_header(ty, body);
     w.write_all(&h).map_err(FrameError::Io)?;
     w.write_all(body).map_err(FrameError::Io)?;
@@ -340,6 +351,19 @@ mod tests {
         let c = crc32c::crc32c(&h[..12]);
         h[12..16].copy_from_slice(&c.to_le_bytes());
         assert!(matches!(parse_header(&h), Err(FrameError::TooLarge { .. })));
+        // A writer refuses a body over the limit instead of truncating its length.
+        let mut out = Vec::new();
+        let big = vec![0u8; MAX_BODY as usize + 1];
+        assert!(matches!(
+            write_frame(&mut out, 1, &big),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(out.is_empty(), "nothing was written");
+        let h = header_with(1, 0, 5 << 30, 0);
+        assert!(
+            matches!(parse_header(&h), Err(FrameError::TooLarge { .. })),
+            "a 5 GiB length is not truncated to 1 GiB"
+        );
         let mut h = make_header(1, b"");
         h[3] = 0x02;
         let c = crc32c::crc32c(&h[..12]);
