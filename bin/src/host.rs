@@ -253,7 +253,7 @@ impl Host {
         };
         let run = if recover {
             match self.last_migration_id() {
-                Some(id) => run_source_recovery(guest.source(), to, args, id, emit),
+                Some(id) => drive_source(guest.source(), to, args, Some(id), emit),
                 None => Err(anyhow::anyhow!("no interrupted migration to recover")),
             }
         } else {
@@ -539,37 +539,25 @@ pub fn run_source(
     args: &MigrationArgs,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
-    let cfg = args.source_config(to)?;
-    let transport = args.peer.transport(cfg.io_timeout)?;
-    let codec = args.codec()?;
-    Ok(engine::migrate(
-        guest.source(),
-        &*transport,
-        codec,
-        &cfg,
-        emit,
-    ))
+    drive_source(guest.source(), to, args, None, emit)
 }
 
-/// Runs the source side of a post-copy recovery of migration `id` of `guest` to `to`.
-pub fn run_source_recovery(
+/// Runs the source side of a migration of `guest` to `to`, or with `recover` the
+/// recovery of that migration's interrupted post-copy.
+pub fn drive_source(
     guest: Arc<dyn ferry_core::SourceGuest>,
     to: &str,
     args: &MigrationArgs,
-    id: [u8; 16],
+    recover: Option<[u8; 16]>,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
     let cfg = args.source_config(to)?;
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
-    Ok(engine::recover_postcopy(
-        guest,
-        &*transport,
-        codec,
-        &cfg,
-        id,
-        emit,
-    ))
+    Ok(match recover {
+        None => engine::migrate(guest, &*transport, codec, &cfg, emit),
+        Some(id) => engine::recover_postcopy(guest, &*transport, codec, &cfg, id, emit),
+    })
 }
 
 /// A migration id from its hex form.

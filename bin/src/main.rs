@@ -638,9 +638,13 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| anyhow::anyhow!("--migration-id: {id:?} is not 32 hex digits"))?;
             let source = ferry_disk::ImageSource::open(&[disk], 4096)
                 .map_err(|e| anyhow::anyhow!("--disk: {}", engine::error_chain(&e)))?;
-            host::run_source_recovery(std::sync::Arc::new(source), &a.to, &a.migration, id, &|p| {
-                view.on(&p)
-            })?
+            host::drive_source(
+                std::sync::Arc::new(source),
+                &a.to,
+                &a.migration,
+                Some(id),
+                &|p| view.on(&p),
+            )?
         }
         None => {
             let warmup = parse_duration(&a.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?;

@@ -8,15 +8,10 @@ use std::time::{Duration, Instant};
 use super::events::{Receive, Receivers};
 use super::storage::wait_postcopy;
 use super::{send_shared, DestConfig, DestOutcome, DestReport};
-use crate::bitmap::Bitmap;
 use crate::engine::{micros, ms};
 use crate::fault::Point;
 use crate::machine::{DestAction, DestEvent, DestSession};
 use crate::wire::{Message, Verdict};
-
-pub(super) fn owed_count(owed: &[Option<Bitmap>]) -> u64 {
-    owed.iter().flatten().map(Bitmap::count).sum()
-}
 
 /// After `commit`: the guest is this side's and is never discarded. Resume it, confirm,
 /// wait for owed blocks, flush, and send the self-check. What cannot complete holds the

@@ -29,7 +29,7 @@ use crate::wire::{Hello, Manifest, Message, VerifyMode, REQUIRED_CAPABILITIES};
 
 pub use recover::receive_owed_blocks;
 
-use commit::{after_commit, owed_count};
+use commit::after_commit;
 use events::{Receive, Receivers};
 use handshake::{handshake, Links};
 use receiver::*;
@@ -117,9 +117,6 @@ pub enum DestOutcome {
         guest: Arc<dyn DestGuest>,
         /// Why.
         error: String,
-        /// Storage post-copy: blocks only the source holds. While any are owed the guest
-        /// cannot be resumed here.
-        owed_blocks: u64,
         /// The session, which decides what an operator may do with the guest.
         session: DestSession,
         /// Figures so far.
@@ -203,7 +200,6 @@ pub fn receive(
                 .error
                 .take()
                 .unwrap_or_else(|| "hand-over never arrived".into()),
-            owed_blocks: owed_count(&r.owed),
             session: r.session.clone(),
             report: std::mem::take(&mut r.report),
         },
