@@ -123,3 +123,87 @@ fn the_control_socket_is_private_and_bounded() {
     assert_eq!(status(&ctl)["state"], "running");
     stop_and_wait(&mut guest, &ctl);
 }
+
+/// Strangers cannot hold a listener: hundreds of idle connections, and a destination whose
+/// process has run out of file descriptors, still take a pinned migration that verifies.
+#[test]
+fn a_flooded_listener_out_of_descriptors_still_takes_a_pinned_migration() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (sc, sk, sfp) = keygen(&keys, "src");
+    let (dc, dk, dfp) = keygen(&keys, "dst");
+    let tls = ["--transport", "tls"];
+    let (mut dst, addr, dst_ctl) = listen_with(
+        dir.path(),
+        "10s",
+        "127.0.0.1:0",
+        &[&tls[..], &["--cert", &dc, "--key", &dk, "--peer", &sfp]].concat(),
+    );
+    // First almost no descriptors beyond those it uses: the flood exhausts them, so
+    // accept() fails with EMFILE and the listener must survive it.
+    let in_use = std::fs::read_dir(format!("/proc/{}/fd", dst.0.id()))
+        .unwrap()
+        .count() as u64;
+    let set_limit = |n: u64| {
+        let limit = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: 4096,
+        };
+        // SAFETY: prlimit reads `limit` and writes nothing (old is null).
+        let r = unsafe {
+            libc::prlimit(
+                dst.0.id() as libc::pid_t,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    set_limit(in_use + 6);
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(idle.len() >= 100, "only {} connections opened", idle.len());
+    std::thread::sleep(Duration::from_millis(500));
+    // Then room for a guest; the flood stays.
+    let limit = in_use + 48;
+    set_limit(limit);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = ferry()
+        .args([
+            "migrate",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--disk-size",
+            "8MiB",
+            "--warmup",
+            "200ms",
+            "--timeout",
+            "20s",
+            "--to",
+            &addr,
+        ])
+        .args([&tls[..], &["--cert", &sc, "--key", &sk, "--peer", &dfp]].concat())
+        .output()
+        .unwrap();
+    let r = json_of(&out);
+    assert!(
+        r["ok"] == true && r["verified"] == true,
+        "{r} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{} idle connections, {} descriptors: the pinned migration verified {:?} after it started",
+        idle.len(),
+        limit,
+        started.elapsed()
+    );
+    drop(idle);
+    assert_check_passes(&dst_ctl, "destination");
+    let _ = ferry().args(["stop", "--vm"]).arg(&dst_ctl).output();
+    let _ = wait_exit(&mut dst, Duration::from_secs(10));
+}

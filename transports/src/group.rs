@@ -19,7 +19,7 @@ pub const PREAMBLE_MAGIC: &[u8; 8] = b"FERRYCH1";
 /// Preamble length.
 pub const PREAMBLE_LEN: usize = 20;
 /// Incomplete groups are forgotten after this long.
-const GROUP_TTL: Duration = Duration::from_secs(30);
+pub(crate) const GROUP_TTL: Duration = Duration::from_secs(30);
 
 /// The preamble of channel `index` of `count` in `group`.
 pub fn preamble(group: [u8; 8], index: usize, count: usize) -> [u8; PREAMBLE_LEN] {
@@ -64,6 +64,10 @@ pub fn new_group() -> [u8; 8] {
     group
 }
 
+/// At most this many incomplete groups wait at once (the oldest is forgotten first): over
+/// `tcp` anyone may send a valid preamble.
+const MAX_PARTIAL: usize = 64;
+
 /// One incomplete group: its size, the channels so far, when it began.
 struct Partial<S> {
     count: u16,
@@ -89,6 +93,16 @@ impl<S> Groups<S> {
     pub fn add(&mut self, pre: ([u8; 8], u16, u16), stream: S) -> Result<Option<Vec<S>>, String> {
         let (group, index, count) = pre;
         self.partial.retain(|_, g| g.since.elapsed() < GROUP_TTL);
+        if !self.partial.contains_key(&group) && self.partial.len() >= MAX_PARTIAL {
+            let oldest = self
+                .partial
+                .iter()
+                .min_by_key(|(_, g)| g.since)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.partial.remove(&k);
+            }
+        }
         let entry = self.partial.entry(group).or_insert_with(|| Partial {
             count,
             streams: (0..count).map(|_| None).collect(),

@@ -8,6 +8,7 @@
 //! - [`quic`]: QUIC (quinn), N streams on one connection or N connections, same pinning.
 //! - [`unix`]: a Unix socket, for moves on one host.
 
+pub mod admission;
 pub mod auth;
 mod group;
 pub mod mem;

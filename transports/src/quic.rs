@@ -20,6 +20,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
+use crate::admission::{Limits, PeerKey, Pending};
 use crate::auth::Identity;
 use crate::group::{self, Groups, PREAMBLE_LEN};
 use crate::io_err;
@@ -391,15 +392,44 @@ impl Transport for QuicTransport {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let ep = endpoint.clone();
+        let pending = Pending::new(Limits::default());
         self.rt.spawn(async move {
             while let Some(incoming) = ep.accept().await {
+                // A peer that has not proven it owns its address (a spoofed one could
+                // exhaust another host's budget) is asked to, statelessly, first.
+                if !incoming.remote_address_validated() && incoming.may_retry() {
+                    if let Err(e) = incoming.retry() {
+                        tracing::warn!("QUIC retry failed: {e}");
+                    }
+                    continue;
+                }
                 let tx = tx.clone();
+                let peer = incoming.remote_address();
+                let abort = Arc::new(tokio::sync::Notify::new());
+                let ticket = {
+                    let abort = Arc::clone(&abort);
+                    pending.register(PeerKey::Ip(peer.ip()), Box::new(move || abort.notify_one()))
+                };
+                let deadline = pending.limits().deadline;
+                let table = Arc::clone(&pending);
                 tokio::spawn(async move {
-                    let peer = incoming.remote_address();
-                    let conn = match incoming.await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            eprintln!("ferry: refused a QUIC connection from {peer}: {e}");
+                    let conn = tokio::select! {
+                        _ = abort.notified() => return,
+                        c = tokio::time::timeout(deadline, incoming) => c,
+                    };
+                    drop(ticket);
+                    let conn = match conn {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            table
+                                .log
+                                .note(&format!("refused a QUIC connection from {peer}: {e}"));
+                            return;
+                        }
+                        Err(_) => {
+                            table.log.note(&format!(
+                                "refused a QUIC connection from {peer}: no handshake within {deadline:?}"
+                            ));
                             return;
                         }
                     };

@@ -6,10 +6,12 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_core::transport::{Channel, Listener, Transport, TransportError};
 
+use crate::admission::{self, Acceptor, Handshaken, Limits};
 use crate::group::{self, Groups, PREAMBLE_LEN};
 use crate::io_err as io;
 use crate::quic::Congestion;
@@ -111,9 +113,16 @@ impl Transport for TcpTransport {
 
     fn listen(&self, addr: &str) -> Result<Box<dyn Listener>, TransportError> {
         let l = TcpListener::bind(addr).map_err(io(format!("binding {addr}")))?;
+        let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let io_timeout = self.io_timeout;
+        let acceptor = admission::spawn(
+            l,
+            Limits::default(),
+            Arc::new(move |s, deadline| admit(s, deadline, io_timeout)),
+        )?;
         Ok(Box::new(TcpChannelListener {
-            listener: l,
-            io_timeout: self.io_timeout,
+            local,
+            acceptor,
             groups: Groups::default(),
         }))
     }
@@ -162,51 +171,43 @@ fn admitted(s: &mut TcpStream, timeout: Duration) -> Result<(), TransportError> 
 
 /// A listener that assembles channel groups.
 pub struct TcpChannelListener {
-    listener: TcpListener,
-    io_timeout: Duration,
+    local: String,
+    acceptor: Acceptor<TcpStream>,
     groups: Groups<TcpStream>,
 }
 
-fn read_preamble(s: &mut TcpStream) -> Result<([u8; 8], u16, u16), String> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+/// A connection's handshake on the listener: its preamble by `deadline`, then the answer.
+fn admit(
+    mut s: TcpStream,
+    deadline: Instant,
+    io_timeout: Duration,
+) -> Result<Handshaken<TcpStream>, String> {
+    s.set_read_timeout(Some(admission::left(deadline)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(admission::left(deadline)))
         .map_err(|e| e.to_string())?;
     let mut pre = [0u8; PREAMBLE_LEN];
-    s.read_exact(&mut pre)
+    admission::read_by(&mut s, &mut pre, deadline)
         .map_err(|e| format!("no channel preamble: {e}"))?;
     if pre[0] == 0x16 {
         return Err("the peer speaks TLS: use --transport tls on both sides".into());
     }
-    group::parse(&pre)
+    let pre = group::parse(&pre)?;
+    s.write_all(&[ADMITTED]).map_err(|e| e.to_string())?;
+    tune(&s, io_timeout).map_err(|e| e.to_string())?;
+    Ok((pre, s))
 }
 
 impl Listener for TcpChannelListener {
     fn local_addr(&self) -> String {
-        self.listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.local.clone()
     }
 
     fn accept(&mut self) -> Result<Vec<Channel>, TransportError> {
-        loop {
-            let (mut s, peer) = self.listener.accept().map_err(io("accepting"))?;
-            let pre = match read_preamble(&mut s) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(%peer, "dropping connection: {e}");
-                    continue;
-                }
-            };
-            if let Err(e) = tune(&s, self.io_timeout).and_then(|_| s.write_all(&[ADMITTED])) {
-                tracing::warn!(%peer, "dropping connection: {e}");
-                continue;
-            }
-            match self.groups.add(pre, s) {
-                Ok(Some(set)) => return set.into_iter().map(channel).collect(),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(%peer, "dropping connection: {e}"),
-            }
-        }
+        admission::next_group(&self.acceptor.admitted, &mut self.groups)?
+            .into_iter()
+            .map(channel)
+            .collect()
     }
 }
 

@@ -11,11 +11,12 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_core::transport::{Channel, Listener, Transport, TransportError};
 use rustls::pki_types::ServerName;
 
+use crate::admission::{self, Acceptor, Handshaken, Limits};
 use crate::auth::Identity;
 use crate::group::{self, Groups, PREAMBLE_LEN};
 use crate::io_err as io;
@@ -250,85 +251,76 @@ impl Transport for TlsTransport {
 
     fn listen(&self, addr: &str) -> Result<Box<dyn Listener>, TransportError> {
         let l = TcpListener::bind(addr).map_err(io(format!("binding {addr}")))?;
+        let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let config = Arc::new(
             self.identity
                 .server_config(ALPN)
                 .map_err(|e| TransportError::Config(crate::error_chain(&e)))?,
         );
+        let io_timeout = self.io_timeout;
+        let acceptor = admission::spawn(
+            l,
+            Limits::default(),
+            Arc::new(move |s: TcpStream, deadline| admit(&config, s, deadline, io_timeout)),
+        )?;
         Ok(Box::new(TlsChannelListener {
-            listener: l,
-            io_timeout: self.io_timeout,
-            config,
+            local,
+            acceptor,
             groups: Groups::default(),
         }))
     }
 }
 
+type Authenticated = (rustls::Connection, TcpStream);
+
 /// A listener that authenticates each connection and assembles channel groups.
 pub struct TlsChannelListener {
-    listener: TcpListener,
-    io_timeout: Duration,
-    config: Arc<rustls::ServerConfig>,
-    groups: Groups<(rustls::Connection, TcpStream)>,
+    local: String,
+    acceptor: Acceptor<Authenticated>,
+    groups: Groups<Authenticated>,
 }
 
-impl TlsChannelListener {
-    fn admit(
-        &self,
-        mut s: TcpStream,
-    ) -> Result<(rustls::Connection, TcpStream, [u8; 8], u16, u16), String> {
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(HANDSHAKE))
-            .map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(HANDSHAKE))
-            .map_err(|e| e.to_string())?;
-        let mut conn =
-            rustls::ServerConnection::new(Arc::clone(&self.config)).map_err(|e| e.to_string())?;
-        let mut pre = [0u8; PREAMBLE_LEN];
-        {
-            // Reading drives the handshake (the client's certificate is checked in it).
-            let mut stream = rustls::Stream::new(&mut conn, &mut s);
-            stream
-                .read_exact(&mut pre)
-                .map_err(|e| explain(&e, false))?;
-            group::parse(&pre)?;
-            stream
-                .write_all(&[ADMITTED])
-                .map_err(|e| format!("answering the preamble: {e}"))?;
-        }
-        let (g, index, count) = group::parse(&pre)?;
-        tune(&s, self.io_timeout).map_err(|e| e.to_string())?;
-        Ok((conn.into(), s, g, index, count))
-    }
+/// A connection's handshake on the listener: TLS (the client's certificate is checked in
+/// it), then the preamble inside, all by `deadline`.
+fn admit(
+    config: &Arc<rustls::ServerConfig>,
+    mut s: TcpStream,
+    deadline: Instant,
+    io_timeout: Duration,
+) -> Result<Handshaken<Authenticated>, String> {
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    // The acceptor closes the socket at the deadline; the timeouts only bound each call.
+    s.set_read_timeout(Some(admission::left(deadline)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(admission::left(deadline)))
+        .map_err(|e| e.to_string())?;
+    let mut conn = rustls::ServerConnection::new(Arc::clone(config)).map_err(|e| e.to_string())?;
+    let mut pre = [0u8; PREAMBLE_LEN];
+    let pre = {
+        let mut stream = rustls::Stream::new(&mut conn, &mut s);
+        stream
+            .read_exact(&mut pre)
+            .map_err(|e| explain(&e, false))?;
+        let pre = group::parse(&pre)?;
+        stream
+            .write_all(&[ADMITTED])
+            .map_err(|e| format!("answering the preamble: {e}"))?;
+        pre
+    };
+    tune(&s, io_timeout).map_err(|e| e.to_string())?;
+    Ok((pre, (conn.into(), s)))
 }
 
 impl Listener for TlsChannelListener {
     fn local_addr(&self) -> String {
-        self.listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.local.clone()
     }
 
     fn accept(&mut self) -> Result<Vec<Channel>, TransportError> {
-        loop {
-            let (s, peer) = self.listener.accept().map_err(io("accepting"))?;
-            let (conn, s, g, index, count) = match self.admit(s) {
-                Ok(a) => a,
-                Err(e) => {
-                    // An operator watching the destination needs to see this.
-                    eprintln!("ferry: refused a connection from {peer}: {e}");
-                    continue;
-                }
-            };
-            match self.groups.add((g, index, count), (conn, s)) {
-                Ok(Some(set)) => {
-                    return set.into_iter().map(|(c, s)| channel(c, s)).collect();
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(%peer, "dropping connection: {e}"),
-            }
-        }
+        admission::next_group(&self.acceptor.admitted, &mut self.groups)?
+            .into_iter()
+            .map(|(c, s)| channel(c, s))
+            .collect()
     }
 }
 

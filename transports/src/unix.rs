@@ -1,14 +1,16 @@
 //! `unix`: N connections over a Unix socket, for moves between processes on one host. The
 //! address is the socket's path; who may connect is decided by its file permissions.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_core::transport::{Channel, Listener, Transport, TransportError};
 
+use crate::admission::{self, Acceptor, Handshaken, Limits};
 use crate::group::{self, Groups, PREAMBLE_LEN};
 use crate::io_err as io;
 
@@ -66,8 +68,9 @@ impl Transport for UnixTransport {
             }
         }
         let l = UnixListener::bind(&path).map_err(io(format!("binding {addr}")))?;
+        let acceptor = admission::spawn(l, Limits::default(), Arc::new(admit))?;
         Ok(Box::new(UnixChannelListener {
-            listener: l,
+            acceptor: Some(acceptor),
             path,
             io_timeout: self.io_timeout,
             groups: Groups::default(),
@@ -75,9 +78,20 @@ impl Transport for UnixTransport {
     }
 }
 
+/// A connection's handshake on the listener: its preamble by `deadline`.
+fn admit(mut s: UnixStream, deadline: Instant) -> Result<Handshaken<UnixStream>, String> {
+    s.set_read_timeout(Some(admission::left(deadline)))
+        .map_err(|e| e.to_string())?;
+    let mut pre = [0u8; PREAMBLE_LEN];
+    admission::read_by(&mut s, &mut pre, deadline)
+        .map_err(|e| format!("no channel preamble: {e}"))?;
+    Ok((group::parse(&pre)?, s))
+}
+
 /// A listener that assembles channel groups; removes its socket file when dropped.
 pub struct UnixChannelListener {
-    listener: UnixListener,
+    /// `Some` until dropped: the accepting thread is stopped before the file goes.
+    acceptor: Option<Acceptor<UnixStream>>,
     path: PathBuf,
     io_timeout: Duration,
     groups: Groups<UnixStream>,
@@ -85,6 +99,7 @@ pub struct UnixChannelListener {
 
 impl Drop for UnixChannelListener {
     fn drop(&mut self) {
+        drop(self.acceptor.take());
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -95,34 +110,12 @@ impl Listener for UnixChannelListener {
     }
 
     fn accept(&mut self) -> Result<Vec<Channel>, TransportError> {
-        loop {
-            let (mut s, _) = self.listener.accept().map_err(io("accepting"))?;
-            let mut pre = [0u8; PREAMBLE_LEN];
-            let parsed = s
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    s.read_exact(&mut pre)
-                        .map_err(|e| format!("no channel preamble: {e}"))
-                })
-                .and_then(|_| group::parse(&pre));
-            let pre = match parsed {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("dropping unix connection: {e}");
-                    continue;
-                }
-            };
-            match self.groups.add(pre, s) {
-                Ok(Some(set)) => {
-                    return set
-                        .into_iter()
-                        .map(|s| channel(s, self.io_timeout))
-                        .collect()
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("dropping unix connection: {e}"),
-            }
-        }
+        let Some(acceptor) = &self.acceptor else {
+            return Err(TransportError::Setup("the listener is closed".into()));
+        };
+        admission::next_group(&acceptor.admitted, &mut self.groups)?
+            .into_iter()
+            .map(|s| channel(s, self.io_timeout))
+            .collect()
     }
 }
