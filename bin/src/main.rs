@@ -174,6 +174,13 @@ struct ListenArgs {
     /// Print the destination's report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Refuse guests with more memory than this (e.g. `16GiB`; default: this host's
+    /// physical memory), in the handshake, before anything is allocated.
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
+    /// Refuse disks larger than this (default: 64TiB).
+    #[arg(long, value_name = "SIZE")]
+    max_disk_size: Option<String>,
 }
 
 #[derive(Args)]
@@ -340,6 +347,24 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
     };
     how.check()?;
     let timeout = parse_duration(&a.timeout).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    let size_or = |flag: &str, v: &Option<String>, default: u64| {
+        v.as_deref().map_or(Ok(default), |s| {
+            units::parse_size(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+        })
+    };
+    let dest_cfg = DestConfig {
+        io_timeout: timeout,
+        max_memory: size_or(
+            "--max-memory",
+            &a.max_memory,
+            ferry_core::engine::host_memory(),
+        )?,
+        max_disk: size_or(
+            "--max-disk-size",
+            &a.max_disk_size,
+            ferry_core::engine::DEFAULT_MAX_DISK,
+        )?,
+    };
     let transport = a.peer.transport(timeout)?;
     let mut listener = transport
         .listen(&a.bind)
@@ -361,9 +386,7 @@ fn listen(a: ListenArgs) -> anyhow::Result<ExitCode> {
             Ok(g.dest())
         },
         &ferry_codecs::resolve,
-        &DestConfig {
-            io_timeout: timeout,
-        },
+        &dest_cfg,
         // Publish the running guest before the source hears that it runs here.
         &|| {
             if let Some(g) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() {
@@ -555,6 +578,7 @@ fn accept_recovery(host: &Host, guest: &Hosted, mut r: Recovery) {
     };
     let cfg = DestConfig {
         io_timeout: r.timeout,
+        ..DestConfig::default()
     };
     loop {
         let channels = match r.listener.accept() {

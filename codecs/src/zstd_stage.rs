@@ -16,6 +16,9 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
+/// The largest window a unit's frame may ask of the decoder (4 MiB).
+const WINDOW_LOG_MAX: u32 = 22;
+
 /// The `zstd` stage.
 #[derive(Debug)]
 pub struct Zstd {
@@ -47,7 +50,11 @@ fn decompress(input: &[u8], room: &mut [u8]) -> std::io::Result<usize> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
+            let mut dec = zstd::bulk::Decompressor::new()?;
+            // A unit is at most 2 MiB: a hostile frame must not make the decoder reserve
+            // a larger window (zstd's default allows 128 MiB).
+            dec.window_log_max(WINDOW_LOG_MAX)?;
+            *d = Some(dec);
         }
         match d.as_mut() {
             Some(dec) => dec.decompress_to_buffer(input, room),

@@ -12,7 +12,10 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-pub use dest::{receive, receive_owed_blocks, DestConfig, DestOutcome, DestReport};
+pub use dest::{
+    host_memory, receive, receive_owed_blocks, DestConfig, DestOutcome, DestReport,
+    DEFAULT_MAX_DISK,
+};
 pub use source::{
     error_chain, fill_random, migrate, recover_postcopy, SourceConfig, StorageMode, Throttle,
 };

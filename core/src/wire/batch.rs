@@ -84,8 +84,12 @@ pub struct Batch<'a> {
 impl<'a> Batch<'a> {
     /// Iterates the records, checking each against `unit_size` and `limit` (unit count).
     pub fn records(&self, unit_size: usize, limit: u64) -> RecordIter<'a> {
+        // What the records decode to must fit the receiver's staging bound: a batch of
+        // empty records (xor-delta of an unchanged page) must not make it reserve GiBs.
+        let most = (MAX_BATCH_BYTES / unit_size.max(1)).max(1);
         RecordIter {
             cur: Cursor::new(self.records, "batch"),
+            too_many: (self.count as usize > most).then_some(most),
             left: self.count,
             unit_size,
             limit,
@@ -99,6 +103,8 @@ impl<'a> Batch<'a> {
 /// Iterator over a batch's records; see [`Batch::records`].
 pub struct RecordIter<'a> {
     pub(super) cur: Cursor<'a>,
+    /// Set when the count exceeds what a batch may decode to: the first item is an error.
+    pub(super) too_many: Option<usize>,
     pub(super) left: u32,
     pub(super) unit_size: usize,
     pub(super) limit: u64,
@@ -110,6 +116,16 @@ impl<'a> Iterator for RecordIter<'a> {
     type Item = Result<UnitRecord<'a>, DecodeError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(most) = self.too_many.take() {
+            let count = self.left;
+            self.left = 0;
+            self.crc = None;
+            self.cur.pos = self.cur.data.len();
+            return Some(Err(self.cur.invalid(format!(
+                "{count} records of {} bytes exceed a batch (at most {most})",
+                self.unit_size
+            ))));
+        }
         if self.left == 0 {
             if let Some((got, want)) = self.crc.take() {
                 if got != want {

@@ -209,7 +209,13 @@ pub struct FrameReader<R> {
     header: Option<FrameHeader>,
     body: Vec<u8>,
     body_got: usize,
+    /// The current frame's body length (the header's claim); the buffer grows toward it
+    /// only as bytes arrive, so a header alone reserves nothing.
+    body_want: usize,
 }
+
+/// The body buffer grows by at least this much at a time.
+const BODY_GROWTH: usize = 64 << 10;
 
 impl<R: Read> FrameReader<R> {
     /// Wraps a stream.
@@ -221,6 +227,7 @@ impl<R: Read> FrameReader<R> {
             header: None,
             body: Vec::new(),
             body_got: 0,
+            body_want: 0,
         }
     }
 
@@ -231,7 +238,7 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads until a frame is complete, the read times out, or the stream ends.
     pub fn poll(&mut self) -> Result<ReadOutcome, FrameError> {
-        if self.header.is_some() && self.body_got == self.body.len() {
+        if self.header.is_some() && self.body_got == self.body_want {
             // The previous frame was handed out: start the next one.
             self.header = None;
             self.head_got = 0;
@@ -250,7 +257,8 @@ impl<R: Read> FrameReader<R> {
                     self.head_got += n;
                     if self.head_got == HEADER_LEN {
                         let h = parse_header(&self.head)?;
-                        self.body.resize(h.len as usize, 0);
+                        self.body_want = h.len as usize;
+                        self.body.truncate(self.body_want.min(self.body.len()));
                         self.body_got = 0;
                         self.header = Some(h);
                     }
@@ -265,12 +273,16 @@ impl<R: Read> FrameReader<R> {
         let Some(h) = self.header else {
             return Ok(ReadOutcome::Idle);
         };
-        while self.body_got < self.body.len() {
+        while self.body_got < self.body_want {
+            if self.body_got == self.body.len() {
+                let grown = (self.body.len() * 2).max(BODY_GROWTH).min(self.body_want);
+                self.body.resize(grown, 0);
+            }
             match self.inner.read(&mut self.body[self.body_got..]) {
                 Ok(0) => {
                     return Err(FrameError::Truncated {
                         got: HEADER_LEN + self.body_got,
-                        want: HEADER_LEN + self.body.len(),
+                        want: HEADER_LEN + self.body_want,
                     })
                 }
                 Ok(n) => self.body_got += n,

@@ -37,6 +37,9 @@ pub const MAX_CHANNELS: u16 = 64;
 pub const RECORD_HEADER: usize = 22;
 /// Extra bytes an encoded unit may take beyond its size before it is rejected.
 pub const CODEC_SLACK: usize = 64;
+/// The most a batch may decode to (one unit more when units are larger): a sender puts
+/// 256 KiB in a frame; a receiver stages at most this much per batch.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// Message type numbers.
 pub mod ty {

@@ -119,6 +119,7 @@ pub fn migrate_tuned(
             &ferry_codecs::resolve,
             &DestConfig {
                 io_timeout: Duration::from_secs(2),
+                ..DestConfig::default()
             },
             &|| {},
         )

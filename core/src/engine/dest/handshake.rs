@@ -89,7 +89,7 @@ pub(super) fn read_hello(links: &mut Links, cfg: &DestConfig) -> Result<Hello, S
         Err(e) => Err(format!("handshake: {}", crate::engine::error_chain(&e))),
     };
     hello
-        .and_then(|h| check_hello(&h, n).map(|()| h))
+        .and_then(|h| check_hello(&h, n, cfg).map(|()| h))
         .map_err(|e| links.refuse(e))
 }
 

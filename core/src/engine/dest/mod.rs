@@ -51,12 +51,37 @@ pub struct DestConfig {
     /// Silence on every channel longer than this aborts (or, after the ack, leaves the
     /// guest in doubt).
     pub io_timeout: Duration,
+    /// The largest guest memory accepted, in bytes; a larger one is refused in the
+    /// handshake, before anything is allocated for it.
+    pub max_memory: u64,
+    /// The largest disk accepted, in bytes.
+    pub max_disk: u64,
+}
+
+/// The largest disk a destination accepts unless told otherwise (64 TiB).
+pub const DEFAULT_MAX_DISK: u64 = 64 << 40;
+
+/// This host's physical memory in bytes (what it could give a guest at most).
+pub fn host_memory() -> u64 {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(size)) {
+        (Ok(p), Ok(s)) if p > 0 && s > 0 => p.saturating_mul(s),
+        _ => u64::MAX,
+    }
 }
 
 impl Default for DestConfig {
     fn default() -> Self {
         Self {
             io_timeout: Duration::from_secs(10),
+            max_memory: host_memory(),
+            max_disk: DEFAULT_MAX_DISK,
         }
     }
 }
@@ -143,9 +168,25 @@ pub type GuestFactory<'a> = dyn Fn(&GuestLayout) -> Result<Arc<dyn DestGuest>, G
 pub type CodecResolver<'a> = dyn Fn(&str) -> Result<Arc<dyn CodecFactory>, String> + 'a;
 
 /// Checks a hello against what this side supports.
-fn check_hello(h: &Hello, accepted_channels: usize) -> Result<(), String> {
+fn check_hello(h: &Hello, accepted_channels: usize, cfg: &DestConfig) -> Result<(), String> {
     if h.capabilities & REQUIRED_CAPABILITIES != REQUIRED_CAPABILITIES {
         return Err("source lacks required capabilities".into());
+    }
+    let memory = h.layout.pages.saturating_mul(u64::from(h.layout.page_size));
+    if memory > cfg.max_memory {
+        return Err(format!(
+            "the guest's memory ({memory} bytes) exceeds this destination's limit of {} bytes (--max-memory)",
+            cfg.max_memory
+        ));
+    }
+    for d in &h.layout.disks {
+        let size = d.blocks.saturating_mul(u64::from(d.block_size));
+        if size > cfg.max_disk {
+            return Err(format!(
+                "disk {} ({size} bytes) exceeds this destination's limit of {} bytes (--max-disk-size)",
+                d.name, cfg.max_disk
+            ));
+        }
     }
     if usize::from(h.channels) != accepted_channels {
         return Err(format!(
