@@ -36,6 +36,7 @@ fn hello(pages: u64, codec: &str) -> Vec<u8> {
         version: PROTOCOL_VERSION,
         capabilities: CAPABILITIES,
         migration_id: [7; 16],
+        digest_key: [3; 32],
         channels: 1,
         verify: VerifyMode::Digest,
         codec: codec.into(),

@@ -24,6 +24,9 @@ pub struct Hello {
     pub capabilities: u64,
     /// Random id of this migration; every channel carries it (see the transport preamble).
     pub migration_id: [u8; 16],
+    /// The secret of this migration's unit digests ([`crate::digest::DigestKey`]), drawn
+    /// by the source; it travels only inside the channel, never through a guest.
+    pub digest_key: [u8; 32],
     /// Number of channels the source opened.
     pub channels: u16,
     /// Verification mode.
@@ -80,6 +83,7 @@ pub(super) fn encode_hello(h: &Hello, out: &mut Vec<u8>) {
     out.extend_from_slice(&h.version.to_le_bytes());
     out.extend_from_slice(&h.capabilities.to_le_bytes());
     out.extend_from_slice(&h.migration_id);
+    out.extend_from_slice(&h.digest_key);
     out.extend_from_slice(&h.channels.to_le_bytes());
     out.push(match h.verify {
         VerifyMode::Digest => 0,
@@ -109,6 +113,7 @@ pub(super) fn decode_hello(body: &[u8]) -> Result<Hello, DecodeError> {
     }
     let capabilities = c.u64()?;
     let migration_id = c.array()?;
+    let digest_key = c.array()?;
     let channels = c.u16()?;
     if channels == 0 || channels > MAX_CHANNELS {
         return Err(c.invalid(format!("{channels} channels (1..={MAX_CHANNELS})")));
@@ -162,6 +167,7 @@ pub(super) fn decode_hello(body: &[u8]) -> Result<Hello, DecodeError> {
         version,
         capabilities,
         migration_id,
+        digest_key,
         channels,
         verify,
         codec,

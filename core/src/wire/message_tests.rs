@@ -8,6 +8,7 @@ fn hello() -> Hello {
         version: PROTOCOL_VERSION,
         capabilities: CAPABILITIES,
         migration_id: [7; 16],
+        digest_key: [3; 32],
         channels: 2,
         verify: VerifyMode::Full,
         codec: "lz4".into(),

@@ -14,7 +14,7 @@ use super::handshake::{Accepted, Links};
 use super::receiver::{Event, Received, ReceiverWorker};
 use super::{send_shared, verify_and_restore, DestConfig, DestReport, Flush, SharedTx};
 use crate::bitmap::Bitmap;
-use crate::digest::{DigestDelta, DigestTable};
+use crate::digest::{DigestDelta, DigestKey, DigestTable};
 use crate::engine::{micros, ms, Control};
 use crate::fault::{Faults, Point};
 use crate::guest::{DestGuest, GuestLayout, PullFn, StateBlob};
@@ -39,12 +39,17 @@ impl Receivers {
     pub(super) fn start(links: &mut Links, accepted: &Accepted, order: ChannelOrder) -> Self {
         let layout = &accepted.hello.layout;
         let guest = &accepted.guest;
-        let pages = Arc::new(DigestTable::zeroed(layout.pages, layout.page_size as usize));
+        let key = DigestKey::from_bytes(accepted.hello.digest_key);
+        let pages = Arc::new(DigestTable::zeroed(
+            layout.pages,
+            layout.page_size as usize,
+            &key,
+        ));
         let disks = Arc::new(
             layout
                 .disks
                 .iter()
-                .map(|d| DigestTable::zeroed(d.blocks, d.block_size as usize))
+                .map(|d| DigestTable::zeroed(d.blocks, d.block_size as usize, &key))
                 .collect::<Vec<_>>(),
         );
         let epoch = Instant::now();

@@ -300,6 +300,7 @@ fn verify_and_restore(
         // post-copy push checks them against the source's digests as they arrive.
         let (got_p, got_d) = guest_sums(
             layout,
+            pages.key(),
             |i, b| guest.read_page(i, b).is_ok(),
             |d, i, b| {
                 let is_owed = owed

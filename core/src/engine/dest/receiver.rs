@@ -9,7 +9,7 @@ use crossbeam_channel::Sender;
 
 use super::{read_frame_until, Control, Flush, ReadError};
 use crate::codec::{DecodeItem, Decoder, Unit, TAG_RAW};
-use crate::digest::{unit_digest, DigestDelta, DigestTable};
+use crate::digest::{DigestDelta, DigestTable};
 use crate::guest::{DestGuest, GuestError, GuestLayout};
 use crate::machine::ChannelOrder;
 use crate::wire::BatchKind;
@@ -232,7 +232,7 @@ impl ReceiverWorker {
                     None if rec.tag == TAG_RAW => rec.data,
                     None => return Err(format!("{what} {i} arrived encoded without a codec")),
                 };
-                let d = unit_digest(i, data);
+                let d = table.digest(i, data);
                 if d != rec.digest {
                     return Err(if rec.tag == TAG_RAW {
                         format!("{what} {i} arrived corrupted (digest mismatch)")

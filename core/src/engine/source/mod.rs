@@ -19,7 +19,7 @@ use crossbeam_channel::{bounded, unbounded, Sender};
 
 use super::{block_channel, ms, page_channel, read_frame_until, Control, ReadError};
 use crate::codec::CodecFactory;
-use crate::digest::{DigestDelta, DigestTable};
+use crate::digest::{DigestDelta, DigestKey, DigestTable};
 use crate::fault::{Faults, Point, Side};
 use crate::guest::SourceGuest;
 use crate::machine::{SourceAction, SourceSession};
@@ -177,15 +177,17 @@ fn drive(
     };
     let faults = Faults::from_env(Side::Source, cfg.io_timeout);
     let channels: Vec<Channel> = channels.into_iter().map(|c| faults.wrap(c)).collect();
+    // A fresh secret per migration: no guest can predict a digest.
+    let digest_key = DigestKey::random();
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
         faults,
         guest: Arc::clone(&guest),
-        pages: DigestTable::zeroed(layout.pages, layout.page_size as usize),
+        pages: DigestTable::zeroed(layout.pages, layout.page_size as usize, &digest_key),
         disks: layout
             .disks
             .iter()
-            .map(|d| DigestTable::zeroed(d.blocks, d.block_size as usize))
+            .map(|d| DigestTable::zeroed(d.blocks, d.block_size as usize, &digest_key))
             .collect(),
         layout: layout.clone(),
         pacer: cfg
@@ -215,6 +217,7 @@ fn drive(
                 version: PROTOCOL_VERSION,
                 capabilities: CAPABILITIES | if recover.is_some() { CAP_RECOVER } else { 0 },
                 migration_id,
+                digest_key: digest_key.bytes(),
                 channels: cfg.channels.max(1) as u16,
                 verify: cfg.verify,
                 codec: codec.spec(),

@@ -319,6 +319,7 @@ fn stop_and_copy(
             .filter(|_| cfg.storage_mode == StorageMode::PostCopy);
         let sums = guest_sums(
             &layout,
+            s.shared.pages.key(),
             |i, b| guest.read_page(i, b).is_ok(),
             |d, i, b| {
                 let is_owed = owed

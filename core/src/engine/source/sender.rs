@@ -8,7 +8,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::codec::{EncodeItem, Encoder, Unit, TAG_RAW};
-use crate::digest::{unit_digest, DigestDelta, DigestTable};
+use crate::digest::{DigestDelta, DigestTable};
 use crate::guest::{GuestLayout, SourceGuest};
 use crate::pacer::Pacer;
 use crate::wire::frame::{FLAG_RECORD_DIGESTS, HEADER_LEN};
@@ -310,7 +310,7 @@ impl SenderWorker {
                 BatchBuilder::record(body, i, true, 0, 0, d);
                 zeros += 1;
             } else {
-                let digest = unit_digest(i, data);
+                let digest = table.digest(i, data);
                 table.record(i, digest, delta);
                 match self.slots.get(k).filter(|_| staged) {
                     Some(Slot::Encoded { tag, out }) => {
