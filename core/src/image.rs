@@ -5,11 +5,12 @@
 //! copy of that state can announce `(id, g)`, and a source whose current generation is `g`
 //! sends only the blocks written since (incremental migration back).
 //!
+//! In the envelope of [`crate::envelope`] (magic `FERRYIMG`, version 3), the body:
+//!
 //! ```text
-//! "FERRYIMG" version:u32 state:u8 (0 closed, 1 open, 2 base) id:[16] generation:u64
-//! block_size:u32 blocks:u64
+//! state:u8 (0 closed, 1 open, 2 base) id:[16] generation:u64 block_size:u32 blocks:u64
 //! sealed:u8 size:u64 mtime_s:i64 mtime_ns:u32 inode:u64 sample:[32]
-//! written-since-generation bitmap (ceil(blocks/64) u64 words)   crc32c:u32
+//! written-since-generation bitmap (ceil(blocks/64) u64 words)
 //! ```
 //!
 //! A `closed` or `base` sidecar carries a *seal* of the image as it was when the sidecar
@@ -30,8 +31,9 @@ use crate::bitmap::Bitmap;
 
 const MAGIC: &[u8; 8] = b"FERRYIMG";
 /// Sidecar format version.
-pub const VERSION: u32 = 2;
-const HEAD: usize = 8 + 4 + 1 + 16 + 8 + 4 + 8 + SEAL_LEN;
+pub const VERSION: u32 = 3;
+/// The body's fixed part (the envelope's magic, version, length and CRC are around it).
+const HEAD: usize = 1 + 16 + 8 + 4 + 8 + SEAL_LEN;
 const SEAL_LEN: usize = 1 + 8 + 8 + 4 + 8 + 32;
 /// Blocks read for a seal's sampled digest (the first, the last, and evenly spread ones).
 const SEAL_SAMPLES: u64 = 64;
@@ -179,9 +181,7 @@ pub fn sidecar_path(image: &Path) -> PathBuf {
 impl Sidecar {
     /// Encodes the sidecar.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(HEAD + self.written.words().len() * 8 + 4);
-        b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        let mut b = Vec::with_capacity(HEAD + self.written.words().len() * 8);
         b.push(match self.state {
             SidecarState::Closed => 0,
             SidecarState::Open => 1,
@@ -207,24 +207,15 @@ impl Sidecar {
         for w in self.written.words() {
             b.extend_from_slice(&w.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
-        b
+        crate::envelope::seal(MAGIC, VERSION, &b)
     }
 
     /// Decodes and checks a sidecar for an image of `blocks` blocks of `block_size`.
     pub fn decode(bytes: &[u8], block_size: u32, blocks: u64) -> Result<Sidecar, String> {
-        if bytes.len() < HEAD + 4 {
+        let body = crate::envelope::open("sidecar", MAGIC, VERSION, bytes)
+            .map_err(|e| e.to_string())?;
+        if body.len() < HEAD {
             return Err(format!("{} bytes: truncated", bytes.len()));
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        let mut c = [0u8; 4];
-        c.copy_from_slice(crc);
-        if crc32c::crc32c(body) != u32::from_le_bytes(c) {
-            return Err("checksum mismatch (torn or corrupt)".into());
-        }
-        if &body[..8] != MAGIC {
-            return Err("not a ferry image sidecar".into());
         }
         let u32_at =
             |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
@@ -233,38 +224,32 @@ impl Sidecar {
             a.copy_from_slice(&body[o..o + 8]);
             u64::from_le_bytes(a)
         };
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(format!(
-                "format version {version} (this build reads {VERSION})"
-            ));
-        }
-        let state = match body[12] {
+        let state = match body[0] {
             0 => SidecarState::Closed,
             1 => SidecarState::Open,
             2 => SidecarState::Base,
             s => return Err(format!("unknown state {s}")),
         };
         let mut id = [0u8; 16];
-        id.copy_from_slice(&body[13..29]);
-        let generation = u64_at(29);
-        let bs = u32_at(37);
-        let n = u64_at(41);
+        id.copy_from_slice(&body[1..17]);
+        let generation = u64_at(17);
+        let bs = u32_at(25);
+        let n = u64_at(29);
         if bs != block_size || n != blocks {
             return Err(format!(
                 "describes {n} blocks of {bs} bytes, the image has {blocks} of {block_size}"
             ));
         }
-        let seal = match body[49] {
+        let seal = match body[37] {
             0 => None,
             1 => {
                 let mut sample = [0u8; 32];
-                sample.copy_from_slice(&body[78..110]);
+                sample.copy_from_slice(&body[66..98]);
                 Some(Seal {
-                    size: u64_at(50),
-                    mtime_s: u64_at(58) as i64,
-                    mtime_ns: u32_at(66),
-                    inode: u64_at(70),
+                    size: u64_at(38),
+                    mtime_s: u64_at(46) as i64,
+                    mtime_ns: u32_at(54),
+                    inode: u64_at(58),
                     sample,
                 })
             }
@@ -368,14 +353,7 @@ mod tests {
         let s = sample();
         let b = s.encode();
         assert_eq!(Sidecar::decode(&b, 4096, 100).unwrap(), s);
-        for i in 0..b.len() {
-            let mut c = b.clone();
-            c[i] ^= 0x20;
-            assert!(Sidecar::decode(&c, 4096, 100).is_err(), "flip at {i}");
-        }
-        for cut in 0..b.len() {
-            assert!(Sidecar::decode(&b[..cut], 4096, 100).is_err(), "cut {cut}");
-        }
+        crate::envelope::assert_every_byte_guarded(&b, |b| Sidecar::decode(b, 4096, 100));
         assert!(Sidecar::decode(&b, 4096, 101).is_err(), "wrong geometry");
     }
 

@@ -15,6 +15,7 @@ pub mod bitmap;
 pub mod codec;
 pub mod digest;
 pub mod engine;
+pub mod envelope;
 pub mod fault;
 pub mod guest;
 pub mod image;

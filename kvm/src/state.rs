@@ -20,7 +20,7 @@ use crate::layout::Partition;
 use crate::workload::{Pattern, Workload};
 
 /// Format version of the blob.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"FERRYKVM";
 
 /// The VMM's per-vCPU device state: where the workload's pacing and accounting stand.
@@ -263,7 +263,7 @@ fn fpu_bytes(f: &kvm_fpu) -> Vec<u8> {
 
 /// Encodes the state.
 pub fn encode(s: &VmState) -> Vec<u8> {
-    let mut w = Writer(MAGIC.to_vec());
+    let mut w = Writer(Vec::new());
     let wl = &s.workload;
     w.section(
         T_WORKLOAD,
@@ -311,7 +311,7 @@ pub fn encode(s: &VmState) -> Vec<u8> {
             ]),
         );
     }
-    w.0
+    ferry_core::envelope::seal(MAGIC, STATE_VERSION, &w.0)
 }
 
 /// A bounds-checked reader over hostile bytes.
@@ -411,11 +411,11 @@ fn fpu_from(b: &[u8]) -> Result<kvm_fpu, String> {
     Ok(f)
 }
 
-/// Decodes a blob; every length is checked, nothing is trusted.
+/// Decodes a blob: its envelope (magic, version, length, CRC) first, then every section
+/// and length is checked, nothing is trusted.
 pub fn decode(bytes: &[u8]) -> Result<VmState, String> {
-    let Some(body) = bytes.strip_prefix(MAGIC.as_slice()) else {
-        return Err("not a Ferry KVM state (bad magic)".into());
-    };
+    let body = ferry_core::envelope::open("KVM state", MAGIC, STATE_VERSION, bytes)
+        .map_err(|e| e.to_string())?;
     let mut r = Reader { b: body };
     let mut s = VmState::default();
     let mut declared = None;
@@ -581,9 +581,11 @@ mod tests {
     }
 
     #[test]
-    fn a_blob_round_trips() {
+    fn a_blob_round_trips_and_every_corruption_is_caught() {
         let s = sample();
-        let d = decode(&encode(&s)).unwrap();
+        let blob = encode(&s);
+        ferry_core::envelope::assert_every_byte_guarded(&blob, decode);
+        let d = decode(&blob).unwrap();
         assert_eq!(d.vcpus.len(), 2);
         assert_eq!(d.workload, s.workload);
         assert_eq!(d.vcpus[1].regs, s.vcpus[1].regs);
@@ -595,13 +597,18 @@ mod tests {
 
     #[test]
     fn hostile_blobs_are_errors_not_panics() {
+        // A peer can seal anything: the sections inside a valid envelope are hostile too.
         let good = encode(&sample());
-        for cut in 0..good.len() {
-            assert!(decode(&good[..cut]).is_err(), "truncated at {cut}");
+        let body = ferry_core::envelope::open("KVM state", MAGIC, STATE_VERSION, &good)
+            .unwrap()
+            .to_vec();
+        let sealed = |b: &[u8]| ferry_core::envelope::seal(MAGIC, STATE_VERSION, b);
+        for cut in 0..body.len() {
+            let _ = decode(&sealed(&body[..cut]));
         }
         let mut x = 0x1234_5678u32;
         for _ in 0..2000 {
-            let mut b = good.clone();
+            let mut b = body.clone();
             for _ in 0..4 {
                 x ^= x << 13;
                 x ^= x >> 17;
@@ -609,7 +616,7 @@ mod tests {
                 let i = x as usize % b.len();
                 b[i] ^= (x >> 24) as u8 | 1;
             }
-            let _ = decode(&b);
+            let _ = decode(&sealed(&b));
         }
         assert!(decode(b"FERRYKVM\x01\x00\xff\xff\xff\xff").is_err());
     }

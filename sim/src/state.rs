@@ -1,9 +1,10 @@
 //! The sim guest's state blob (its "vCPU state"): workload settings and every thread's
-//! registers. Format version 1:
+//! registers, in the envelope of [`ferry_core::envelope`] (magic `FSIMST01`). Format
+//! version 2, the body:
 //!
 //! ```text
-//! "FSIMST01" pattern:u8 threads:u16 dirty_rate:u64 disk_rate:u64 seed:u64
-//! (rng:u64 cursor:u64 writes:u64) × (threads + 1)   crc32c:u32
+//! pattern:u8 threads:u16 dirty_rate:u64 disk_rate:u64 seed:u64
+//! (rng:u64 cursor:u64 writes:u64) × (threads + 1)
 //! ```
 
 use ferry_core::guest::StateBlob;
@@ -13,12 +14,11 @@ use crate::MAX_THREADS;
 
 const MAGIC: &[u8; 8] = b"FSIMST01";
 /// Format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Encodes settings and registers.
 pub fn encode(cfg: &WorkloadConfig, regs: &[Regs]) -> StateBlob {
     let mut b = Vec::with_capacity(64 + regs.len() * 24);
-    b.extend_from_slice(MAGIC);
     b.push(cfg.pattern.code());
     b.extend_from_slice(&cfg.threads.to_le_bytes());
     b.extend_from_slice(&cfg.dirty_rate.to_le_bytes());
@@ -29,11 +29,9 @@ pub fn encode(cfg: &WorkloadConfig, regs: &[Regs]) -> StateBlob {
         b.extend_from_slice(&r.cursor.to_le_bytes());
         b.extend_from_slice(&r.writes.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
     StateBlob {
         version: VERSION,
-        bytes: b,
+        bytes: ferry_core::envelope::seal(MAGIC, VERSION, &b),
     }
 }
 
@@ -45,36 +43,28 @@ pub fn decode(blob: &StateBlob) -> Result<(WorkloadConfig, Vec<Regs>), String> {
             blob.version
         ));
     }
-    let b = &blob.bytes;
-    const HEAD: usize = 8 + 1 + 2 + 8 * 3;
-    if b.len() < HEAD + 4 {
-        return Err("state blob too short".into());
-    }
-    let (body, crc) = b.split_at(b.len() - 4);
-    let mut c = [0u8; 4];
-    c.copy_from_slice(crc);
-    if crc32c::crc32c(body) != u32::from_le_bytes(c) {
-        return Err("state blob checksum mismatch".into());
-    }
-    if &body[..8] != MAGIC {
-        return Err("not a sim state blob".into());
+    let body = ferry_core::envelope::open("sim state", MAGIC, VERSION, &blob.bytes)
+        .map_err(|e| e.to_string())?;
+    const HEAD: usize = 1 + 2 + 8 * 3;
+    if body.len() < HEAD {
+        return Err("sim state: too short".into());
     }
     let u64_at = |o: usize| {
         let mut a = [0u8; 8];
         a.copy_from_slice(&body[o..o + 8]);
         u64::from_le_bytes(a)
     };
-    let pattern = Pattern::from_code(body[8]).ok_or("unknown workload pattern")?;
-    let threads = u16::from_le_bytes([body[9], body[10]]);
+    let pattern = Pattern::from_code(body[0]).ok_or("unknown workload pattern")?;
+    let threads = u16::from_le_bytes([body[1], body[2]]);
     if threads == 0 || usize::from(threads) > MAX_THREADS {
         return Err(format!("{threads} threads"));
     }
     let cfg = WorkloadConfig {
         pattern,
         threads,
-        dirty_rate: u64_at(11),
-        disk_rate: u64_at(19),
-        seed: u64_at(27),
+        dirty_rate: u64_at(3),
+        disk_rate: u64_at(11),
+        seed: u64_at(19),
     };
     let rest = &body[HEAD..];
     let want = (usize::from(threads) + 1) * 24;
@@ -128,18 +118,14 @@ mod tests {
         ];
         let blob = encode(&cfg, &regs);
         assert_eq!(decode(&blob).unwrap(), (cfg, regs));
-        for i in 0..blob.bytes.len() {
-            let mut b = blob.clone();
-            b.bytes[i] ^= 1;
-            assert!(decode(&b).is_err(), "flip at {i}");
-        }
-        for cut in 0..blob.bytes.len() {
-            let mut b = blob.clone();
-            b.bytes.truncate(cut);
-            assert!(decode(&b).is_err(), "cut at {cut}");
-        }
-        let mut v2 = blob;
-        v2.version = 2;
-        assert!(decode(&v2).unwrap_err().contains("version 2"));
+        ferry_core::envelope::assert_every_byte_guarded(&blob.bytes, |b| {
+            decode(&StateBlob {
+                version: VERSION,
+                bytes: b.to_vec(),
+            })
+        });
+        let mut v3 = blob;
+        v3.version = 3;
+        assert!(decode(&v3).unwrap_err().contains("version 3"));
     }
 }

@@ -1,9 +1,10 @@
-//! The versioned state blob of a Xen domain: `"FERRYXEN"`, then little-endian fields —
+//! The versioned state blob of a Xen domain, in the envelope of [`ferry_core::envelope`]
+//! (magic `"FERRYXEN"`); the body, little-endian fields —
 //! RAM map digest and page count, TSC info (mode, elapsed ns, kHz, incarnation), the
 //! carried HVM params, and Xen's own HVM context records (validated by Xen on load).
 
 /// Format version of the blob.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"FERRYXEN";
 /// Most HVM params a blob may carry.
 const MAX_PARAMS: u64 = 64;
@@ -27,7 +28,7 @@ pub struct XenState {
 
 /// Encodes the state.
 pub fn encode(s: &XenState) -> Vec<u8> {
-    let mut b = MAGIC.to_vec();
+    let mut b = Vec::new();
     let mut put = |v: u64| b.extend_from_slice(&v.to_le_bytes());
     put(s.memmap_digest);
     put(s.pages);
@@ -41,14 +42,13 @@ pub fn encode(s: &XenState) -> Vec<u8> {
     }
     put(s.hvm_context.len() as u64);
     b.extend_from_slice(&s.hvm_context);
-    b
+    ferry_core::envelope::seal(MAGIC, STATE_VERSION, &b)
 }
 
 /// Decodes a blob; lengths are checked, nothing is trusted.
 pub fn decode(bytes: &[u8]) -> Result<XenState, String> {
-    let mut b = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or("not a Ferry Xen state (bad magic)")?;
+    let mut b = ferry_core::envelope::open("Xen state", MAGIC, STATE_VERSION, bytes)
+        .map_err(|e| e.to_string())?;
     let mut get = || -> Result<u64, String> {
         if b.len() < 8 {
             return Err("truncated Xen state".into());
@@ -128,12 +128,13 @@ mod tests {
         };
         let e = encode(&s);
         assert_eq!(decode(&e).unwrap(), s);
-        for cut in 0..e.len() {
-            assert!(decode(&e[..cut]).is_err());
+        ferry_core::envelope::assert_every_byte_guarded(&e, decode);
+        // Inside a valid envelope the fields are still checked: a hostile peer seals too.
+        let body = ferry_core::envelope::open("Xen state", MAGIC, STATE_VERSION, &e).unwrap();
+        for cut in 0..body.len() {
+            let sealed = ferry_core::envelope::seal(MAGIC, STATE_VERSION, &body[..cut]);
+            assert!(decode(&sealed).is_err(), "body cut at {cut}");
         }
-        let mut long = e.clone();
-        long.push(0);
-        assert!(decode(&long).is_err());
     }
 
     #[test]
