@@ -23,39 +23,78 @@ fn truncate(h: blake3::Hash) -> Digest {
     d
 }
 
-/// Digests of every block, computed in parallel; `read` fills a block (an unreadable
-/// block gets a digest that matches nothing).
-pub fn block_digests<F>(key: &[u8; 32], blocks: u64, block_size: usize, read: F) -> Vec<Digest>
-where
-    F: Fn(u64, &mut [u8]) -> bool + Sync,
-{
-    (0..blocks)
-        .into_par_iter()
-        .map_init(
-            || vec![0u8; block_size],
-            |buf, b| {
-                if read(b, buf) {
+/// A disk to compare: its geometry, which blocks may hold data (holes read as zeros and
+/// are never read), and how to read a block (false: unreadable, its digest matches
+/// nothing).
+pub struct Disk<'a, F> {
+    /// Blocks.
+    pub blocks: u64,
+    /// Bytes per block.
+    pub block_size: usize,
+    /// Blocks that may hold data (e.g. from `SEEK_DATA`); `None`: every block.
+    pub allocated: Option<&'a Bitmap>,
+    /// Reads a block.
+    pub read: F,
+}
+
+impl<F: Fn(u64, &mut [u8]) -> bool + Sync> Disk<'_, F> {
+    fn may_hold_data(&self, b: u64) -> bool {
+        self.allocated.is_none_or(|a| a.get(b))
+    }
+
+    /// Digests of the blocks of `chunk` (a hole's without reading it).
+    pub fn chunk_blocks(&self, key: &[u8; 32], chunk: u32, buf: &mut Vec<u8>) -> Vec<Digest> {
+        let first = u64::from(chunk) * CHUNK_BLOCKS;
+        let end = (first + CHUNK_BLOCKS).min(self.blocks);
+        buf.resize(self.block_size, 0);
+        let zero = zero_digest(key, self.block_size);
+        (first..end)
+            .map(|b| {
+                if !self.may_hold_data(b) {
+                    zero
+                } else if (self.read)(b, buf) {
                     truncate(blake3::keyed_hash(key, buf))
                 } else {
                     [0xff; 16]
                 }
-            },
-        )
-        .collect()
+            })
+            .collect()
+    }
+
+    /// Digests of every chunk, in parallel: a chunk with no data is a hole on both sides
+    /// and costs one precomputed digest, so a 16 TiB disk of holes is compared in the
+    /// time its data takes to read.
+    pub fn chunk_digests(&self, key: &[u8; 32]) -> Vec<Digest> {
+        let chunks = self.blocks.div_ceil(CHUNK_BLOCKS);
+        let zero = zero_digest(key, self.block_size);
+        let hole_chunk = chunk_digest(key, &[zero; CHUNK_BLOCKS as usize]);
+        (0..chunks)
+            .into_par_iter()
+            .map_init(Vec::new, |buf, c| {
+                let first = c * CHUNK_BLOCKS;
+                let end = (first + CHUNK_BLOCKS).min(self.blocks);
+                let full = end - first == CHUNK_BLOCKS;
+                if full && !(first..end).any(|b| self.may_hold_data(b)) {
+                    return hole_chunk;
+                }
+                chunk_digest(key, &self.chunk_blocks(key, c as u32, buf))
+            })
+            .collect()
+    }
 }
 
-/// Chunk digests over the block digests.
-pub fn chunk_digests(key: &[u8; 32], blocks: &[Digest]) -> Vec<Digest> {
-    blocks
-        .chunks(CHUNK_BLOCKS as usize)
-        .map(|c| {
-            let mut h = blake3::Hasher::new_keyed(key);
-            for d in c {
-                h.update(d);
-            }
-            truncate(h.finalize())
-        })
-        .collect()
+/// The digest of an all-zero block of `block_size` bytes.
+pub fn zero_digest(key: &[u8; 32], block_size: usize) -> Digest {
+    truncate(blake3::keyed_hash(key, &vec![0u8; block_size]))
+}
+
+/// A chunk's digest over its block digests.
+pub fn chunk_digest(key: &[u8; 32], blocks: &[Digest]) -> Digest {
+    let mut h = blake3::Hasher::new_keyed(key);
+    for d in blocks {
+        h.update(d);
+    }
+    truncate(h.finalize())
 }
 
 /// Chunks whose digests differ (a missing digest on either side differs).
@@ -81,7 +120,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_exactly_the_changed_blocks() {
+    fn finds_exactly_the_changed_blocks_and_holes_cost_nothing() {
         let key = key_for(&[1; 16]);
         let n = 1000u64;
         let base = |b: u64, buf: &mut [u8]| {
@@ -96,22 +135,63 @@ mod tests {
             }
             true
         };
-        let bd_theirs = block_digests(&key, n, 512, base);
-        let bd_mine = block_digests(&key, n, 512, mine);
-        let cd_theirs = chunk_digests(&key, &bd_theirs);
-        let cd_mine = chunk_digests(&key, &bd_mine);
-        let chunks = differing_chunks(&cd_mine, &cd_theirs);
+        let theirs = Disk {
+            blocks: n,
+            block_size: 512,
+            allocated: None,
+            read: base,
+        };
+        let ours = Disk {
+            blocks: n,
+            block_size: 512,
+            allocated: None,
+            read: mine,
+        };
+        let chunks = differing_chunks(&ours.chunk_digests(&key), &theirs.chunk_digests(&key));
         assert_eq!(chunks, vec![0, 1, 15]);
         let mut diff = Bitmap::new(n);
+        let mut buf = Vec::new();
         for c in chunks {
-            let r = c as usize * 64..((c as usize + 1) * 64).min(n as usize);
-            mark_differing(&mut diff, c, &bd_mine[r.clone()], &bd_theirs[r]);
+            let m = ours.chunk_blocks(&key, c, &mut buf);
+            let t = theirs.chunk_blocks(&key, c, &mut buf);
+            mark_differing(&mut diff, c, &m, &t);
         }
         assert_eq!(diff.iter_ones().collect::<Vec<_>>(), changed.to_vec());
         // Another migration id gives unrelated digests.
         assert_ne!(
-            block_digests(&key_for(&[2; 16]), 1, 512, base),
-            bd_theirs[..1].to_vec()
+            theirs.chunk_digests(&key_for(&[2; 16])),
+            theirs.chunk_digests(&key)
         );
+
+        // Holes: a disk with data in one block of a 2^26-block disk is hashed by reading
+        // that block alone, and equals a dense read of the same content.
+        let big = 1u64 << 26;
+        let mut allocated = Bitmap::new(big);
+        allocated.set(12_345_678);
+        let reads = std::sync::atomic::AtomicU64::new(0);
+        let data = |b: u64, buf: &mut [u8]| {
+            reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            buf.fill(u8::from(b == 12_345_678));
+            true
+        };
+        let sparse = Disk {
+            blocks: big,
+            block_size: 512,
+            allocated: Some(&allocated),
+            read: data,
+        };
+        let digests = sparse.chunk_digests(&key);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let dense = Disk {
+            blocks: 128,
+            block_size: 512,
+            allocated: None,
+            read: |_: u64, buf: &mut [u8]| {
+                buf.fill(0);
+                true
+            },
+        };
+        assert_eq!(digests[0], dense.chunk_digests(&key)[0]);
+        assert_ne!(digests[12_345_678 / 64], digests[0]);
     }
 }

@@ -170,7 +170,11 @@ mod tests {
         assert!(n > 3 * blob.len());
         assert!(matches!(
             open("test", M, 4, &blob),
-            Err(EnvelopeError::Version { got: 3, want: 4, .. })
+            Err(EnvelopeError::Version {
+                got: 3,
+                want: 4,
+                ..
+            })
         ));
         assert!(matches!(
             open("test", b"FERRYOTH", 3, &blob),

@@ -288,6 +288,12 @@ pub trait DestGuest: Send + Sync {
             .ok_or_else(|| no_disk(disk))?
             .read_block(disk, index, buf)
     }
+    /// Blocks of `disk` that may hold data (holes excluded), for comparing a base.
+    fn allocated_blocks(&self, disk: usize) -> Result<Bitmap, GuestError> {
+        self.storage()
+            .ok_or_else(|| no_disk(disk))?
+            .allocated_blocks(disk)
+    }
     /// Writes block `index` of `disk`.
     fn write_block(&self, disk: usize, index: u64, data: &[u8]) -> Result<(), GuestError> {
         self.storage()

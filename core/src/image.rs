@@ -212,8 +212,8 @@ impl Sidecar {
 
     /// Decodes and checks a sidecar for an image of `blocks` blocks of `block_size`.
     pub fn decode(bytes: &[u8], block_size: u32, blocks: u64) -> Result<Sidecar, String> {
-        let body = crate::envelope::open("sidecar", MAGIC, VERSION, bytes)
-            .map_err(|e| e.to_string())?;
+        let body =
+            crate::envelope::open("sidecar", MAGIC, VERSION, bytes).map_err(|e| e.to_string())?;
         if body.len() < HEAD {
             return Err(format!("{} bytes: truncated", bytes.len()));
         }

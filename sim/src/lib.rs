@@ -11,7 +11,7 @@
 
 mod fill;
 mod memory;
-mod state;
+pub mod state;
 mod traits;
 pub mod workload;
 

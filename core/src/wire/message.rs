@@ -37,6 +37,91 @@ pub const MAX_CHANNELS: u16 = 64;
 pub const RECORD_HEADER: usize = 22;
 /// Extra bytes an encoded unit may take beyond its size before it is rejected.
 pub const CODEC_SLACK: usize = 64;
+/// Chunk digests (or requested chunks) in one frame: 1 MiB of digests.
+pub const DIGESTS_PER_FRAME: usize = 1 << 16;
+/// Words of an owed-block bitmap in one frame: 1 MiB, 8 Mi blocks.
+pub const OWED_WORDS_PER_FRAME: usize = 1 << 17;
+
+/// Part of a bitmap too large for one frame: words `first_word..` of a bitmap of `bits`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapPart {
+    /// Bits of the whole bitmap.
+    pub bits: u64,
+    /// The first word of this part.
+    pub first_word: u64,
+    /// The words.
+    pub words: Vec<u64>,
+}
+
+/// The owed-blocks messages of `disk` for bitmap `owed`, in order (at least one).
+pub fn owed_parts(disk: u16, owed: &Bitmap) -> Vec<Message<'static>> {
+    let words = owed.words();
+    let mut out: Vec<Message<'static>> = words
+        .chunks(OWED_WORDS_PER_FRAME)
+        .enumerate()
+        .map(|(k, w)| Message::OwedBlocks {
+            disk,
+            part: BitmapPart {
+                bits: owed.len(),
+                first_word: (k * OWED_WORDS_PER_FRAME) as u64,
+                words: w.to_vec(),
+            },
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(Message::OwedBlocks {
+            disk,
+            part: BitmapPart {
+                bits: owed.len(),
+                first_word: 0,
+                words: Vec::new(),
+            },
+        });
+    }
+    out
+}
+
+/// Puts a bitmap back together from its parts, which must come in order.
+#[derive(Debug)]
+pub struct BitmapAssembler {
+    bits: u64,
+    words: Vec<u64>,
+}
+
+impl BitmapAssembler {
+    /// Expects a bitmap of `bits` bits.
+    pub fn new(bits: u64) -> Self {
+        Self {
+            bits,
+            words: Vec::new(),
+        }
+    }
+
+    /// Adds the next part; the whole bitmap once it is complete.
+    pub fn add(&mut self, part: BitmapPart) -> Result<Option<Bitmap>, String> {
+        let want = self.bits.div_ceil(64);
+        if part.bits != self.bits || part.first_word != self.words.len() as u64 {
+            return Err(format!(
+                "bitmap part at word {} of {} bits, expected word {} of {}",
+                part.first_word,
+                part.bits,
+                self.words.len(),
+                self.bits
+            ));
+        }
+        if self.words.len() as u64 + part.words.len() as u64 > want {
+            return Err("bitmap parts run past its end".into());
+        }
+        self.words.extend_from_slice(&part.words);
+        if self.words.len() as u64 == want {
+            return Bitmap::from_words(std::mem::take(&mut self.words), self.bits)
+                .map(Some)
+                .map_err(|e| e.to_string());
+        }
+        Ok(None)
+    }
+}
+
 /// The most a batch may decode to (one unit more when units are larger): a sender puts
 /// 256 KiB in a frame; a receiver stages at most this much per batch.
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -249,26 +334,35 @@ pub enum Message<'a> {
     Abort(String),
     /// Per-disk plan.
     StoragePlan(Vec<DiskPlan>),
-    /// Chunk digests of disk `disk`'s base.
+    /// Chunk digests of disk `disk`'s base, chunks `first..first + digests.len()` of
+    /// `total` (a large disk's take several frames, in order).
     BaseDigests {
         /// Disk number.
         disk: u16,
+        /// The first chunk of this part.
+        first: u32,
+        /// Chunks of the disk.
+        total: u32,
         /// One digest per chunk.
         digests: Vec<Digest>,
     },
-    /// The chunks of `disk` whose block digests the source needs.
+    /// Some of the chunks of `disk` whose block digests the source needs; `last` ends the
+    /// request. Each part is answered (block digests, ending `last`) before the next.
     DigestRequest {
         /// Disk number.
         disk: u16,
+        /// Whether this is the last part of the request.
+        last: bool,
         /// Chunk numbers.
         chunks: Vec<u32>,
     },
-    /// Blocks of `disk` still owed at the pause (storage post-copy).
+    /// Part of the blocks of `disk` still owed at the pause (storage post-copy); the
+    /// parts come in order ([`owed_parts`], [`BitmapAssembler`]).
     OwedBlocks {
         /// Disk number.
         disk: u16,
-        /// The owed blocks.
-        owed: Bitmap,
+        /// This part of the bitmap.
+        part: BitmapPart,
     },
     /// Owed blocks the destination's guest is waiting for.
     PullBlocks {
@@ -313,9 +407,21 @@ impl Message<'_> {
             Message::Verdict(v) => Message::Verdict(v),
             Message::Abort(s) => Message::Abort(s),
             Message::StoragePlan(p) => Message::StoragePlan(p),
-            Message::BaseDigests { disk, digests } => Message::BaseDigests { disk, digests },
-            Message::DigestRequest { disk, chunks } => Message::DigestRequest { disk, chunks },
-            Message::OwedBlocks { disk, owed } => Message::OwedBlocks { disk, owed },
+            Message::BaseDigests {
+                disk,
+                first,
+                total,
+                digests,
+            } => Message::BaseDigests {
+                disk,
+                first,
+                total,
+                digests,
+            },
+            Message::DigestRequest { disk, last, chunks } => {
+                Message::DigestRequest { disk, last, chunks }
+            }
+            Message::OwedBlocks { disk, part } => Message::OwedBlocks { disk, part },
             Message::PullBlocks { disk, blocks } => Message::PullBlocks { disk, blocks },
             Message::PostcopyDone(s) => Message::PostcopyDone(s),
             Message::RoundAck(r) => Message::RoundAck(r),
@@ -494,24 +600,44 @@ impl Message<'_> {
             BASE_DIGESTS => {
                 let mut c = Cursor::new(body, "base-digests");
                 let disk = c.u16()?;
+                let first = c.u32()?;
+                let total = c.u32()?;
                 let n = c.u32()? as usize;
-                if n.saturating_mul(16) > body.len() {
-                    return Err(c.invalid(format!("{n} digests cannot fit")));
+                if n > DIGESTS_PER_FRAME
+                    || n.saturating_mul(16) > body.len()
+                    || u64::from(first) + n as u64 > u64::from(total)
+                {
+                    return Err(c.invalid(format!(
+                        "{n} digests from chunk {first} of {total} cannot fit"
+                    )));
                 }
                 let digests = (0..n).map(|_| c.array()).collect::<Result<Vec<_>, _>>()?;
                 c.end()?;
-                Ok(Message::BaseDigests { disk, digests })
+                Ok(Message::BaseDigests {
+                    disk,
+                    first,
+                    total,
+                    digests,
+                })
             }
             DIGEST_REQUEST => {
                 let mut c = Cursor::new(body, "digest-request");
                 let disk = c.u16()?;
+                let last = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(c.invalid(format!("last flag {v}"))),
+                };
                 let n = c.u32()? as usize;
+                if n > DIGESTS_PER_FRAME {
+                    return Err(c.invalid(format!("{n} chunks in one request")));
+                }
                 if n.saturating_mul(4) > body.len() {
                     return Err(c.invalid(format!("{n} chunks cannot fit")));
                 }
                 let chunks = (0..n).map(|_| c.u32()).collect::<Result<Vec<_>, _>>()?;
                 c.end()?;
-                Ok(Message::DigestRequest { disk, chunks })
+                Ok(Message::DigestRequest { disk, last, chunks })
             }
             BLOCK_DIGESTS => {
                 let mut c = Cursor::new(body, "block-digests");
@@ -542,15 +668,27 @@ impl Message<'_> {
                 let mut c = Cursor::new(body, "owed-blocks");
                 let disk = c.u16()?;
                 let bits = c.u64()?;
-                if bits > (1 << 40) || (bits.div_ceil(64)).saturating_mul(8) > body.len() as u64 {
-                    return Err(c.invalid(format!("{bits} blocks cannot fit")));
+                let first_word = c.u64()?;
+                let n = c.u32()? as u64;
+                if bits > (1 << 40)
+                    || n > OWED_WORDS_PER_FRAME as u64
+                    || n.saturating_mul(8) > body.len() as u64
+                    || first_word.saturating_add(n) > bits.div_ceil(64)
+                {
+                    return Err(c.invalid(format!(
+                        "{n} words from {first_word} of a {bits}-block bitmap cannot fit"
+                    )));
                 }
-                let words = (0..bits.div_ceil(64))
-                    .map(|_| c.u64())
-                    .collect::<Result<Vec<_>, _>>()?;
+                let words = (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?;
                 c.end()?;
-                let owed = Bitmap::from_words(words, bits).map_err(|e| c.invalid(e.to_string()))?;
-                Ok(Message::OwedBlocks { disk, owed })
+                Ok(Message::OwedBlocks {
+                    disk,
+                    part: BitmapPart {
+                        bits,
+                        first_word,
+                        words,
+                    },
+                })
             }
             PULL_BLOCKS => {
                 let mut c = Cursor::new(body, "pull-blocks");
@@ -651,16 +789,24 @@ impl Message<'_> {
                 }
                 WELCOME
             }
-            Message::BaseDigests { disk, digests } => {
+            Message::BaseDigests {
+                disk,
+                first,
+                total,
+                digests,
+            } => {
                 out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&total.to_le_bytes());
                 out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
                 for d in digests {
                     out.extend_from_slice(d);
                 }
                 BASE_DIGESTS
             }
-            Message::DigestRequest { disk, chunks } => {
+            Message::DigestRequest { disk, last, chunks } => {
                 out.extend_from_slice(&disk.to_le_bytes());
+                out.push(u8::from(*last));
                 out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
                 for c in chunks {
                     out.extend_from_slice(&c.to_le_bytes());
@@ -680,10 +826,12 @@ impl Message<'_> {
                 }
                 BLOCK_DIGESTS
             }
-            Message::OwedBlocks { disk, owed } => {
+            Message::OwedBlocks { disk, part } => {
                 out.extend_from_slice(&disk.to_le_bytes());
-                out.extend_from_slice(&owed.len().to_le_bytes());
-                for w in owed.words() {
+                out.extend_from_slice(&part.bits.to_le_bytes());
+                out.extend_from_slice(&part.first_word.to_le_bytes());
+                out.extend_from_slice(&(part.words.len() as u32).to_le_bytes());
+                for w in &part.words {
                     out.extend_from_slice(&w.to_le_bytes());
                 }
                 OWED_BLOCKS

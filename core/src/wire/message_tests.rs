@@ -52,15 +52,16 @@ fn all_messages() -> Vec<Message<'static>> {
         ]),
         Message::BaseDigests {
             disk: 1,
+            first: 3,
+            total: 5,
             digests: vec![[4; 16], [5; 16]],
         },
         Message::OwedBlocks {
             disk: 0,
-            owed: {
-                let mut b = Bitmap::new(130);
-                b.set(1);
-                b.set(129);
-                b
+            part: BitmapPart {
+                bits: 130,
+                first_word: 1,
+                words: vec![2, 1],
             },
         },
         Message::PullBlocks {
@@ -71,6 +72,7 @@ fn all_messages() -> Vec<Message<'static>> {
         Message::RoundAck(12),
         Message::DigestRequest {
             disk: 0,
+            last: false,
             chunks: vec![3, 9],
         },
         Message::BlockDigests {
@@ -252,4 +254,44 @@ fn batches_decode_and_reject_bad_records() {
     let mut huge = ok;
     huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(collect(&huge).is_err());
+}
+
+#[test]
+fn a_huge_owed_bitmap_travels_in_parts_and_comes_back_whole() {
+    // 16 TiB of 4 KiB blocks: 2^32 bits, 512 MiB of words, far above one frame.
+    let bits = 1u64 << 32;
+    let mut owed = Bitmap::new(bits);
+    for b in [0, 12_345, bits / 2, bits - 1] {
+        owed.set(b);
+    }
+    let parts = owed_parts(2, &owed);
+    assert_eq!(parts.len(), (bits / 64) as usize / OWED_WORDS_PER_FRAME);
+    let mut asm = BitmapAssembler::new(bits);
+    let mut whole = None;
+    for (k, p) in parts.into_iter().enumerate() {
+        let mut body = Vec::new();
+        let ty = p.encode(&mut body);
+        assert!(body.len() <= crate::wire::frame::MAX_BODY as usize);
+        let Message::OwedBlocks { disk: 2, part } = Message::decode(ty, &body).unwrap() else {
+            panic!("part {k} decoded to something else");
+        };
+        if let Some(b) = asm.add(part).unwrap() {
+            whole = Some(b);
+        }
+    }
+    assert_eq!(whole.unwrap(), owed);
+    // Parts out of order, or of another size, are refused.
+    let mut asm = BitmapAssembler::new(130);
+    let e = asm.add(BitmapPart {
+        bits: 130,
+        first_word: 1,
+        words: vec![0],
+    });
+    assert!(e.is_err());
+    let e = BitmapAssembler::new(130).add(BitmapPart {
+        bits: 64,
+        first_word: 0,
+        words: vec![0],
+    });
+    assert!(e.is_err());
 }

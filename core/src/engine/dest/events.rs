@@ -2,6 +2,7 @@
 //! what they report to the [`DestSession`] and carries out its actions up to the
 //! hand-over.
 
+use crate::wire::BitmapAssembler;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -180,6 +181,8 @@ pub(super) struct Receive<'a> {
     fin: Final,
     /// Storage post-copy: per disk, the blocks still owed.
     pub(super) owed: Vec<Option<Bitmap>>,
+    /// Per disk, the owed bitmap being put together from its parts.
+    owed_parts: Vec<BitmapAssembler>,
     round_barriers: HashMap<u32, usize>,
     pub(super) error: Option<String>,
     pub(super) t_commit: Option<Instant>,
@@ -203,6 +206,11 @@ impl<'a> Receive<'a> {
             channels: 0,
             verify: accepted.hello.verify,
             owed: vec![None; layout.disks.len()],
+            owed_parts: layout
+                .disks
+                .iter()
+                .map(|d| BitmapAssembler::new(d.blocks))
+                .collect(),
             fin: Final {
                 disk_deltas: vec![DigestDelta::default(); layout.disks.len()],
                 ..Final::default()
@@ -325,10 +333,23 @@ impl<'a> Receive<'a> {
                 self.error = Some(format!("source aborted: {r}"));
                 self.session.on(DestEvent::Abort)
             }
-            Event::Control(Control::OwedBlocks { disk, owed })
+            Event::Control(Control::OwedBlocks { disk, part })
                 if self.session.state() == DestState::Receiving =>
             {
                 let d = usize::from(disk);
+                let owed = match self.owed_parts.get_mut(d).map(|a| a.add(part)) {
+                    Some(Ok(Some(owed))) => owed,
+                    // More parts to come.
+                    Some(Ok(None)) => return Ok(DestAction::Continue),
+                    Some(Err(e)) => {
+                        return Err(ProtocolError(format!("owed blocks of disk {disk}: {e}")))
+                    }
+                    None => {
+                        return Err(ProtocolError(format!(
+                            "owed blocks for a disk {disk} that does not exist"
+                        )))
+                    }
+                };
                 match (self.owed.get_mut(d), self.layout.disks.get(d)) {
                     (Some(slot), Some(dl)) if owed.len() == dl.blocks => {
                         let any = !owed.none();

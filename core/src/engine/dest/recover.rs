@@ -2,6 +2,7 @@
 //! blocks stopped arriving gets them over a new connection from the source that handed it
 //! over, as QEMU's post-copy recovery does for memory.
 
+use crate::wire::owed_parts;
 use std::sync::Arc;
 
 use super::events::Receivers;
@@ -69,14 +70,9 @@ pub fn receive_owed_blocks(
             .owed_bitmap(d)
             .unwrap_or_else(|| Bitmap::new(dl.blocks));
         owed_total += owed.count();
-        send(
-            tx0.as_mut(),
-            &Message::OwedBlocks {
-                disk: d as u16,
-                owed,
-            },
-        )
-        .map_err(|e| format!("sending the owed blocks: {e}"))?;
+        for part in owed_parts(d as u16, &owed) {
+            send(tx0.as_mut(), &part).map_err(|e| format!("sending the owed blocks: {e}"))?;
+        }
     }
     let n = links.count();
     let tx0: SharedTx = Arc::new(std::sync::Mutex::new(links.txs.swap_remove(0)));

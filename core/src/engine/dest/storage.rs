@@ -73,68 +73,92 @@ pub(super) fn answer_hash_compare(
     cfg: &DestConfig,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    use crate::basecmp::{block_digests, chunk_digests, CHUNK_BLOCKS};
-    use crate::wire::CHUNKS_PER_FRAME;
+    use crate::basecmp::{Disk, CHUNK_BLOCKS};
+    use crate::wire::{CHUNKS_PER_FRAME, DIGESTS_PER_FRAME};
     for (d, plan) in plans.iter().enumerate() {
         if *plan != DiskPlan::HashCompared {
             continue;
         }
         let dl = &layout.disks[d];
-        let blocks = block_digests(key, dl.blocks, dl.block_size as usize, |b, buf| {
-            guest.read_block(d, b, buf).is_ok()
-        });
-        send(
-            tx,
-            &Message::BaseDigests {
-                disk: d as u16,
-                digests: chunk_digests(key, &blocks),
-            },
-        )?;
-        let deadline = Some(Instant::now() + cfg.io_timeout * 3);
-        let chunks = match read_frame_until(reader, deadline, stop) {
-            Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
-                Ok(Message::DigestRequest { disk, chunks }) if usize::from(disk) == d => chunks,
-                Ok(Message::Abort(r)) => return Err(format!("source aborted: {r}")),
-                Ok(_) => {
-                    return Err(format!(
-                        "expected a digest request, got message type {}",
-                        h.ty
-                    ))
-                }
-                Err(e) => return Err(format!("bad digest request: {e}")),
-            },
-            Ok(None) => return Err("source closed the connection during the comparison".into()),
-            Err(e) => {
-                return Err(format!(
-                    "digest request: {}",
-                    crate::engine::error_chain(&e)
-                ))
-            }
+        let allocated = guest.allocated_blocks(d).ok();
+        let disk = Disk {
+            blocks: dl.blocks,
+            block_size: dl.block_size as usize,
+            allocated: allocated.as_ref(),
+            read: |b: u64, buf: &mut [u8]| guest.read_block(d, b, buf).is_ok(),
         };
-        let n_chunks = dl.blocks.div_ceil(CHUNK_BLOCKS);
-        let parts: Vec<&[u32]> = if chunks.is_empty() {
+        let chunk_digests = disk.chunk_digests(key);
+        let total = u32::try_from(chunk_digests.len())
+            .map_err(|_| format!("disk {d} has too many chunks to compare"))?;
+        let parts: Vec<&[crate::basecmp::Digest]> = if chunk_digests.is_empty() {
             vec![&[]]
         } else {
-            chunks.chunks(CHUNKS_PER_FRAME).collect()
+            chunk_digests.chunks(DIGESTS_PER_FRAME).collect()
         };
         for (k, part) in parts.iter().enumerate() {
-            let mut out = Vec::with_capacity(part.len());
-            for &c in part.iter() {
-                if u64::from(c) >= n_chunks {
-                    return Err(format!("digest request for chunk {c} of {n_chunks}"));
-                }
-                let first = (u64::from(c) * CHUNK_BLOCKS) as usize;
-                let end = (first + CHUNK_BLOCKS as usize).min(blocks.len());
-                out.push((c, blocks[first..end].to_vec()));
-            }
             send(
                 tx,
-                &Message::BlockDigests {
+                &Message::BaseDigests {
                     disk: d as u16,
-                    last: k + 1 == parts.len(),
-                    chunks: out,
+                    first: (k * DIGESTS_PER_FRAME) as u32,
+                    total,
+                    digests: part.to_vec(),
                 },
             )?;
+        }
+        drop(chunk_digests);
+        let n_chunks = dl.blocks.div_ceil(CHUNK_BLOCKS);
+        let mut buf = Vec::new();
+        // The request comes in parts; each is answered before the next is read.
+        loop {
+            let deadline = Some(Instant::now() + cfg.io_timeout * 3);
+            let (chunks, last_request) = match read_frame_until(reader, deadline, stop) {
+                Ok(Some(h)) => match Message::decode_frame(&h, reader.body()) {
+                    Ok(Message::DigestRequest { disk, last, chunks }) if usize::from(disk) == d => {
+                        (chunks, last)
+                    }
+                    Ok(Message::Abort(r)) => return Err(format!("source aborted: {r}")),
+                    Ok(_) => {
+                        return Err(format!(
+                            "expected a digest request, got message type {}",
+                            h.ty
+                        ))
+                    }
+                    Err(e) => return Err(format!("bad digest request: {e}")),
+                },
+                Ok(None) => return Err("source closed the connection during the comparison".into()),
+                Err(e) => {
+                    return Err(format!(
+                        "digest request: {}",
+                        crate::engine::error_chain(&e)
+                    ))
+                }
+            };
+            let answers: Vec<&[u32]> = if chunks.is_empty() {
+                vec![&[]]
+            } else {
+                chunks.chunks(CHUNKS_PER_FRAME).collect()
+            };
+            for (k, answer) in answers.iter().enumerate() {
+                let mut out = Vec::with_capacity(answer.len());
+                for &c in answer.iter() {
+                    if u64::from(c) >= n_chunks {
+                        return Err(format!("digest request for chunk {c} of {n_chunks}"));
+                    }
+                    out.push((c, disk.chunk_blocks(key, c, &mut buf)));
+                }
+                send(
+                    tx,
+                    &Message::BlockDigests {
+                        disk: d as u16,
+                        last: k + 1 == answers.len(),
+                        chunks: out,
+                    },
+                )?;
+            }
+            if last_request {
+                break;
+            }
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The source's phases: negotiation, pre-copy, stop-and-copy, hand-over; each step is
 //! fed to the [`SourceSession`], which alone decides what a failure means.
 
+use crate::wire::{owed_parts, BitmapAssembler};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -301,10 +302,9 @@ fn stop_and_copy(
             .into_iter()
             .enumerate()
         {
-            s.control(&Message::OwedBlocks {
-                disk: d as u16,
-                owed,
-            })?;
+            for part in owed_parts(d as u16, &owed) {
+                s.control(&part)?;
+            }
         }
     }
     s.report.downtime_breakdown.state_ms = ms(t_state.elapsed());
@@ -480,19 +480,25 @@ pub(super) fn recover_owed(
     }
     let mut owed = Vec::with_capacity(layout.disks.len());
     for (d, dl) in layout.disks.iter().enumerate() {
-        match s.expect("owed blocks", cfg.io_timeout)? {
-            Control::OwedBlocks { disk, owed: bits }
-                if usize::from(disk) == d && bits.len() == dl.blocks =>
-            {
-                owed.push(bits);
+        let mut parts = BitmapAssembler::new(dl.blocks);
+        let bits = loop {
+            match s.expect("owed blocks", cfg.io_timeout)? {
+                Control::OwedBlocks { disk, part } if usize::from(disk) == d => {
+                    match parts.add(part) {
+                        Ok(Some(bits)) => break bits,
+                        Ok(None) => {}
+                        Err(e) => return Err(Failure(format!("the owed blocks of disk {d}: {e}"))),
+                    }
+                }
+                other => {
+                    return Err(Failure(format!(
+                        "expected the owed blocks of disk {d}, got {}",
+                        other.name()
+                    )))
+                }
             }
-            other => {
-                return Err(Failure(format!(
-                    "expected the owed blocks of disk {d}, got {}",
-                    other.name()
-                )))
-            }
-        }
+        };
+        owed.push(bits);
     }
     s.report.blocks_postcopy = owed.iter().map(Bitmap::count).sum();
     (s.progress)(Progress::Note {

@@ -7,13 +7,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::unbounded;
 
 use super::{block_channel, ms, Control};
-use crate::basecmp::{
-    block_digests, chunk_digests, differing_chunks, key_for, mark_differing, CHUNK_BLOCKS,
-};
+use crate::basecmp::{differing_chunks, key_for, mark_differing, Digest, Disk};
 use crate::bitmap::Bitmap;
 use crate::digest::DigestDelta;
 use crate::report::{Progress, RoundReport};
-use crate::wire::{BatchKind, Message, Phase, RoundEnd};
+use crate::wire::{BatchKind, Message, Phase, RoundEnd, DIGESTS_PER_FRAME};
 
 use super::sender::*;
 use super::session::*;
@@ -150,7 +148,8 @@ pub(super) fn postcopy_push(
 }
 
 /// The blocks of disk `d` that differ from the destination's base: compare chunk
-/// digests, then block digests within the chunks that differ.
+/// digests (holes cost nothing on either side), then block digests within the chunks
+/// that differ, asked for in parts so any disk size fits the frames.
 pub(super) fn hash_compare(
     s: &mut Session<'_>,
     cfg: &SourceConfig,
@@ -159,61 +158,101 @@ pub(super) fn hash_compare(
     let dl = s.shared.layout.disks[d].clone();
     let key = key_for(&s.migration_id);
     let guest = Arc::clone(&s.shared.guest);
-    let mine = block_digests(&key, dl.blocks, dl.block_size as usize, |b, buf| {
-        guest.read_block(d, b, buf).is_ok()
-    });
-    let mine_chunks = chunk_digests(&key, &mine);
-    // The destination hashes its whole base first: allow ~200 MB/s for that.
-    let wait = cfg.io_timeout + Duration::from_secs(dl.bytes() / 200_000_000);
-    let theirs = match s.expect("base digests", wait)? {
-        Control::BaseDigests { disk, digests } if usize::from(disk) == d => digests,
-        other => {
-            return Err(Failure(format!(
-                "expected base digests of disk {d}, got {}",
-                other.name()
-            )))
-        }
+    let allocated = guest.allocated_blocks(d).ok();
+    let disk = Disk {
+        blocks: dl.blocks,
+        block_size: dl.block_size as usize,
+        allocated: allocated.as_ref(),
+        read: |b: u64, buf: &mut [u8]| guest.read_block(d, b, buf).is_ok(),
     };
-    let chunks = differing_chunks(&mine_chunks, &theirs);
-    s.control(&Message::DigestRequest {
-        disk: d as u16,
-        chunks: chunks.clone(),
-    })?;
+    let mine = disk.chunk_digests(&key);
+    // The destination hashes its base's data first: allow ~200 MB/s for that.
+    let wait = cfg.io_timeout + Duration::from_secs(dl.bytes() / 200_000_000);
+    let theirs = receive_base_digests(s, d, mine.len(), wait)?;
+    let chunks = differing_chunks(&mine, &theirs);
+    drop(theirs);
     let mut diff = Bitmap::new(dl.blocks);
-    let mut answered = 0usize;
-    loop {
-        match s.expect("block digests", cfg.io_timeout)? {
-            Control::BlockDigests {
-                disk,
-                last,
-                chunks: got,
-            } if usize::from(disk) == d => {
-                for (c, ds) in got {
-                    let first = (u64::from(c) * CHUNK_BLOCKS) as usize;
-                    let Some(m) = mine.get(first..(first + CHUNK_BLOCKS as usize).min(mine.len()))
-                    else {
-                        return Err(Failure(format!("digests for unknown chunk {c}")));
-                    };
-                    mark_differing(&mut diff, c, m, &ds);
-                    answered += 1;
+    let mut buf = Vec::new();
+    let parts: Vec<&[u32]> = if chunks.is_empty() {
+        vec![&[]]
+    } else {
+        chunks.chunks(DIGESTS_PER_FRAME).collect()
+    };
+    for (k, part) in parts.iter().enumerate() {
+        s.control(&Message::DigestRequest {
+            disk: d as u16,
+            last: k + 1 == parts.len(),
+            chunks: part.to_vec(),
+        })?;
+        let mut answered = 0usize;
+        loop {
+            match s.expect("block digests", cfg.io_timeout)? {
+                Control::BlockDigests {
+                    disk: got_disk,
+                    last,
+                    chunks: got,
+                } if usize::from(got_disk) == d => {
+                    for (c, ds) in got {
+                        if part.binary_search(&c).is_err() {
+                            return Err(Failure(format!("digests for unasked chunk {c}")));
+                        }
+                        let m = disk.chunk_blocks(&key, c, &mut buf);
+                        mark_differing(&mut diff, c, &m, &ds);
+                        answered += 1;
+                    }
+                    if last {
+                        break;
+                    }
                 }
-                if last {
-                    break;
+                other => {
+                    return Err(Failure(format!(
+                        "expected block digests of disk {d}, got {}",
+                        other.name()
+                    )))
+                }
+            }
+        }
+        if answered != part.len() {
+            return Err(Failure(format!(
+                "asked for {} chunks of block digests, got {answered}",
+                part.len()
+            )));
+        }
+    }
+    Ok(diff)
+}
+
+/// The destination's chunk digests of disk `d`, `total` of them, in parts.
+fn receive_base_digests(
+    s: &mut Session<'_>,
+    d: usize,
+    total: usize,
+    wait: Duration,
+) -> Result<Vec<Digest>, Failure> {
+    let mut theirs: Vec<Digest> = Vec::new();
+    loop {
+        match s.expect("base digests", wait)? {
+            Control::BaseDigests {
+                disk,
+                first,
+                total: t,
+                digests,
+            } if usize::from(disk) == d
+                && t as usize == total
+                && first as usize == theirs.len() =>
+            {
+                theirs.extend_from_slice(&digests);
+                if theirs.len() >= total {
+                    return Ok(theirs);
                 }
             }
             other => {
                 return Err(Failure(format!(
-                    "expected block digests of disk {d}, got {}",
+                    "expected base digests of disk {d} from chunk {} of {total}, got {}",
+                    theirs.len(),
                     other.name()
                 )))
             }
         }
     }
-    if answered != chunks.len() {
-        return Err(Failure(format!(
-            "asked for {} chunks of block digests, got {answered}",
-            chunks.len()
-        )));
-    }
-    Ok(diff)
 }
