@@ -214,25 +214,12 @@ impl PeerArgs {
 /// Writes `DIR/NAME.crt`, `DIR/NAME.key` (mode 0600) and `DIR/NAME.fingerprint`; returns
 /// the fingerprint.
 pub fn keygen(dir: &Path, name: &str) -> anyhow::Result<Fingerprint> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if name.is_empty() || name.contains('/') {
         anyhow::bail!("--name: {name:?} is not a plain file name");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("--out: creating {}", dir.display()))?;
-    let (cert, key, fp) = ferry_transports::auth::generate(name)
-        .map_err(|e| anyhow::anyhow!("{}", ferry_transports::error_chain(&e)))?;
-    let key_path = dir.join(format!("{name}.key"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&key_path)
-        .with_context(|| format!("--out: writing {}", key_path.display()))?;
-    f.write_all(key.as_bytes())?;
-    let cert_path = dir.join(format!("{name}.crt"));
-    std::fs::write(&cert_path, cert).with_context(|| format!("writing {}", cert_path.display()))?;
+    let (_, _, fp) = ferry_transports::auth::generate_files(dir, name)
+        .map_err(|e| anyhow::anyhow!("--out: {}", ferry_transports::error_chain(&e)))?;
     std::fs::write(dir.join(format!("{name}.fingerprint")), format!("{fp}\n"))?;
     Ok(fp)
 }

@@ -493,24 +493,7 @@ fn serve_one(host: &Host, conn: &UnixStream) {
 /// The uid of the process at the other end of `conn` (`SO_PEERCRED`).
 fn peer_uid(conn: &UnixStream) -> Option<u32> {
     use std::os::unix::io::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) on a socket we own, writing at most `len` bytes into `cred`,
-    // a properly sized and aligned ucred that lives across the call.
-    let r = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(cred.uid)
+    ferry_transports::admission::peer_uid(conn.as_raw_fd()).ok()
 }
 
 /// A state as `status` spells it.

@@ -540,24 +540,7 @@ fn bad_input_names_the_flag() {
 
 /// `ferry migrate` of a new 32 MiB guest started here, to `to`, with transport flags.
 fn migrate_new(to: &str, peer: &[&str]) -> Output {
-    ferry()
-        .args([
-            "migrate",
-            "--json",
-            "--memory",
-            "32MiB",
-            "--disk-size",
-            "8MiB",
-            "--warmup",
-            "200ms",
-            "--timeout",
-            "5s",
-            "--to",
-            to,
-        ])
-        .args(peer)
-        .output()
-        .unwrap()
+    migrate_new_guest(to, "5s", peer)
 }
 
 #[test]

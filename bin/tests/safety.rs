@@ -172,24 +172,11 @@ fn a_flooded_listener_out_of_descriptors_still_takes_a_pinned_migration() {
     set_limit(limit);
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
-    let out = ferry()
-        .args([
-            "migrate",
-            "--json",
-            "--memory",
-            "32MiB",
-            "--disk-size",
-            "8MiB",
-            "--warmup",
-            "200ms",
-            "--timeout",
-            "20s",
-            "--to",
-            &addr,
-        ])
-        .args([&tls[..], &["--cert", &sc, "--key", &sk, "--peer", &dfp]].concat())
-        .output()
-        .unwrap();
+    let out = migrate_new_guest(
+        &addr,
+        "20s",
+        &[&tls[..], &["--cert", &sc, "--key", &sk, "--peer", &dfp]].concat(),
+    );
     let r = json_of(&out);
     assert!(
         r["ok"] == true && r["verified"] == true,

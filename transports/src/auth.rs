@@ -73,6 +73,15 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written.
+    #[error("writing {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A PEM file holds no certificate or key.
     #[error("{path}: {what}")]
     Pem {
@@ -227,6 +236,33 @@ pub fn generate(name: &str) -> Result<(String, String, Fingerprint), AuthError> 
         })?;
     let fp = Fingerprint::of(ck.cert.der());
     Ok((ck.cert.pem(), ck.key_pair.serialize_pem(), fp))
+}
+
+/// A new certificate and key written to `dir` as `NAME.crt` and `NAME.key` (mode 0600):
+/// (certificate path, key path, fingerprint).
+pub fn generate_files(
+    dir: &Path,
+    name: &str,
+) -> Result<(PathBuf, PathBuf, Fingerprint), AuthError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (cert, key, fp) = generate(name)?;
+    let key_path = dir.join(format!("{name}.key"));
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AuthError::Write { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .and_then(|mut f| f.write_all(key.as_bytes()))
+        .map_err(write_err(&key_path))?;
+    let cert_path = dir.join(format!("{name}.crt"));
+    std::fs::write(&cert_path, cert).map_err(write_err(&cert_path))?;
+    Ok((cert_path, key_path, fp))
 }
 
 /// Accepts exactly the pinned certificates; TLS signatures are still checked against them.

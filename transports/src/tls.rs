@@ -327,19 +327,14 @@ impl Listener for TlsChannelListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{generate, Fingerprint};
+    use crate::auth::Fingerprint;
 
     /// A certificate and key written to `dir`, and its fingerprint.
     fn material(
         dir: &std::path::Path,
         name: &str,
     ) -> (std::path::PathBuf, std::path::PathBuf, Fingerprint) {
-        let (cert, key, fp) = generate(name).unwrap();
-        let c = dir.join(format!("{name}.crt"));
-        let k = dir.join(format!("{name}.key"));
-        std::fs::write(&c, cert).unwrap();
-        std::fs::write(&k, key).unwrap();
-        (c, k, fp)
+        crate::auth::generate_files(dir, name).unwrap()
     }
 
     fn identity(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_core::transport::Transport;
-use ferry_transports::auth::{generate, Fingerprint, Identity};
+use ferry_transports::auth::{generate_files, Fingerprint, Identity};
 use ferry_transports::{QuicOptions, QuicTransport, TcpTransport, TlsTransport, UnixTransport};
 
 const IDLE: usize = 300;
@@ -94,12 +94,7 @@ fn material(
     dir: &std::path::Path,
     name: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf, Fingerprint) {
-    let (cert, key, fp) = generate(name).unwrap();
-    let c = dir.join(format!("{name}.crt"));
-    let k = dir.join(format!("{name}.key"));
-    std::fs::write(&c, cert).unwrap();
-    std::fs::write(&k, key).unwrap();
-    (c, k, fp)
+    generate_files(dir, name).unwrap()
 }
 
 fn identities() -> (Arc<Identity>, Arc<Identity>, tempfile::TempDir) {

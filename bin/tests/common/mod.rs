@@ -161,6 +161,29 @@ pub fn migrate_verified(ctl: &Path, to: &str, extra: &[&str]) -> Value {
     r
 }
 
+/// `ferry migrate --json` of a new 32 MiB guest (8 MiB disk) started here, to `to`, with
+/// `--timeout TIMEOUT` and transport flags `peer`.
+pub fn migrate_new_guest(to: &str, timeout: &str, peer: &[&str]) -> Output {
+    ferry()
+        .args([
+            "migrate",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--disk-size",
+            "8MiB",
+            "--warmup",
+            "200ms",
+            "--timeout",
+            timeout,
+            "--to",
+            to,
+        ])
+        .args(peer)
+        .output()
+        .unwrap()
+}
+
 pub fn status(ctl: &Path) -> Value {
     json_of(
         &ferry()
