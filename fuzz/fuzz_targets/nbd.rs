@@ -34,7 +34,14 @@ fn image() -> &'static DiskImage {
     static IMAGE: OnceLock<(DiskImage, std::path::PathBuf)> = OnceLock::new();
     &IMAGE
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("ferry-fuzz-nbd-{}", std::process::id()));
+            // A tmpfs when there is one: flush requests fsync, which a disk makes slow.
+            let shm = std::path::Path::new("/dev/shm");
+            let base = if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            let dir = base.join(format!("ferry-fuzz-nbd-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("temp dir");
             let path = dir.join("disk.img");
             let (img, _) = DiskImage::open_or_create(&path, 4096, 64).expect("image");
