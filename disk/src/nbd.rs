@@ -374,13 +374,31 @@ pub fn serve_transmission<S: Read + Write>(
             Command::Disconnect => return Ok(served),
             Command::Read => {
                 served.reads += 1;
-                data.resize(req.len as usize, 0);
+                // Out of range: refused before anything is allocated for it.
                 if !in_range {
                     error = EINVAL;
-                } else if let Err(e) = read_range(image, req.offset, &mut data) {
-                    tracing::warn!("nbd read at {}: {e}", req.offset);
-                    error = EIO;
+                } else {
+                    data.resize(req.len as usize, 0);
+                    if let Err(e) = read_range(image, req.offset, &mut data) {
+                        tracing::warn!("nbd read at {}: {e}", req.offset);
+                        error = EIO;
+                    }
                 }
+            }
+            Command::Write if !in_range => {
+                served.writes += 1;
+                // The data still follows the request: skip it without keeping it.
+                let skipped = std::io::copy(
+                    &mut (&mut stream).take(u64::from(req.len)),
+                    &mut std::io::sink(),
+                )
+                .map_err(io("reading write data"))?;
+                if skipped != u64::from(req.len) {
+                    return Err(io("reading write data")(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
+                error = EINVAL;
             }
             Command::Write => {
                 served.writes += 1;
@@ -388,23 +406,19 @@ pub fn serve_transmission<S: Read + Write>(
                 stream
                     .read_exact(&mut data)
                     .map_err(io("reading write data"))?;
-                if !in_range {
-                    error = EINVAL;
-                } else {
-                    let blocks = u64::from(req.len).div_ceil(u64::from(image.block_size()));
-                    limit.pace(blocks, &mut next_write);
-                    let r = write_range(image, req.offset, &data).and_then(|()| {
-                        if req.flags & CMD_FLAG_FUA != 0 {
-                            served.flushes += 1;
-                            image.flush()
-                        } else {
-                            Ok(())
-                        }
-                    });
-                    if let Err(e) = r {
-                        tracing::warn!("nbd write at {}: {e}", req.offset);
-                        error = EIO;
+                let blocks = u64::from(req.len).div_ceil(u64::from(image.block_size()));
+                limit.pace(blocks, &mut next_write);
+                let r = write_range(image, req.offset, &data).and_then(|()| {
+                    if req.flags & CMD_FLAG_FUA != 0 {
+                        served.flushes += 1;
+                        image.flush()
+                    } else {
+                        Ok(())
                     }
+                });
+                if let Err(e) = r {
+                    tracing::warn!("nbd write at {}: {e}", req.offset);
+                    error = EIO;
                 }
             }
             Command::Flush => {
