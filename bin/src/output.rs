@@ -116,6 +116,11 @@ pub fn print_summary(r: &Report) {
             d.verify_ms,
             d.commit_resume_ms
         );
+        let rounds: f64 = r.rounds.iter().map(|x| x.ms).sum();
+        eprintln!(
+            "  setup {:.1} ms before the first round, rounds {:.1} ms, teardown {:.1} ms after the resume",
+            r.setup_ms, rounds, r.teardown_ms
+        );
     }
     eprintln!(
         "  on the wire {} ({} payload, {} encoded); first pass {:.0} MB/s",

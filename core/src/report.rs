@@ -77,6 +77,12 @@ pub struct Report {
     pub total_ms: f64,
     /// Source pause to destination resume.
     pub downtime_ms: f64,
+    /// Fixed cost before the first round: connecting, the handshake, the destination
+    /// building the guest, the storage plan (and a hash-compare).
+    pub setup_ms: f64,
+    /// After the destination resumed until the command returns: the post-copy push, the
+    /// guest's verdict, releasing the source.
+    pub teardown_ms: f64,
     /// Where the downtime went.
     pub downtime_breakdown: DowntimeBreakdown,
     /// Bytes written to the transport.

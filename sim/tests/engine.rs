@@ -50,6 +50,10 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
         assert!(r.rounds.iter().any(|x| x.phase == "storage"));
         assert!(r.rounds.iter().filter(|x| x.phase == "memory").count() >= 1);
         assert!(r.blocks_sent > 0 && r.pages_sent >= 48 << 8);
+        // The time outside the rounds is accounted for: before the first, after the resume.
+        let rounds: f64 = r.rounds.iter().map(|x| x.ms).sum();
+        assert!(r.setup_ms > 0.0 && r.teardown_ms >= 0.0, "{r:?}");
+        assert!(r.setup_ms + rounds <= r.total_ms + 1.0, "{r:?}");
         // Every stage of the pipeline reports what it did.
         let stages = match codec {
             "raw" => 0,

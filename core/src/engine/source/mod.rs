@@ -265,6 +265,7 @@ fn drive(
         migration_id,
         throttled: None,
         acks: Default::default(),
+        started: t0,
     };
     let mut paused_at: Option<Instant> = None;
     let result = match recover {
@@ -361,9 +362,11 @@ fn drive(
     report.payload_bytes = c.payload.load(Ordering::Relaxed);
     report.encoded_bytes = c.encoded.load(Ordering::Relaxed);
     report.bytes_on_wire = wire_bytes.load(Ordering::Relaxed);
+    let whole = ms(t0.elapsed());
     if report.total_ms == 0.0 {
-        report.total_ms = ms(t0.elapsed());
+        report.total_ms = whole;
     }
+    report.teardown_ms = (whole - report.total_ms).max(0.0);
     report
 }
 

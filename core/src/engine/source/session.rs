@@ -39,6 +39,8 @@ pub(super) struct Session<'a> {
     pub(super) throttled: Option<(Instant, u64)>,
     /// Round acknowledgements that arrived while we polled for something else.
     pub(super) acks: std::cell::RefCell<Vec<u32>>,
+    /// When the command began (for `setup_ms`).
+    pub(super) started: Instant,
 }
 
 #[derive(Default)]
@@ -89,6 +91,9 @@ impl Session<'_> {
         skip_zero: &[bool],
     ) -> Result<RoundResult, Failure> {
         let start = Instant::now();
+        if self.report.rounds.is_empty() {
+            self.report.setup_ms = ms(start - self.started);
+        }
         let bytes0 = self.shared.wire_bytes.load(Ordering::Relaxed);
         let done0 = self.shared.counters.units_done.load(Ordering::Relaxed);
         let n = self.work.len();
