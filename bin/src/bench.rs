@@ -30,6 +30,9 @@ pub enum BenchCmd {
     /// Transports × channels × codecs × link profiles × workloads through the WAN emulator
     /// (root) or loopback; CSV, JSON and a summary table; resumes a partly finished run.
     Matrix(crate::bench_matrix::MatrixArgs),
+    /// QEMU's own live migration (multifd, none and zstd) beside Ferry's codecs, on the
+    /// same memory image and link, interleaved: total time, downtime, bytes on the wire.
+    Qemu(crate::bench_qemu::QemuArgs),
     /// KVM guests migrated between two processes: memory sizes × dirty rates × dirty-log
     /// modes (bitmap, ring); rounds, total time, downtime, pause and state-save times.
     Kvm(crate::bench_kvm::KvmBenchArgs),
@@ -158,6 +161,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Codecs(a) => crate::bench_codecs::run(a),
+        BenchCmd::Qemu(a) => crate::bench_qemu::run(a),
         BenchCmd::Matrix(a) => crate::bench_matrix::run(a),
         BenchCmd::Kvm(a) => crate::bench_kvm::run(a),
         BenchCmd::TcpBaseline(a) => {

@@ -622,3 +622,63 @@ fn a_unix_socket_carries_a_migration_on_one_host() {
     let _ = ferry().args(["stop", "--vm"]).arg(&dst_ctl).output();
     let _ = wait_exit(&mut dst, Duration::from_secs(10));
 }
+
+/// `ferry bench qemu` says what is missing when QEMU is not installed, and otherwise runs
+/// both tools on the same memory and reports both.
+#[test]
+fn bench_qemu_names_a_missing_qemu_and_compares_both_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("mem.img");
+    let mut content = vec![0u8; 8 << 20];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = (i / 4096 % 7) as u8;
+    }
+    std::fs::write(&image, &content).unwrap();
+    let out = ferry()
+        .args(["bench", "qemu", "--qemu", "/nonexistent/qemu", "--fill"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--qemu") && err.contains("apt-get install qemu-system-x86"),
+        "{err}"
+    );
+    if std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped the comparison: qemu-system-x86_64 is not installed");
+        return;
+    }
+    let out = ferry()
+        .args([
+            "bench",
+            "qemu",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--repeat",
+            "1",
+            "--codec",
+            "raw",
+            "--qemu-compression",
+            "none",
+            "--fill",
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    for r in rows {
+        assert!(r["total_ms"].as_f64().unwrap() > 0.0, "{r}");
+        // 32 MiB of which 6/7 are not zero crossed the link uncompressed.
+        assert!(r["wire_bytes"].as_f64().unwrap() > 20e6, "{r}");
+    }
+    assert_eq!(rows[0]["tool"], "qemu");
+    assert_eq!(rows[1]["tool"], "ferry");
+}
