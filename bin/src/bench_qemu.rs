@@ -43,6 +43,8 @@ pub struct QemuArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     channels: u16,
     /// Cap both senders at this rate (e.g. `100Mbit`); default: the plain loopback link.
+    /// QEMU 7.2 counts its cap before multifd compression, so compressed QEMU runs are
+    /// capped below the link.
     #[arg(long)]
     max_bandwidth: Option<String>,
     /// Runs of each setting, interleaved (medians are reported).
@@ -295,6 +297,13 @@ pub fn run(a: QemuArgs) -> anyhow::Result<ExitCode> {
         f.flush()?;
     }
     let link = a.max_bandwidth.clone().unwrap_or_else(|| "loopback".into());
+    if a.max_bandwidth.is_some() && a.qemu_compressions.iter().any(|c| c != "none") {
+        eprintln!(
+            "note: QEMU 7.2 applies max-bandwidth to multifd bytes before compression, so a \
+             compressed QEMU run is capped below the link; for one link both tools see the \
+             same, shape it (a tbf qdisc in a namespace) instead of --max-bandwidth"
+        );
+    }
     let settings: Vec<(String, String)> = a
         .qemu_compressions
         .iter()
