@@ -357,16 +357,8 @@ pub type Handshake<S, T> = dyn Fn(S, Instant) -> Result<Handshaken<T>, String> +
 pub struct Acceptor<T> {
     /// Admitted channels, in the order their handshakes finished.
     pub admitted: Receiver<Admitted<T>>,
-    pending: Arc<Pending>,
     wake: UnixStream,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl<T> Acceptor<T> {
-    /// The table of running handshakes (for tests and diagnostics).
-    pub fn pending(&self) -> &Arc<Pending> {
-        &self.pending
-    }
 }
 
 impl<T> Drop for Acceptor<T> {
@@ -399,14 +391,12 @@ where
     let (wake, wake_rx) = UnixStream::pair().map_err(crate::io_err("creating a wake-up pipe"))?;
     let (tx, rx) = std::sync::mpsc::sync_channel(limits.max_admitted.max(1));
     let pending = Pending::new(limits);
-    let p = Arc::clone(&pending);
     let thread = std::thread::Builder::new()
         .name("ferry-accept".into())
-        .spawn(move || accept_loop(listener, wake_rx, &p, &handshake, &tx))
+        .spawn(move || accept_loop(listener, wake_rx, &pending, &handshake, &tx))
         .map_err(crate::io_err("starting the accepting thread"))?;
     Ok(Acceptor {
         admitted: rx,
-        pending,
         wake,
         thread: Some(thread),
     })
