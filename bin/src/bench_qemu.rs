@@ -45,8 +45,13 @@ pub struct QemuArgs {
     /// Cap both senders at this rate (e.g. `100Mbit`); default: the plain loopback link.
     /// QEMU 7.2 counts its cap before multifd compression, so compressed QEMU runs are
     /// capped below the link.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shape")]
     max_bandwidth: Option<String>,
+    /// Run both tools in a new network namespace whose loopback is shaped to this rate
+    /// (a `tbf` qdisc, e.g. `100Mbit`): one link both tools see alike, compressed or not
+    /// (needs root and iproute2).
+    #[arg(long, value_parser = parse_rate)]
+    shape: Option<u64>,
     /// Runs of each setting, interleaved (medians are reported).
     #[arg(long, default_value_t = 3)]
     repeat: u32,
@@ -74,12 +79,27 @@ struct Run {
     reported_bytes: u64,
 }
 
-/// Bytes sent on the loopback interface so far.
+/// Bytes sent on the loopback interface of this thread's network namespace so far
+/// (`/sys` shows the namespace it was mounted in, `/proc/thread-self/net` this one).
 fn loopback_bytes() -> u64 {
-    std::fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
+    dev.lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .and_then(|rest| rest.split_whitespace().nth(8))
+        .and_then(|tx| tx.parse().ok())
         .unwrap_or(0)
+}
+
+/// Moves this thread (and so every process and thread it starts) into a new network
+/// namespace whose loopback is shaped to `rate` bytes per second.
+fn enter_shaped_link(rate: u64) -> anyhow::Result<ferry_wan::Namespace> {
+    ferry_wan::ns::remove_stale();
+    let ns = ferry_wan::Namespace::create(&format!("ferry-q{}-a", std::process::id()))
+        .map_err(|e| anyhow::anyhow!("--shape: {e}"))?;
+    ns.shape_loopback(rate)
+        .and_then(|()| ns.join())
+        .map_err(|e| anyhow::anyhow!("--shape: {e}"))?;
+    Ok(ns)
 }
 
 /// A QMP connection.
@@ -296,7 +316,15 @@ pub fn run(a: QemuArgs) -> anyhow::Result<ExitCode> {
         }
         f.flush()?;
     }
-    let link = a.max_bandwidth.clone().unwrap_or_else(|| "loopback".into());
+    let _shaped = a.shape.map(enter_shaped_link).transpose()?;
+    let link = match (&a.max_bandwidth, a.shape) {
+        (Some(cap), _) => format!("loopback, both senders capped at {cap}"),
+        (None, Some(rate)) => format!(
+            "a loopback shaped to {:.0} Mbit/s (tbf)",
+            rate as f64 * 8.0 / 1e6
+        ),
+        (None, None) => "loopback".into(),
+    };
     if a.max_bandwidth.is_some() && a.qemu_compressions.iter().any(|c| c != "none") {
         eprintln!(
             "note: QEMU 7.2 applies max-bandwidth to multifd bytes before compression, so a \
@@ -378,7 +406,7 @@ pub fn run(a: QemuArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!(
             "{}",
-            json!({"memory_bytes": a.memory, "fill": a.fill, "link": link,
+            json!({"memory_bytes": a.memory, "fill": a.fill, "link": link, "shape_bytes_per_s": a.shape,
                 "channels": a.channels, "repeat": a.repeat, "results": rows})
         );
     }

@@ -5,7 +5,7 @@
 //! history stages are cheap next to a compressor and are only worth their bookkeeping when
 //! compression pays at all). The candidate in use is measured on every batch (ratio, CPU
 //! seconds, and how much faster than one core the batch ran); the others are measured by
-//! trial compressions of a few units, within a small CPU budget, without touching history
+//! trial compressions of a few units as one group, within a small CPU budget, without touching history
 //! or the wire. While `raw` is chosen the encoder steps aside entirely (the engine's
 //! zero-copy path) and only offers units for trials. The link is measured from the sender's feedback: when
 //! the sender spends a good part of its time waiting to send, what left per second is
@@ -26,8 +26,8 @@ const ZSTD: u8 = 0b1011;
 
 /// Share of the encoder's wall time that trials may take.
 const TRIAL_BUDGET: f64 = 0.03;
-/// Units compressed per trial.
-const TRIAL_UNITS: usize = 4;
+/// Units compressed (as one group) per trial.
+const TRIAL_UNITS: usize = 8;
 /// A candidate must beat the one in use by this factor to take over.
 const HYSTERESIS: f64 = 1.1;
 /// Sender time spent waiting, as a share of wall time, that marks the link as the limit.
@@ -72,8 +72,9 @@ pub(crate) struct Auto {
     wall_ns: f64,
     trial_ns: f64,
     next_trial: usize,
-    /// The trial under way: candidate, input bytes, output bytes, nanoseconds, units.
-    trial: Option<(usize, u64, u64, u64, usize)>,
+    /// The trial under way: candidate and units gathered so far (in `trial_input`).
+    trial: Option<(usize, usize)>,
+    trial_input: Vec<u8>,
     scratch: Vec<u8>,
     lz4: Lz4,
     zstd: Zstd,
@@ -98,6 +99,7 @@ impl Auto {
             trial_ns: 0.0,
             next_trial: 1,
             trial: None,
+            trial_input: Vec::new(),
             scratch: Vec::new(),
             lz4: Lz4,
             zstd: Zstd::new(crate::spec::ZSTD_LEVEL),
@@ -188,7 +190,7 @@ impl Auto {
             let pick = (self.next_trial + k) % n;
             if pick != self.current && self.candidates[pick].mask != RAW {
                 self.next_trial = pick + 1;
-                self.trial = Some((pick, 0, 0, 0, 0));
+                self.trial = Some((pick, 0));
                 return;
             }
         }
@@ -199,32 +201,37 @@ impl Auto {
         self.trial.is_some()
     }
 
-    /// Compresses one unit for the trial under way, without touching history or the wire.
+    /// Adds one unit to the trial under way; once it holds [`TRIAL_UNITS`], compresses
+    /// them as one group (as the pipeline's last compressor does), without touching
+    /// history or the wire.
     pub(crate) fn trial_unit(&mut self, unit: Unit, data: &[u8]) {
-        let Some((pick, mut input, mut output, mut ns, mut units)) = self.trial else {
+        let Some((pick, mut units)) = self.trial else {
             return;
         };
+        if units == 0 {
+            self.trial_input.clear();
+        }
+        self.trial_input.extend_from_slice(data);
+        units += 1;
+        if units < TRIAL_UNITS {
+            self.trial = Some((pick, units));
+            return;
+        }
+        self.trial = None;
         let stage: &dyn Stage = if self.candidates[pick].mask == LZ4 {
             &self.lz4
         } else {
             &self.zstd
         };
+        let input = self.trial_input.len();
         let started = Instant::now();
-        output += if stage.encode(unit, data, &mut self.scratch) {
-            self.scratch.len() as u64
+        let output = if stage.encode(unit, &self.trial_input, &mut self.scratch) {
+            self.scratch.len()
         } else {
-            data.len() as u64
+            input
         };
-        let took = started.elapsed().as_nanos() as u64;
-        self.trial_ns += took as f64;
-        input += data.len() as u64;
-        ns += took;
-        units += 1;
-        if units < TRIAL_UNITS {
-            self.trial = Some((pick, input, output, ns, units));
-            return;
-        }
-        self.trial = None;
+        let ns = started.elapsed().as_nanos() as u64;
+        self.trial_ns += ns as f64;
         if input > 0 && ns > 0 {
             let c = &mut self.candidates[pick];
             c.ratio = ewma(c.ratio, input as f64 / output.max(1) as f64);

@@ -14,6 +14,10 @@ impl Stage for Lz4 {
         "lz4"
     }
 
+    fn groups(&self) -> bool {
+        true
+    }
+
     fn encode(&self, _unit: Unit, input: &[u8], out: &mut Vec<u8>) -> bool {
         let worst = lz4_flex::block::get_maximum_output_size(input.len());
         sized::encode(input, out, worst, lz4_flex::block::compress_into)

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::auto::Auto;
 use crate::dedup::{self, DedupIndex, DedupStore, Lookup};
+use crate::group;
 use crate::lz4::Lz4;
 use crate::spec::{parse_spec, Parsed, SpecError, StageSpec, MAX_STAGES, ZSTD_LEVEL};
 use crate::stage::Stage;
@@ -123,6 +124,30 @@ impl Built {
 
     fn all(&self) -> u8 {
         ((1u16 << self.names.len()) - 1) as u8
+    }
+
+    /// The tag bit `dedup` uses to mean "register this unit" (none without `dedup`).
+    fn register_bit(&self) -> u8 {
+        u8::from(self.dedup.is_some())
+    }
+
+    /// The stage that compresses in groups under `mask`: the last enabled stage, when it
+    /// is a compressor ([`crate::group`]).
+    fn group_stage(&self, mask: u8) -> Option<usize> {
+        let later = mask >> self.offset();
+        if later == 0 {
+            return None;
+        }
+        let j = 7 - later.leading_zeros() as usize;
+        self.stages.get(j).filter(|s| s.groups()).map(|_| j)
+    }
+
+    /// The group stage a received unit's tag names, if any (references never group).
+    fn group_of(&self, tag: u8) -> Option<usize> {
+        if tag & TAG_REFERENCE != 0 {
+            return None;
+        }
+        self.group_stage(tag)
     }
 }
 
@@ -308,7 +333,14 @@ impl Encoder for PipelineEncoder {
         }
         let mut deltas = no_deltas();
         let registered = self.dedup(items, &mut deltas);
-        let (built, mask) = (&self.built, self.mask);
+        let built = &self.built;
+        let off = built.offset();
+        // The group stage runs over the batch once the per-unit stages are done.
+        let group = built.group_stage(self.mask);
+        let mask = match group {
+            Some(j) => self.mask & !(1 << (j + off)),
+            None => self.mask,
+        };
         let rest = if items.len() < PARALLEL_FROM {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             items
@@ -326,7 +358,12 @@ impl Encoder for PipelineEncoder {
                 )
                 .reduce(no_deltas, add)
         };
-        let deltas = add(deltas, rest);
+        let mut deltas = add(deltas, rest);
+        if let Some(j) = group {
+            let bit = 1u8 << (j + off);
+            let earlier = (bit - 1) & !built.register_bit();
+            group::encode(&*built.stages[j], bit, earlier, items, &mut deltas[j + off]);
+        }
         for (st, d) in self.stats.iter_mut().zip(&deltas) {
             st.add(d);
         }
@@ -396,28 +433,35 @@ struct PipelineDecoder {
 }
 
 /// Decodes one unit through the stages its tag names (references are resolved later, in
-/// order).
+/// order). A group member arrives with `grouped`: its group stage and what decoding the
+/// group gave for it.
 fn decode_one(
     built: &Built,
     it: &mut DecodeItem<'_>,
+    grouped: Option<(usize, &[u8])>,
     a: &mut Vec<u8>,
     b: &mut Vec<u8>,
 ) -> Result<Deltas, CodecError> {
     let mut d = no_deltas();
     let size = it.target.len();
-    let later = it.tag >> built.offset();
+    let mut later = it.tag >> built.offset();
     if it.tag == TAG_REFERENCE {
         return Ok(d);
     }
+    let mut first = it.input;
+    if let Some((j, intermediate)) = grouped {
+        later &= !(1 << j);
+        first = intermediate;
+    }
     if later == 0 {
         // Raw, or registered raw.
-        if it.input.len() != size {
+        if first.len() != size {
             return Err(CodecError::WrongSize {
-                got: it.input.len(),
+                got: first.len(),
                 expected: size,
             });
         }
-        it.target.copy_from_slice(it.input);
+        it.target.copy_from_slice(first);
         return Ok(d);
     }
     let max_len = size + CODEC_SLACK;
@@ -426,7 +470,7 @@ fn decode_one(
         if later & (1 << j) == 0 {
             continue;
         }
-        let input: &[u8] = if have { a } else { it.input };
+        let input: &[u8] = if have { a } else { first };
         let started = Instant::now();
         built.stages[j].decode(it.unit, input, it.target, b, max_len)?;
         d[j + built.offset()].decode_s += started.elapsed().as_secs_f64();
@@ -441,6 +485,43 @@ fn decode_one(
     }
     it.target.copy_from_slice(a);
     Ok(d)
+}
+
+/// What decoding a batch's groups gave each item: its group stage and intermediate (None
+/// for items outside groups), and the seconds each group stage took.
+type Grouped = (Vec<Option<(usize, Vec<u8>)>>, Vec<(usize, f64)>);
+
+/// Decodes the groups of a batch ([`crate::group`]) in parallel.
+fn decode_groups(built: &Built, items: &[DecodeItem<'_>]) -> Result<Grouped, BatchDecodeError> {
+    let mut grouped = vec![None; items.len()];
+    let failed = |i: usize, error| BatchDecodeError {
+        unit: items[i].unit,
+        error,
+    };
+    let groups = group::find(items, |tag| built.group_of(tag)).map_err(|(i, e)| failed(i, e))?;
+    if groups.is_empty() {
+        return Ok((grouped, Vec::new()));
+    }
+    let one = |(j, members): &(usize, Vec<usize>)| {
+        let started = Instant::now();
+        let unit = items[members[0]].target.len();
+        group::decode(&*built.stages[*j], items, members, unit)
+            .map(|parts| (parts, started.elapsed().as_secs_f64()))
+            .map_err(|e| failed(members[0], e))
+    };
+    let decoded: Vec<_> = if groups.len() < 2 {
+        groups.iter().map(one).collect::<Result<_, _>>()?
+    } else {
+        groups.par_iter().map(one).collect::<Result<_, _>>()?
+    };
+    let mut secs = Vec::with_capacity(groups.len());
+    for ((j, members), (parts, s)) in groups.iter().zip(decoded) {
+        secs.push((*j, s));
+        for (&i, part) in members.iter().zip(parts) {
+            grouped[i] = Some((*j, part));
+        }
+    }
+    Ok((grouped, secs))
 }
 
 impl Decoder for PipelineDecoder {
@@ -460,23 +541,38 @@ impl Decoder for PipelineDecoder {
             }
         }
         let built = &self.built;
-        let one = |it: &mut DecodeItem<'_>, a: &mut Vec<u8>, b: &mut Vec<u8>| {
-            decode_one(built, it, a, b).map_err(|error| BatchDecodeError {
+        let (grouped, group_s) = decode_groups(built, items)?;
+        let one = |it: &mut DecodeItem<'_>,
+                   g: &Option<(usize, Vec<u8>)>,
+                   a: &mut Vec<u8>,
+                   b: &mut Vec<u8>| {
+            let g = g.as_ref().map(|(j, v)| (*j, &v[..]));
+            decode_one(built, it, g, a, b).map_err(|error| BatchDecodeError {
                 unit: it.unit,
                 error,
             })
         };
-        let deltas = if items.len() < PARALLEL_FROM {
+        let mut deltas = if items.len() < PARALLEL_FROM {
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            items.iter_mut().try_fold(no_deltas(), |acc, it| {
-                one(it, &mut a, &mut b).map(|d| add(acc, d))
-            })?
+            items
+                .iter_mut()
+                .zip(&grouped)
+                .try_fold(no_deltas(), |acc, (it, g)| {
+                    one(it, g, &mut a, &mut b).map(|d| add(acc, d))
+                })?
         } else {
             items
                 .par_iter_mut()
-                .map_init(|| (Vec::new(), Vec::new()), |(a, b), it| one(it, a, b))
+                .zip(grouped.par_iter())
+                .map_init(
+                    || (Vec::new(), Vec::new()),
+                    |(a, b), (it, g)| one(it, g, a, b),
+                )
                 .try_reduce(no_deltas, |x, y| Ok(add(x, y)))?
         };
+        for (j, secs) in group_s {
+            deltas[j + built.offset()].decode_s += secs;
+        }
         for (s, d) in self.decode_s.iter_mut().zip(&deltas) {
             *s += d.decode_s;
         }

@@ -33,6 +33,11 @@ pub trait Stage: Send + Sync {
     fn needs_base(&self) -> bool {
         false
     }
+    /// Whether, as a pipeline's last stage, it compresses a batch's units in groups
+    /// ([`crate::group`]) rather than one by one.
+    fn groups(&self) -> bool {
+        false
+    }
     /// (hits, lookups) of a history cache, for stages that keep one.
     fn cache_stats(&self) -> (u64, u64) {
         (0, 0)

@@ -336,3 +336,129 @@ fn auto_compresses_on_a_slow_link_and_not_on_a_fast_one() {
     let raw_after = fast[0].1 - slow[0].1;
     assert!(raw_after >= 6, "{slow:?} then {fast:?}");
 }
+
+/// A page that shares most of its bytes with its neighbours but never repeats within
+/// itself in a way a 4 KiB window alone could exploit.
+fn neighbour_page(common: &[u8], seed: u64) -> Vec<u8> {
+    let mut p = common.to_vec();
+    evolve(&mut p, seed, 64);
+    p
+}
+
+#[test]
+fn neighbouring_pages_compress_together() {
+    let common = page(77, false);
+    for spec in ["lz4", "zstd", "dedup,xor-delta,zstd:1"] {
+        let mut link = Link::new(spec);
+        for u in 0..UNITS {
+            link.src[u] = neighbour_page(&common, 2 * u as u64 + 1);
+        }
+        link.batch(&(0..UNITS).collect::<Vec<_>>()).unwrap();
+        // Alone every page is random bytes; together all but the first cost their edits.
+        assert!(
+            link.wire < PAGE + UNITS * 600,
+            "{spec}: {} bytes for {UNITS} neighbouring pages",
+            link.wire
+        );
+        let stats = link.enc.stats();
+        let last = stats.last().unwrap();
+        assert_eq!(last.units_applied, UNITS as u64, "{spec}: {stats:?}");
+    }
+}
+
+/// Distinct compressible pages.
+fn group_page(i: u64) -> Vec<u8> {
+    page(2 * i + 1, true)
+}
+
+/// Encodes `UNITS` compressible pages as one batch of `spec`: (unit, tag, bytes) per item.
+fn one_group(spec: &str) -> Vec<(usize, u8, Vec<u8>)> {
+    let p = parse(spec).unwrap();
+    let mut enc = p.encoder();
+    let pages: Vec<Vec<u8>> = (0..UNITS as u64).map(group_page).collect();
+    let mut items: Vec<EncodeItem<'_>> = pages
+        .iter()
+        .enumerate()
+        .map(|(u, d)| EncodeItem {
+            unit: unit(u as u64),
+            data: d,
+            tag: TAG_RAW,
+            out: Vec::new(),
+        })
+        .collect();
+    enc.encode_batch(&mut items);
+    items
+        .into_iter()
+        .map(|it| (it.unit.index as usize, it.tag, it.out))
+        .collect()
+}
+
+fn decode_all(spec: &str, sent: &[(usize, u8, Vec<u8>)]) -> Result<(), String> {
+    let mut dec = parse(spec).unwrap().decoder();
+    let mut targets = vec![vec![0u8; PAGE]; sent.len()];
+    let mut items: Vec<DecodeItem<'_>> = sent
+        .iter()
+        .zip(targets.iter_mut())
+        .map(|(s, t)| DecodeItem {
+            unit: unit(s.0 as u64),
+            tag: s.1,
+            input: &s.2,
+            target: t,
+        })
+        .collect();
+    dec.decode_batch(&mut items).map_err(|e| e.to_string())?;
+    for (s, t) in sent.iter().zip(&targets) {
+        if *t != group_page(s.0 as u64) {
+            return Err(format!("unit {} decoded to other content", s.0));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn hostile_groups_are_refused_without_panic() {
+    for spec in ["lz4", "zstd", "xor-delta,zstd", "dedup,lz4"] {
+        let sent = one_group(spec);
+        assert!(
+            sent[1..].iter().any(|s| s.2.is_empty()),
+            "{spec}: one group"
+        );
+        decode_all(spec, &sent).unwrap();
+        let count = |sent: &mut Vec<(usize, u8, Vec<u8>)>, n: u16| {
+            sent[0].2[..2].copy_from_slice(&n.to_le_bytes());
+        };
+        let mut zero = sent.clone();
+        count(&mut zero, 0);
+        assert!(decode_all(spec, &zero).unwrap_err().contains("zero units"));
+        let mut more = sent.clone();
+        count(&mut more, UNITS as u16 + 1);
+        let e = decode_all(spec, &more).unwrap_err();
+        assert!(
+            e.contains(&format!("group of {} units has {UNITS}", UNITS + 1)),
+            "{e}"
+        );
+        let fewer = sent[..UNITS - 1].to_vec();
+        assert!(
+            decode_all(spec, &fewer).is_err(),
+            "{spec}: a member missing"
+        );
+        let mut less = sent.clone();
+        count(&mut less, UNITS as u16 - 1);
+        assert!(
+            decode_all(spec, &less).is_err(),
+            "{spec}: a count one short"
+        );
+        // Every cut and every flipped byte of the block: an error or other content, never
+        // a panic (the engine's digests catch other content).
+        for cut in 0..sent[0].2.len() {
+            let mut c = sent.clone();
+            c[0].2.truncate(cut);
+            let _ = decode_all(spec, &c);
+        }
+        for at in 0..sent[0].2.len() {
+            let mut c = sent.clone();
+            c[0].2[at] ^= 0x5a;
+            let _ = decode_all(spec, &c);
+        }
+    }
+}

@@ -68,6 +68,10 @@ impl Stage for Zstd {
         "zstd"
     }
 
+    fn groups(&self) -> bool {
+        true
+    }
+
     fn encode(&self, _unit: Unit, input: &[u8], out: &mut Vec<u8>) -> bool {
         let worst = zstd::zstd_safe::compress_bound(input.len());
         sized::encode(input, out, worst, |i, o| compress(self.level, i, o))

@@ -78,6 +78,32 @@ impl Namespace {
         ])
     }
 
+    /// Shapes this namespace's loopback to `bytes_per_s` with a `tbf` qdisc: every
+    /// connection inside the namespace then shares one link of that rate (no delay or
+    /// loss; see `wan-notes`), which both sides of a local comparison see alike.
+    pub fn shape_loopback(&self, bytes_per_s: u64) -> Result<(), WanError> {
+        let bits = bytes_per_s.saturating_mul(8).to_string();
+        // The bucket holds at least two of loopback's 64 KiB packets (a smaller one never
+        // passes them) and 20 ms at the rate.
+        let burst = (bytes_per_s / 50).max(128 << 10).to_string();
+        let args = [
+            "-n", &self.name, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", &bits,
+            "burst", &burst, "latency", "200ms",
+        ];
+        let out = Command::new("tc")
+            .args(args)
+            .output()
+            .map_err(|e| WanError::Setup(format!("running tc: {e} (is iproute2 installed?)")))?;
+        if !out.status.success() {
+            return Err(WanError::Setup(format!(
+                "tc {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs `f` on the calling thread inside this namespace, then returns to the original.
     pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T, WanError> {
         let here = File::open("/proc/thread-self/ns/net")

@@ -23,16 +23,21 @@ pub use source::{
 use crate::wire::frame::FrameHeader;
 use crate::wire::{FrameError, FrameReader, Message, ReadOutcome};
 
+/// Units are pinned to channels in runs of this many, so a channel's batch holds
+/// neighbouring units (which compress together, see `ferry_codecs::GROUP_BYTES`) while the
+/// channels still share every region of the guest.
+pub const STRIPE: u64 = 64;
+
 /// Channel a page is pinned to.
 #[inline]
 pub fn page_channel(index: u64, channels: usize) -> usize {
-    (index % channels as u64) as usize
+    ((index / STRIPE) % channels as u64) as usize
 }
 
 /// Channel a block is pinned to.
 #[inline]
 pub fn block_channel(disk: u16, index: u64, channels: usize) -> usize {
-    ((index.wrapping_add(u64::from(disk))) % channels as u64) as usize
+    ((index / STRIPE).wrapping_add(u64::from(disk)) % channels as u64) as usize
 }
 
 /// A control message as passed between threads: a decoded [`Message`] that owns its data

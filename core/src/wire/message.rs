@@ -11,7 +11,7 @@ use crate::guest::{Base, DiskPlan};
 use crate::wire::frame::{FrameHeader, FLAG_RECORD_DIGESTS};
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Capability: zero units travel as a flag.
 pub const CAP_ZERO_UNITS: u64 = 1 << 0;
