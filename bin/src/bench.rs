@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
+use crate::bench_codecs::median;
 use crate::child::Destination;
 use crate::opts::{GuestArgs, MigrationArgs};
 use crate::units::{human_bytes, parse_size};
@@ -21,8 +22,9 @@ pub enum BenchCmd {
     /// Plain loopback TCP throughput: one connection, 256 KiB writes, from a hot buffer and
     /// memory-to-memory.
     TcpBaseline(BaselineArgs),
-    /// Engine throughput (first full memory pass, two processes over loopback TCP) as a
-    /// ratio of plain TCP moving the same memory, and of hot-buffer TCP, in the same run.
+    /// Engine throughput per transport as a user sees it (bytes moved over the whole
+    /// migration, from the command to `resumed`) beside the first-pass figure, each as a
+    /// ratio of plain TCP moving the same memory in the same run.
     Throughput(ThroughputArgs),
     /// Whole migrations with each codec over a capped link (`--max-bandwidth`), compared:
     /// ratio, effective MB/s, total time, downtime.
@@ -61,6 +63,10 @@ pub struct ThroughputArgs {
     /// Codec.
     #[arg(long, default_value = "raw")]
     codec: String,
+    /// Transports to measure, each against plain TCP in the same run; repeat the flag.
+    #[arg(long = "transport", default_values_t = ["tcp".to_string(), "tls".into(), "quic".into()],
+        value_parser = ["tcp", "tls", "quic"])]
+    transports: Vec<String>,
     /// Channels.
     #[arg(long, default_value_t = 2)]
     channels: u16,
@@ -152,11 +158,6 @@ pub fn tcp_once(size: u64, mode: Baseline) -> anyhow::Result<f64> {
     Ok(size as f64 / secs)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// Runs a bench command.
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -194,76 +195,142 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// One migration of a fresh guest to a destination process on loopback, with ephemeral
+/// identities for TLS and QUIC: its report and the whole time the user waits for the
+/// guest to run on the far side (from calling the source to `resumed`, transport setup
+/// included; the source's own teardown after that excluded).
+pub fn migrate_once(
+    guest: &GuestArgs,
+    mig: &MigrationArgs,
+) -> anyhow::Result<(ferry_core::Report, f64)> {
+    let mut mig = mig.clone();
+    let ((src_peer, dst_peer), _keys) = mig.peer.clone().for_both_ends()?;
+    mig.peer = src_peer;
+    let started = guest.start()?;
+    let mut dest = Destination::spawn("30s", &dst_peer)?;
+    let t = Instant::now();
+    let r = crate::host::run_source(started.guest.clone(), &dest.addr, &mig, &|_| {})?;
+    let whole = (t.elapsed().as_secs_f64() - r.teardown_ms / 1e3).max(1e-9);
+    let _ = crate::host::request(&dest.control, &crate::host::Request::Stop, |_| {});
+    dest.finish();
+    anyhow::ensure!(
+        r.ok && r.verified,
+        "{} migration failed: {:?}",
+        mig.peer.transport,
+        r.error
+    );
+    Ok((r, whole))
+}
+
+/// One transport's figures over the runs of `bench throughput`, bytes per second.
+#[derive(Default)]
+struct TransportRuns {
+    first_pass: Vec<f64>,
+    whole: Vec<f64>,
+    setup_ms: Vec<f64>,
+    teardown_ms: Vec<f64>,
+}
+
 fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
     let guest = GuestArgs::for_bench(a.memory, "random", "idle", "0", 1);
-
-    // Loopback between our own processes: plain TCP, as the baseline it is compared to.
-    let mig = MigrationArgs {
-        downtime: "50ms".into(),
-        throttle: "off".into(),
-        ..MigrationArgs::for_bench(&a.codec, "tcp", a.channels)
-    };
-    mig.source_config("127.0.0.1:1")?;
+    let migs = a
+        .transports
+        .iter()
+        .map(|t| {
+            let mig = MigrationArgs {
+                downtime: "50ms".into(),
+                throttle: "off".into(),
+                ..MigrationArgs::for_bench(&a.codec, t, a.channels)
+            };
+            // Checked as it will run: with the ephemeral identities of `migrate_once`.
+            let ((peer, _), _keys) = mig.peer.clone().for_both_ends()?;
+            MigrationArgs {
+                peer,
+                ..mig.clone()
+            }
+            .source_config("127.0.0.1:1")?;
+            Ok(mig)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut hot = Vec::new();
     let mut tcp = Vec::new();
-    let mut engine = Vec::new();
+    let mut per: Vec<TransportRuns> = a
+        .transports
+        .iter()
+        .map(|_| TransportRuns::default())
+        .collect();
+    let bytes = a.memory as f64;
     for i in 0..a.repeat.max(1) {
-        // Interleave so all three see the same machine conditions.
+        // Interleaved, so every figure of one run sees the same machine conditions.
         hot.push(tcp_once(a.memory, Baseline::Hot)?);
         tcp.push(tcp_once(a.memory, Baseline::Memory)?);
-        let started = guest.start()?;
-        let mut dest = Destination::spawn("30s", &mig.peer)?;
-        let r = crate::host::run_source(started.guest.clone(), &dest.addr, &mig, &|_| {})?;
-        let _ = crate::host::request(&dest.control, &crate::host::Request::Stop, |_| {});
-        dest.finish();
-        anyhow::ensure!(r.ok && r.verified, "migration {i} failed: {:?}", r.error);
-        engine.push(r.first_pass_mbps * 1e6);
         let k = i as usize;
         eprintln!(
-            "run {i}: plain TCP memory-to-memory {:.0} MB/s (hot buffer {:.0}), ferry first pass {:.0} MB/s: {:.2}x ({:.2}x of hot)",
+            "run {i}: plain TCP memory-to-memory {:.0} MB/s (hot buffer {:.0})",
             tcp[k] / 1e6,
-            hot[k] / 1e6,
-            r.first_pass_mbps,
-            engine[k] / tcp[k],
-            engine[k] / hot[k]
+            hot[k] / 1e6
         );
+        for ((t, mig), runs) in a.transports.iter().zip(&migs).zip(&mut per) {
+            let (r, whole) = migrate_once(&guest, mig)?;
+            runs.first_pass.push(r.first_pass_mbps * 1e6);
+            runs.whole.push(bytes / whole);
+            runs.setup_ms.push(r.setup_ms);
+            runs.teardown_ms.push(r.teardown_ms);
+            eprintln!(
+                "  ferry {t}×{}: whole migration {:.0} MB/s ({:.2}x of TCP; {:.0} ms), first pass {:.0} MB/s ({:.2}x); setup {:.1} ms",
+                a.channels,
+                bytes / whole / 1e6,
+                bytes / whole / tcp[k],
+                whole * 1e3,
+                r.first_pass_mbps,
+                r.first_pass_mbps * 1e6 / tcp[k],
+                r.setup_ms
+            );
+        }
     }
-    let (h, t, e) = (
-        median(hot.clone()),
-        median(tcp.clone()),
-        median(engine.clone()),
-    );
-    // Runs are interleaved pairs under the same machine conditions: the median of the
-    // per-run ratios is the steadier figure; the ratio of medians is printed too.
-    let paired = median(engine.iter().zip(&tcp).map(|(e, t)| e / t).collect());
-    let paired_hot = median(engine.iter().zip(&hot).map(|(e, h)| e / h).collect());
+    let t = median(tcp.clone());
+    let h = median(hot.clone());
+    // Runs are interleaved: the median of per-run ratios is the steadier figure.
+    let paired = |v: &[f64]| median(v.iter().zip(&tcp).map(|(e, t)| e / t).collect());
     eprintln!(
-        "median of per-run ratios: {paired:.2} of memory-to-memory TCP, {paired_hot:.2} of hot-buffer TCP"
-    );
-    eprintln!(
-        "ferry {} x{}: {:.0} MB/s; plain loopback TCP memory-to-memory {:.0} MB/s: ratio {:.2}; \
-         hot-buffer TCP {:.0} MB/s: ratio {:.2} (medians of {} runs, {} random guest)",
+        "\n{} random guest, codec {}, {} channels, medians of {} runs; plain loopback TCP memory-to-memory {:.0} MB/s (hot buffer {:.0}):\n",
+        human_bytes(a.memory),
         a.codec,
         a.channels,
-        e / 1e6,
-        t / 1e6,
-        e / t,
-        h / 1e6,
-        e / h,
         tcp.len(),
-        human_bytes(a.memory)
+        t / 1e6,
+        h / 1e6
     );
+    eprintln!("| transport | whole migration | ÷ TCP | first pass | ÷ TCP | setup | teardown |\n|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (name, runs) in a.transports.iter().zip(&per) {
+        let (w, f) = (median(runs.whole.clone()), median(runs.first_pass.clone()));
+        let (wr, fr) = (paired(&runs.whole), paired(&runs.first_pass));
+        let (su, td) = (
+            median(runs.setup_ms.clone()),
+            median(runs.teardown_ms.clone()),
+        );
+        eprintln!(
+            "| {name} | {:.0} MB/s | {wr:.2} | {:.0} MB/s | {fr:.2} | {su:.1} ms | {td:.1} ms |",
+            w / 1e6,
+            f / 1e6
+        );
+        let mbps = |v: &[f64]| v.iter().map(|x| x / 1e6).collect::<Vec<_>>();
+        rows.push(
+            json!({"transport": name, "whole_mbps": w / 1e6, "whole_ratio": wr,
+            "first_pass_mbps": f / 1e6, "first_pass_ratio": fr,
+            "setup_ms": su, "teardown_ms": td,
+            "whole_runs_mbps": mbps(&runs.whole), "first_pass_runs_mbps": mbps(&runs.first_pass)}),
+        );
+    }
     if a.json {
         let mbps = |v: &[f64]| v.iter().map(|x| x / 1e6).collect::<Vec<_>>();
         println!(
             "{}",
             json!({"codec": a.codec, "channels": a.channels, "memory_bytes": a.memory,
-                "ferry_mbps": e / 1e6,
-                "tcp_memory_mbps": t / 1e6, "ratio": e / t,
-                "tcp_hot_mbps": h / 1e6, "ratio_hot": e / h,
-                "paired_ratio": paired, "paired_ratio_hot": paired_hot,
-                "ferry_runs_mbps": mbps(&engine), "tcp_memory_runs_mbps": mbps(&tcp),
-                "tcp_hot_runs_mbps": mbps(&hot)})
+                "tcp_memory_mbps": t / 1e6, "tcp_hot_mbps": h / 1e6,
+                "tcp_memory_runs_mbps": mbps(&tcp), "tcp_hot_runs_mbps": mbps(&hot),
+                "transports": rows})
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -22,6 +22,7 @@ pub mod image;
 pub mod machine;
 pub mod pacer;
 pub mod policy;
+pub mod prefault;
 pub mod report;
 pub mod transport;
 pub mod wire;

@@ -7,6 +7,8 @@ use crate::layout::{slots, PAGE};
 
 /// Guest RAM shared by the vCPUs (through KVM) and the VMM's threads.
 pub struct GuestRam {
+    // Declared first so it stops (and joins) before the mapping goes.
+    _prefault: Option<ferry_core::prefault::Prefault>,
     // Kept alive for `base`; accessed only through raw pointers because the guest writes
     // it concurrently.
     _map: memmap2::MmapMut,
@@ -23,18 +25,18 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// Maps `bytes` of zeroed RAM; `populate` pre-faults it (the first pass of a guest
-    /// over fresh memory is otherwise dominated by faults).
+    /// Maps `bytes` of zeroed RAM; `populate` pre-faults it in the background (the first
+    /// pass of a guest over fresh memory is otherwise dominated by faults).
     pub fn new(bytes: u64, populate: bool) -> std::io::Result<Self> {
         let len = usize::try_from(bytes).map_err(|_| std::io::Error::other("memory too large"))?;
-        let mut opts = memmap2::MmapOptions::new();
-        opts.len(len);
-        if populate {
-            opts.populate();
-        }
-        let mut map = opts.map_anon()?;
+        let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
         let base = map.as_mut_ptr();
+        // SAFETY: `map` is a private anonymous mapping of `len` bytes at `base`, and the
+        // populator is dropped before it (field order).
+        let prefault =
+            populate.then(|| unsafe { ferry_core::prefault::Prefault::start(base, len) });
         Ok(Self {
+            _prefault: prefault,
             _map: map,
             base,
             bytes,
