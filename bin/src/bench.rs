@@ -35,6 +35,9 @@ pub enum BenchCmd {
     /// QEMU's own live migration (multifd, none and zstd) beside Ferry's codecs, on the
     /// same memory image and link, interleaved: total time, downtime, bytes on the wire.
     Qemu(crate::bench_qemu::QemuArgs),
+    /// How much slower the guest's own work runs untracked, tracked, and while migrating
+    /// (sim or KVM): page writes per second, interleaved, as ratios.
+    Overhead(crate::bench_overhead::OverheadArgs),
     /// KVM guests migrated between two processes: memory sizes × dirty rates × dirty-log
     /// modes (bitmap, ring); rounds, total time, downtime, pause and state-save times.
     Kvm(crate::bench_kvm::KvmBenchArgs),
@@ -165,6 +168,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Qemu(a) => crate::bench_qemu::run(a),
         BenchCmd::Matrix(a) => crate::bench_matrix::run(a),
         BenchCmd::Kvm(a) => crate::bench_kvm::run(a),
+        BenchCmd::Overhead(a) => crate::bench_overhead::run(a),
         BenchCmd::TcpBaseline(a) => {
             let mut out = serde_json::Map::new();
             for (name, mode) in [("hot", Baseline::Hot), ("memory", Baseline::Memory)] {

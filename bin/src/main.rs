@@ -6,6 +6,7 @@ mod bench;
 mod bench_codecs;
 mod bench_kvm;
 mod bench_matrix;
+mod bench_overhead;
 mod bench_qemu;
 mod child;
 mod guest;

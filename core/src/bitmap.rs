@@ -58,14 +58,11 @@ impl DirtyBitmap {
         }
         let word = &self.words[(i / WORD_BITS) as usize];
         let bit = 1u64 << (i % WORD_BITS);
-        // A plain load first: re-dirtying a hot page is the common case and must not
-        // bounce the cache line between cores with a read-modify-write.
-        if word.load(Ordering::Relaxed) & bit == 0 {
-            word.fetch_or(bit, Ordering::Release);
-        } else {
-            // Still publish the write that re-dirtied the page.
-            std::sync::atomic::fence(Ordering::Release);
-        }
+        // Always the read-modify-write: skipping it when the bit already reads as set
+        // would let a write slip past a fetch under way (its data still in the store
+        // buffer, the bit already taken). Writers at memory speed use
+        // [`crate::bytemap::DirtyBytes`] instead, whose mark needs no locked instruction.
+        word.fetch_or(bit, Ordering::Release);
     }
 
     /// Marks `[start, start + len)` dirty.

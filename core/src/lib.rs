@@ -12,6 +12,7 @@
 
 pub mod basecmp;
 pub mod bitmap;
+pub mod bytemap;
 pub mod codec;
 pub mod digest;
 pub mod engine;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use ferry_core::bitmap::DirtyBitmap;
+use ferry_core::bytemap::DirtyBytes;
 use ferry_core::guest::{GuestError, GuestLayout, OracleReport};
 
 use ferry_disk::set::{DiskSpec, GuestDisks};
@@ -155,7 +155,7 @@ pub struct Inner {
     mem: GuestMemory,
     disks: GuestDisks,
     map: MemMap,
-    page_log: DirtyBitmap,
+    page_log: DirtyBytes,
     ctl: RunControl,
     config: Mutex<WorkloadConfig>,
     /// Registers: one slot per memory thread, then one for the disk thread.
@@ -165,6 +165,9 @@ pub struct Inner {
     checks_cond: Condvar,
     /// Disk writes per second allowed while a migration throttles the guest (0 = none).
     disk_limit: AtomicU64,
+    /// Whether guest writes mark the dirty log (always, except in the untracked baseline
+    /// of `ferry bench overhead`, which can never migrate).
+    tracked: AtomicBool,
 }
 
 impl Inner {
@@ -193,7 +196,9 @@ impl Inner {
     }
 
     fn mark(&self, page: u64) {
-        self.page_log.set(page);
+        if self.tracked.load(Ordering::Relaxed) {
+            self.page_log.set(page);
+        }
     }
 
     /// One guest write: advance page `p`'s counter, then its ledger entry.
@@ -356,7 +361,7 @@ impl SimGuest {
             mem,
             disks,
             map,
-            page_log: DirtyBitmap::new(pages),
+            page_log: DirtyBytes::new(pages),
             ctl: RunControl::new(),
             config: Mutex::new(workload),
             regs: Mutex::new(
@@ -371,6 +376,7 @@ impl SimGuest {
             checks: Mutex::new(Vec::new()),
             checks_cond: Condvar::new(),
             disk_limit: AtomicU64::new(0),
+            tracked: AtomicBool::new(true),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -462,6 +468,12 @@ impl SimGuest {
         threads.push(std::thread::spawn(move || {
             workload::disk_thread(&inner, n, check);
         }));
+    }
+
+    /// Turns dirty tracking off for good: the baseline a benchmark measures the cost of
+    /// tracking against. Such a guest refuses to migrate (its log would miss writes).
+    pub fn without_dirty_tracking(&self) {
+        self.inner.tracked.store(false, Ordering::SeqCst);
     }
 
     /// Stops the workload for good, joins its threads and closes the images' metadata.

@@ -39,6 +39,11 @@ impl SourceGuest for SimGuest {
     }
 
     fn start_dirty_log(&self) -> Result<(), GuestError> {
+        if !self.inner.tracked.load(Ordering::SeqCst) {
+            return Err(GuestError::InvalidState(
+                "this guest runs without dirty tracking (a benchmark baseline)".into(),
+            ));
+        }
         self.inner.page_log.clear();
         Ok(())
     }
