@@ -30,10 +30,19 @@ const TRIAL_BUDGET: f64 = 0.03;
 const TRIAL_UNITS: usize = 8;
 /// A candidate must beat the one in use by this factor to take over.
 const HYSTERESIS: f64 = 1.1;
+/// Leaving raw, a compressor's encoding speed counts divided by this: the model sees the
+/// sender's cores and the link, not the receiver, which pays for decoding (and on one host
+/// shares the sender's cores: there grouped lz4 promised 1.3x raw and delivered a third).
+/// Where the link bounds a compressor (ratio × link), it counts in full.
+const LEAVE_RAW: f64 = 2.0;
 /// Sender time spent waiting, as a share of wall time, that marks the link as the limit.
 const LINK_BOUND: f64 = 0.3;
 /// Link feedback is judged over windows this long.
 const WINDOW: Duration = Duration::from_millis(100);
+/// Windows at the start in which the link is not judged.
+const WARMUP_WINDOWS: u32 = 1;
+/// Windows without waiting after which a compressor forgets the link estimate.
+const FORGET_LINK_AFTER: u32 = 3;
 /// Weight of a new measurement in the running averages.
 const ALPHA: f64 = 0.3;
 
@@ -45,6 +54,9 @@ struct Candidate {
     ratio: Option<f64>,
     /// Input bytes per CPU second.
     speed: Option<f64>,
+    /// Whether `speed` was measured on batches in use: trials then no longer move it
+    /// (their few units, hot in the cache, compress several times faster than batches).
+    speed_in_use: bool,
     batches: u64,
 }
 
@@ -68,6 +80,10 @@ pub(crate) struct Auto {
     /// How many cores a batch keeps busy (CPU time over wall time).
     parallel: f64,
     window: (u64, Duration, Duration),
+    /// Windows in a row in which the sender did not wait for the link.
+    unwaited: u32,
+    /// Windows seen so far.
+    windows: u32,
     /// Sender wall time seen, and the part of it trials took (nanoseconds).
     wall_ns: f64,
     trial_ns: f64,
@@ -89,6 +105,7 @@ impl Auto {
             mask,
             ratio: None,
             speed: None,
+            speed_in_use: false,
             batches: 0,
         };
         Self {
@@ -97,6 +114,8 @@ impl Auto {
             link: None,
             parallel: 1.0,
             window: (0, Duration::ZERO, Duration::ZERO),
+            unwaited: 0,
+            windows: 0,
             wall_ns: 0.0,
             trial_ns: 0.0,
             next_trial: 1,
@@ -116,22 +135,40 @@ impl Auto {
 
     /// Effective bytes per second of input a candidate would move.
     fn score(&self, i: usize) -> f64 {
+        self.promise(i, 1.0)
+    }
+
+    /// Effective bytes per second of input a candidate would move, its encoding speed
+    /// divided by `cpu_discount` (what the receiver's decoding costs, unseen here).
+    fn promise(&self, i: usize, cpu_discount: f64) -> f64 {
         let c = &self.candidates[i];
         let link = self.link.unwrap_or(f64::INFINITY);
         if c.mask == RAW {
             return link;
         }
         match (c.ratio, c.speed) {
-            (Some(r), Some(s)) => (s * self.parallel).min(r * link),
+            (Some(r), Some(s)) => (s * self.parallel / cpu_discount).min(r * link),
             _ => 0.0,
         }
     }
 
     fn choose(&mut self) {
+        // Leaving raw, a compressor's speed counts at 1/LEAVE_RAW: where the cores rather
+        // than the link bound it, the receiver's decoding decides as much as our encoding.
+        let discount = if self.candidates[self.current].mask == RAW {
+            LEAVE_RAW
+        } else {
+            1.0
+        };
         let best = (0..self.candidates.len())
-            .max_by(|a, b| self.score(*a).total_cmp(&self.score(*b)))
+            .max_by(|a, b| {
+                self.promise(*a, discount)
+                    .total_cmp(&self.promise(*b, discount))
+            })
             .unwrap_or(0);
-        if best != self.current && self.score(best) > HYSTERESIS * self.score(self.current) {
+        if best != self.current
+            && self.promise(best, discount) > HYSTERESIS * self.score(self.current)
+        {
             self.current = best;
         }
     }
@@ -160,6 +197,7 @@ impl Auto {
         if c.mask != RAW && input > 0 && output > 0 && cpu_ns > 0 {
             c.ratio = ewma(c.ratio, input as f64 / output as f64);
             c.speed = ewma(c.speed, input as f64 / (cpu_ns as f64 / 1e9));
+            c.speed_in_use = true;
             if wall_ns > 0.0 {
                 let p = (cpu_ns as f64 / wall_ns).clamp(1.0, rayon::current_num_threads() as f64);
                 self.parallel = ewma(Some(self.parallel), p).unwrap_or(1.0);
@@ -249,7 +287,9 @@ impl Auto {
         if input > 0 && ns > 0 {
             let c = &mut self.candidates[pick];
             c.ratio = ewma(c.ratio, input as f64 / output.max(1) as f64);
-            c.speed = ewma(c.speed, input as f64 / (ns as f64 / 1e9));
+            if !c.speed_in_use {
+                c.speed = ewma(c.speed, input as f64 / (ns as f64 / 1e9));
+            }
         }
         self.choose();
     }
@@ -268,13 +308,29 @@ impl Auto {
             return;
         }
         self.window = (0, Duration::ZERO, Duration::ZERO);
+        self.windows += 1;
+        if self.windows <= WARMUP_WINDOWS {
+            // The receiver is still starting (a fresh process faulting its memory in): a
+            // link judged now looks slower than it is.
+            return;
+        }
         let carried = bytes as f64 / wall.as_secs_f64();
         if send.as_secs_f64() >= LINK_BOUND * wall.as_secs_f64() {
             self.link = ewma(self.link, carried);
-        } else if let Some(l) = self.link {
-            // Not waiting: the link carries at least this much, maybe more.
-            if carried * 1.5 > l {
-                self.link = Some(carried * 1.5);
+            self.unwaited = 0;
+        } else {
+            self.unwaited += 1;
+            if self.unwaited >= FORGET_LINK_AFTER && self.candidates[self.current].mask != RAW {
+                // A compressor that never waits for the link has not seen it for a while:
+                // the estimate may date from a moment something else held the cores (the
+                // receiver starting, on one host). Raw gets to measure it again.
+                self.link = None;
+                self.unwaited = 0;
+            } else if let Some(l) = self.link {
+                // Not waiting: the link carries at least this much, maybe more.
+                if carried * 1.5 > l {
+                    self.link = Some(carried * 1.5);
+                }
             }
         }
         self.choose();
