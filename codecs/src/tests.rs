@@ -81,6 +81,22 @@ fn change() -> impl Strategy<Value = Change> {
     ]
 }
 
+/// Decoder items for what was sent, (unit, tag, bytes) each, into `targets` in order.
+fn decode_items<'a>(
+    sent: &'a [(usize, u8, Vec<u8>)],
+    targets: impl Iterator<Item = &'a mut [u8]>,
+) -> Vec<DecodeItem<'a>> {
+    sent.iter()
+        .zip(targets)
+        .map(|(s, target)| DecodeItem {
+            unit: unit(s.0 as u64),
+            tag: s.1,
+            input: &s.2,
+            target,
+        })
+        .collect()
+}
+
 /// Source and destination of one channel, driven batch by batch like the engine.
 struct Link {
     enc: Box<dyn ferry_core::codec::Encoder>,
@@ -147,16 +163,7 @@ impl Link {
         }
         let mut targets: Vec<(usize, Vec<u8>)> =
             sent.iter().map(|s| (s.0, self.dst[s.0].clone())).collect();
-        let mut ditems: Vec<DecodeItem<'_>> = sent
-            .iter()
-            .zip(targets.iter_mut())
-            .map(|(s, t)| DecodeItem {
-                unit: unit(s.0 as u64),
-                tag: s.1,
-                input: &s.2,
-                target: &mut t.1,
-            })
-            .collect();
+        let mut ditems = decode_items(&sent, targets.iter_mut().map(|t| &mut t.1[..]));
         self.dec
             .decode_batch(&mut ditems)
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", self.enc.stats().len())))?;
@@ -396,16 +403,7 @@ fn one_group(spec: &str) -> Vec<(usize, u8, Vec<u8>)> {
 fn decode_all(spec: &str, sent: &[(usize, u8, Vec<u8>)]) -> Result<(), String> {
     let mut dec = parse(spec).unwrap().decoder();
     let mut targets = vec![vec![0u8; PAGE]; sent.len()];
-    let mut items: Vec<DecodeItem<'_>> = sent
-        .iter()
-        .zip(targets.iter_mut())
-        .map(|(s, t)| DecodeItem {
-            unit: unit(s.0 as u64),
-            tag: s.1,
-            input: &s.2,
-            target: t,
-        })
-        .collect();
+    let mut items = decode_items(sent, targets.iter_mut().map(|t| &mut t[..]));
     dec.decode_batch(&mut items).map_err(|e| e.to_string())?;
     for (s, t) in sent.iter().zip(&targets) {
         if *t != group_page(s.0 as u64) {

@@ -14,21 +14,26 @@ pub struct Namespace {
     pub name: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), WanError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| {
+/// Runs an iproute2 tool (`ip`, `tc`); its error output becomes the error.
+fn iproute2(tool: &str, args: &[&str]) -> Result<(), WanError> {
+    let out = Command::new(tool).args(args).output().map_err(|e| {
         WanError::Setup(format!(
-            "running ip {}: {e} (is iproute2 installed?)",
+            "running {tool} {}: {e} (is iproute2 installed?)",
             args.join(" ")
         ))
     })?;
     if !out.status.success() {
         return Err(WanError::Setup(format!(
-            "ip {}: {}",
+            "{tool} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
     Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<(), WanError> {
+    iproute2("ip", args)
 }
 
 /// Deletes namespaces `ferry-*-a`/`-b` whose tag carries the process id of a process that
