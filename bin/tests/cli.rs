@@ -681,4 +681,103 @@ fn bench_qemu_names_a_missing_qemu_and_compares_both_tools() {
     }
     assert_eq!(rows[0]["tool"], "qemu");
     assert_eq!(rows[1]["tool"], "ferry");
+
+    // One shaped link both tools see: neither can beat bytes over the rate.
+    if !is_root() || std::process::Command::new("tc").arg("-V").output().is_err() {
+        eprintln!("skipped the shaped comparison: needs root and iproute2's tc");
+        return;
+    }
+    let out = ferry()
+        .args([
+            "bench",
+            "qemu",
+            "--json",
+            "--memory",
+            "32MiB",
+            "--repeat",
+            "1",
+            "--codec",
+            "zstd",
+            "--qemu-compression",
+            "zstd",
+            "--shape",
+            "200Mbit",
+            "--fill",
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    assert!(v["link"].as_str().unwrap().contains("shaped"), "{v}");
+    for r in v["results"].as_array().unwrap() {
+        let (ms, wire) = (
+            r["total_ms"].as_f64().unwrap(),
+            r["wire_bytes"].as_f64().unwrap(),
+        );
+        let floor_ms = wire * 8.0 / 200e6 * 1e3;
+        assert!(wire > 1e5, "{r}");
+        assert!(
+            ms >= 0.8 * floor_ms,
+            "{ms} ms for {wire} bytes at 200 Mbit/s: {r}"
+        );
+    }
+}
+
+#[test]
+fn bench_throughput_and_overhead_report_what_they_measure() {
+    let out = ferry()
+        .args([
+            "bench",
+            "throughput",
+            "--json",
+            "--memory",
+            "64MiB",
+            "--repeat",
+            "1",
+            "--transport",
+            "tcp",
+            "--transport",
+            "tls",
+        ])
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    let rows = v["transports"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert!(v["tcp_memory_mbps"].as_f64().unwrap() > 0.0, "{v}");
+    for r in rows {
+        let whole = r["whole_mbps"].as_f64().unwrap();
+        let first = r["first_pass_mbps"].as_f64().unwrap();
+        let outside = r["outside_rounds_share"].as_f64().unwrap();
+        // The whole migration includes the first pass, so it cannot be faster.
+        assert!(whole > 0.0 && whole <= first * 1.05, "{r}");
+        assert!((0.0..1.0).contains(&outside), "{r}");
+    }
+
+    let out = ferry()
+        .args([
+            "bench", "overhead", "--json", "--memory", "32MiB", "--window", "300ms", "--repeat",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    let rows = v["results"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["untracked", "tracked", "migrating"], "{v}");
+    for r in rows {
+        assert!(r["writes_per_s"].as_f64().unwrap() > 1e5, "{r}");
+        let q = r["ratio_to_untracked"].as_f64().unwrap();
+        assert!(q > 0.2 && q < 2.0, "{r}");
+    }
+    // A bad value names its flag.
+    let out = ferry()
+        .args(["bench", "overhead", "--harvest", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--harvest"));
 }

@@ -106,6 +106,34 @@ fn migrates_and_verifies_with_each_codec_and_channel_count() {
 }
 
 #[test]
+fn a_guest_without_dirty_tracking_refuses_to_migrate() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let g = Spec::default().start(src_dir.path());
+    g.without_dirty_tracking();
+    let run = migrate_with(
+        g.clone(),
+        MemTransport::new(),
+        "raw",
+        2,
+        VerifyMode::Digest,
+        dst_dir.path(),
+    );
+    let r = &run.report;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("without dirty tracking"),
+        "{:?}",
+        r.error
+    );
+    assert_eq!(r.source_resumed, Some(true), "{r:?}");
+    g.stop();
+}
+
+#[test]
 fn idle_zero_guest_sends_flags_not_pages() {
     let src_dir = tempfile::tempdir().unwrap();
     let dst_dir = tempfile::tempdir().unwrap();

@@ -256,3 +256,15 @@ pub fn keygen(dir: &Path, name: &str) -> (String, String, String) {
     let s = |k: &str| v[k].as_str().unwrap().to_string();
     (s("cert"), s("key"), s("fingerprint"))
 }
+
+/// Whether the tests run as root (the effective uid, read from /proc).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
