@@ -72,7 +72,8 @@ fn codecs(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes));
     let factory = ferry_codecs::parse("lz4").unwrap();
     let mut enc = ferry_core::codec::CodecFactory::encoder(&factory);
-    let mut encoded: Vec<(u64, u8, Vec<u8>)> = Vec::new();
+    // Kept batch by batch: a batch's groups are decoded with that batch.
+    let mut encoded: Vec<Vec<(u64, u8, Vec<u8>)>> = Vec::new();
     for chunk in pages.chunks(ferry_benches::BATCH) {
         let mut items: Vec<EncodeItem<'_>> = chunk
             .iter()
@@ -85,20 +86,25 @@ fn codecs(c: &mut Criterion) {
             })
             .collect();
         enc.encode_batch(&mut items);
-        encoded.extend(items.into_iter().map(|it| {
-            let out = if it.tag == TAG_RAW {
-                it.data.to_vec()
-            } else {
-                it.out
-            };
-            (it.unit.index, it.tag, out)
-        }));
+        encoded.push(
+            items
+                .into_iter()
+                .map(|it| {
+                    let out = if it.tag == TAG_RAW {
+                        it.data.to_vec()
+                    } else {
+                        it.out
+                    };
+                    (it.unit.index, it.tag, out)
+                })
+                .collect(),
+        );
     }
     g.bench_function("lz4", |b| {
         let mut dec = ferry_core::codec::CodecFactory::decoder(&factory);
         let mut targets = vec![0u8; ferry_benches::BATCH * PAGE];
         b.iter(|| {
-            for chunk in encoded.chunks(ferry_benches::BATCH) {
+            for chunk in &encoded {
                 let mut items: Vec<DecodeItem<'_>> = chunk
                     .iter()
                     .zip(targets.chunks_mut(PAGE))

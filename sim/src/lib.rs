@@ -445,6 +445,8 @@ impl SimGuest {
 
     /// Starts the workload threads (after creation, or on the destination after restore).
     pub fn start(&self) {
+        // From here the guest writes its memory itself.
+        self.inner.mem.settle();
         if self.started.swap(true, Ordering::SeqCst) {
             self.inner.ctl.resume();
             return;

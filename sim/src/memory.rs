@@ -1,14 +1,21 @@
 //! Guest memory: one anonymous mapping, shared between the workload threads (the "vCPUs")
 //! and the migration threads, as guest RAM is shared in every VMM.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 
+/// Pages per chunk a destination populates at once (256 KiB of 4 KiB pages: one frame).
+pub const CHUNK_PAGES: u64 = 64;
+
 /// An anonymous mapping of `pages` pages.
 pub struct GuestMemory {
-    // Declared first so it stops (and joins) before the mapping goes.
-    _prefault: Option<ferry_core::prefault::Prefault>,
+    /// For a destination's memory: per chunk of [`CHUNK_PAGES`], whether it is still
+    /// untouched since it was mapped (so all zero, and not yet populated).
+    fresh: Option<Box<[AtomicBool]>>,
+    /// Whether `fresh` still describes the memory: only until the guest first runs (its
+    /// own writes do not clear the flags).
+    fresh_valid: AtomicBool,
     // Kept alive for `base`; never accessed through a reference, only through raw
     // pointers, because other threads write the memory concurrently.
     _map: MmapMut,
@@ -26,22 +33,26 @@ unsafe impl Send for GuestMemory {}
 unsafe impl Sync for GuestMemory {}
 
 impl GuestMemory {
-    /// Maps `pages` zeroed pages; `populate` pre-faults them in the background (a
-    /// destination about to write every page: one kernel pass is ~4x cheaper here than a
-    /// fault per first touch, and in the background it overlaps the transfer).
-    pub fn new(pages: u64, page_size: usize, populate: bool) -> std::io::Result<Self> {
+    /// Maps `pages` zeroed pages. `incoming` (a destination about to write most pages):
+    /// each chunk of [`CHUNK_PAGES`] is populated with one call when its first page is
+    /// written (a kernel pass over 256 KiB is ~4x cheaper here than a fault per page, and
+    /// on the receiver's own thread it competes with nothing), and a zero page arriving
+    /// for an untouched chunk costs nothing (never allocated).
+    pub fn new(pages: u64, page_size: usize, incoming: bool) -> std::io::Result<Self> {
         let len = usize::try_from(pages)
             .ok()
             .and_then(|p| p.checked_mul(page_size))
             .ok_or_else(|| std::io::Error::other("memory size overflows"))?;
         let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
         let base = map.as_mut_ptr();
-        // SAFETY: `map` is a private anonymous mapping of `len` bytes at `base`, and the
-        // populator is dropped before it (field order).
-        let prefault =
-            populate.then(|| unsafe { ferry_core::prefault::Prefault::start(base, len) });
+        let fresh = incoming.then(|| {
+            (0..pages.div_ceil(CHUNK_PAGES))
+                .map(|_| AtomicBool::new(true))
+                .collect()
+        });
         Ok(Self {
-            _prefault: prefault,
+            fresh,
+            fresh_valid: AtomicBool::new(incoming),
             _map: map,
             base,
             pages,
@@ -79,22 +90,62 @@ impl GuestMemory {
         true
     }
 
+    /// Populates page `index`'s chunk if it is still untouched (a destination's first
+    /// write there).
+    fn touch(&self, index: u64) {
+        let Some(fresh) = &self.fresh else { return };
+        let c = (index / CHUNK_PAGES) as usize;
+        let Some(flag) = fresh.get(c) else { return };
+        if !flag.load(Ordering::Acquire) {
+            return;
+        }
+        let first = c as u64 * CHUNK_PAGES;
+        let n = CHUNK_PAGES.min(self.pages - first) as usize * self.page_size;
+        if let Some(p) = self.page_ptr(first) {
+            // SAFETY: the chunk lies inside the mapping; MADV_POPULATE_WRITE only faults
+            // pages in without changing their content (it may fail on old kernels: the
+            // pages then fault on first write, as they would anyway).
+            unsafe { libc::madvise(p.cast(), n, libc::MADV_POPULATE_WRITE) };
+        }
+        flag.store(false, Ordering::Release);
+    }
+
+    /// Whether page `index` is known to be untouched since the mapping was made.
+    fn untouched(&self, index: u64) -> bool {
+        self.fresh_valid.load(Ordering::Acquire)
+            && self
+                .fresh
+                .as_ref()
+                .and_then(|f| f.get((index / CHUNK_PAGES) as usize))
+                .is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// The guest is about to run: its own writes do not mark chunks, so from now on no
+    /// page is assumed untouched.
+    pub fn settle(&self) {
+        self.fresh_valid.store(false, Ordering::Release);
+    }
+
     /// Overwrites page `index` with `data` (at most a page). False when out of range.
     pub fn write(&self, index: u64, data: &[u8]) -> bool {
         let Some(p) = self.page_ptr(index) else {
             return false;
         };
+        self.touch(index);
         let n = data.len().min(self.page_size);
         // SAFETY: as in `read`; the destination range lies inside the mapping.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, n) };
         true
     }
 
-    /// Zeroes page `index`.
+    /// Zeroes page `index` (nothing to do for a page still untouched since mapping).
     pub fn zero(&self, index: u64) -> bool {
         let Some(p) = self.page_ptr(index) else {
             return false;
         };
+        if self.untouched(index) {
+            return true;
+        }
         // SAFETY: the page lies inside the mapping.
         unsafe { std::ptr::write_bytes(p, 0, self.page_size) };
         true
@@ -144,5 +195,54 @@ impl GuestMemory {
             .par_chunks_mut(self.page_size)
             .enumerate()
             .for_each(|(i, page)| f(from + i as u64, page));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident bytes of this process (from /proc/self/statm).
+    fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    }
+
+    #[test]
+    fn a_destination_populates_on_first_write_and_skips_untouched_zero_pages() {
+        let pages = 16 * CHUNK_PAGES;
+        let mem = GuestMemory::new(pages, 4096, true).unwrap();
+        let before = rss();
+        // Zero pages for untouched chunks allocate nothing.
+        for i in 0..8 * CHUNK_PAGES {
+            assert!(mem.zero(i));
+        }
+        let after_zeros = rss();
+        assert!(
+            after_zeros < before + (1 << 20),
+            "{} KiB for zero pages",
+            (after_zeros - before) >> 10
+        );
+        // A write populates its chunk and lands; a zero page there is written as zero.
+        assert!(mem.write(8 * CHUNK_PAGES + 3, &[7u8; 4096]));
+        let mut buf = vec![0u8; 4096];
+        assert!(mem.read(8 * CHUNK_PAGES + 3, &mut buf));
+        assert!(buf.iter().all(|b| *b == 7));
+        assert!(mem.zero(8 * CHUNK_PAGES + 3));
+        assert!(mem.read(8 * CHUNK_PAGES + 3, &mut buf));
+        assert!(buf.iter().all(|b| *b == 0));
+        // Once the guest runs, its own writes do not mark chunks: zero pages are written.
+        mem.settle();
+        mem.store(4096, 0xdead_beef);
+        assert!(mem.zero(1));
+        assert_eq!(mem.load(4096), 0);
+        // Out of range stays refused.
+        assert!(!mem.write(pages, &[1]));
+        assert!(!mem.zero(pages));
     }
 }
