@@ -653,25 +653,7 @@ fn bench_qemu_names_a_missing_qemu_and_compares_both_tools() {
         eprintln!("skipped the comparison: qemu-system-x86_64 is not installed");
         return;
     }
-    let out = ferry()
-        .args([
-            "bench",
-            "qemu",
-            "--json",
-            "--memory",
-            "32MiB",
-            "--repeat",
-            "1",
-            "--codec",
-            "raw",
-            "--qemu-compression",
-            "none",
-            "--fill",
-        ])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let v = json_of(&out);
+    let v = bench_qemu_32mib(&image, &["--codec", "raw", "--qemu-compression", "none"]);
     let rows = v["results"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
     for r in rows {
@@ -687,27 +669,17 @@ fn bench_qemu_names_a_missing_qemu_and_compares_both_tools() {
         eprintln!("skipped the shaped comparison: needs root and iproute2's tc");
         return;
     }
-    let out = ferry()
-        .args([
-            "bench",
-            "qemu",
-            "--json",
-            "--memory",
-            "32MiB",
-            "--repeat",
-            "1",
+    let v = bench_qemu_32mib(
+        &image,
+        &[
             "--codec",
             "zstd",
             "--qemu-compression",
             "zstd",
             "--shape",
             "200Mbit",
-            "--fill",
-        ])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let v = json_of(&out);
+        ],
+    );
     assert!(v["link"].as_str().unwrap().contains("shaped"), "{v}");
     for r in v["results"].as_array().unwrap() {
         let (ms, wire) = (
@@ -721,6 +693,20 @@ fn bench_qemu_names_a_missing_qemu_and_compares_both_tools() {
             "{ms} ms for {wire} bytes at 200 Mbit/s: {r}"
         );
     }
+}
+
+/// `ferry bench qemu --json` of one run each on 32 MiB of `image`, with `extra` flags.
+fn bench_qemu_32mib(image: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let out = ferry()
+        .args([
+            "bench", "qemu", "--json", "--memory", "32MiB", "--repeat", "1",
+        ])
+        .args(extra)
+        .arg("--fill")
+        .arg(image)
+        .output()
+        .unwrap();
+    json_of(&out)
 }
 
 #[test]
