@@ -52,9 +52,10 @@ pub struct OverheadArgs {
     /// KVM dirty logging: `bitmap` or `ring`.
     #[arg(long, default_value = "bitmap", value_parser = ["bitmap", "ring"])]
     dirty_log: String,
-    /// Bandwidth cap of the `migrating` setting, so its first pass outlasts the window.
-    #[arg(long, default_value = "1Gbit")]
-    max_bandwidth: String,
+    /// Bandwidth cap of the `migrating` setting (default: the guest's memory over the
+    /// window plus a second, so the first pass outlasts the window).
+    #[arg(long)]
+    max_bandwidth: Option<String>,
     /// JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -112,8 +113,12 @@ fn one(a: &OverheadArgs, guest: &GuestArgs, setting: &str) -> anyhow::Result<f64
             r
         }
         _ => {
+            let cap = a.max_bandwidth.clone().unwrap_or_else(|| {
+                let secs = a.window.as_secs_f64() + 1.0;
+                format!("{}B/s", (a.memory as f64 / secs) as u64)
+            });
             let mig = MigrationArgs {
-                max_bandwidth: Some(a.max_bandwidth.clone()),
+                max_bandwidth: Some(cap),
                 max_rounds: 2,
                 downtime: "1s".into(),
                 throttle: "off".into(),
@@ -164,8 +169,9 @@ pub fn run(a: OverheadArgs) -> anyhow::Result<ExitCode> {
     if a.backend == "kvm" && !std::path::Path::new("/dev/kvm").exists() {
         anyhow::bail!("--backend kvm: /dev/kvm does not exist on this machine");
     }
-    crate::units::parse_rate(&a.max_bandwidth)
-        .map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+    if let Some(cap) = &a.max_bandwidth {
+        crate::units::parse_rate(cap).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+    }
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); SETTINGS.len()];
     for rep in 0..a.repeat.max(1) {
         for (k, setting) in SETTINGS.iter().enumerate() {
