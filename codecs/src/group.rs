@@ -13,6 +13,7 @@
 //! first, so every record stays within the per-unit bound (trailing members may be empty).
 //! A group is only used when its block is smaller than what its members would send alone.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use ferry_core::codec::{CodecError, DecodeItem, EncodeItem, StageStats, TAG_REFERENCE};
@@ -188,14 +189,15 @@ pub(crate) fn find(
     Ok(groups)
 }
 
-/// Decodes one group's block with `stage` into its members' intermediates (each at most
-/// `unit + CODEC_SLACK` bytes; `unit` is the batch's unit size).
+/// Decodes one group's block with `stage`: the decoded group and where each member's
+/// intermediate lies in it (each at most `unit + CODEC_SLACK` bytes; `unit` is the batch's
+/// unit size), so members are read in place rather than copied out.
 pub(crate) fn decode(
     stage: &dyn Stage,
     items: &[DecodeItem<'_>],
     members: &[usize],
     unit: usize,
-) -> Result<Vec<Vec<u8>>, CodecError> {
+) -> Result<(Vec<u8>, Vec<Range<usize>>), CodecError> {
     let first = items[members[0]].input;
     let mut block = Vec::with_capacity(members.iter().map(|&i| items[i].input.len()).sum());
     block.extend_from_slice(first.get(2..).unwrap_or_default());
@@ -206,23 +208,27 @@ pub(crate) fn decode(
     let max_len = n * (4 + unit + CODEC_SLACK);
     let mut plain = Vec::new();
     stage.decode(items[members[0]].unit, &block, &[], &mut plain, max_len)?;
-    let (lens, mut body) = plain
-        .split_at_checked(4 * n)
+    let lens = plain
+        .get(..4 * n)
         .ok_or_else(|| malformed(format!("{} bytes cannot hold {n} lengths", plain.len())))?;
-    let mut out = Vec::with_capacity(n);
+    let mut parts = Vec::with_capacity(n);
+    let mut at = 4 * n;
     for len in lens.chunks_exact(4) {
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
         if len > unit + CODEC_SLACK {
             return Err(malformed(format!("a member of {len} bytes, unit {unit}")));
         }
-        let (mine, rest) = body
-            .split_at_checked(len)
-            .ok_or_else(|| malformed("members longer than the group".into()))?;
-        out.push(mine.to_vec());
-        body = rest;
+        if plain.len() - at < len {
+            return Err(malformed("members longer than the group".into()));
+        }
+        parts.push(at..at + len);
+        at += len;
     }
-    if !body.is_empty() {
-        return Err(malformed(format!("{} bytes after the members", body.len())));
+    if at != plain.len() {
+        return Err(malformed(format!(
+            "{} bytes after the members",
+            plain.len() - at
+        )));
     }
-    Ok(out)
+    Ok((plain, parts))
 }

@@ -9,6 +9,7 @@
 //! next batch over only when this one is done, so memory stays bounded by the batch and a
 //! unit's versions never overtake each other.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use ferry_core::codec::{
@@ -487,26 +488,43 @@ fn decode_one(
     Ok(d)
 }
 
-/// What decoding a batch's groups gave each item: its group stage and intermediate (None
-/// for items outside groups), and the seconds each group stage took.
-type Grouped = (Vec<Option<(usize, Vec<u8>)>>, Vec<(usize, f64)>);
+/// What decoding a batch's groups gave: the decoded groups, for each item its group stage,
+/// group and the range of its intermediate there (None outside groups), and the seconds
+/// each group stage took.
+struct Grouped {
+    blocks: Vec<Vec<u8>>,
+    members: Vec<Option<(usize, usize, Range<usize>)>>,
+    secs: Vec<(usize, f64)>,
+}
+
+impl Grouped {
+    /// Item `i`'s group stage and intermediate, if it was in a group.
+    fn of(&self, i: usize) -> Option<(usize, &[u8])> {
+        let (j, b, r) = self.members.get(i)?.as_ref()?;
+        Some((*j, &self.blocks[*b][r.clone()]))
+    }
+}
 
 /// Decodes the groups of a batch ([`crate::group`]) in parallel.
 fn decode_groups(built: &Built, items: &[DecodeItem<'_>]) -> Result<Grouped, BatchDecodeError> {
-    let mut grouped = vec![None; items.len()];
+    let mut grouped = Grouped {
+        blocks: Vec::new(),
+        members: vec![None; items.len()],
+        secs: Vec::new(),
+    };
     let failed = |i: usize, error| BatchDecodeError {
         unit: items[i].unit,
         error,
     };
     let groups = group::find(items, |tag| built.group_of(tag)).map_err(|(i, e)| failed(i, e))?;
     if groups.is_empty() {
-        return Ok((grouped, Vec::new()));
+        return Ok(grouped);
     }
     let one = |(j, members): &(usize, Vec<usize>)| {
         let started = Instant::now();
         let unit = items[members[0]].target.len();
         group::decode(&*built.stages[*j], items, members, unit)
-            .map(|parts| (parts, started.elapsed().as_secs_f64()))
+            .map(|decoded| (decoded, started.elapsed().as_secs_f64()))
             .map_err(|e| failed(members[0], e))
     };
     let decoded: Vec<_> = if groups.len() < 2 {
@@ -514,14 +532,15 @@ fn decode_groups(built: &Built, items: &[DecodeItem<'_>]) -> Result<Grouped, Bat
     } else {
         groups.par_iter().map(one).collect::<Result<_, _>>()?
     };
-    let mut secs = Vec::with_capacity(groups.len());
-    for ((j, members), (parts, s)) in groups.iter().zip(decoded) {
-        secs.push((*j, s));
+    for ((j, members), ((block, parts), s)) in groups.iter().zip(decoded) {
+        let b = grouped.blocks.len();
+        grouped.blocks.push(block);
+        grouped.secs.push((*j, s));
         for (&i, part) in members.iter().zip(parts) {
-            grouped[i] = Some((*j, part));
+            grouped.members[i] = Some((*j, b, part));
         }
     }
-    Ok((grouped, secs))
+    Ok(grouped)
 }
 
 impl Decoder for PipelineDecoder {
@@ -541,13 +560,9 @@ impl Decoder for PipelineDecoder {
             }
         }
         let built = &self.built;
-        let (grouped, group_s) = decode_groups(built, items)?;
-        let one = |it: &mut DecodeItem<'_>,
-                   g: &Option<(usize, Vec<u8>)>,
-                   a: &mut Vec<u8>,
-                   b: &mut Vec<u8>| {
-            let g = g.as_ref().map(|(j, v)| (*j, &v[..]));
-            decode_one(built, it, g, a, b).map_err(|error| BatchDecodeError {
+        let grouped = decode_groups(built, items)?;
+        let one = |k: usize, it: &mut DecodeItem<'_>, a: &mut Vec<u8>, b: &mut Vec<u8>| {
+            decode_one(built, it, grouped.of(k), a, b).map_err(|error| BatchDecodeError {
                 unit: it.unit,
                 error,
             })
@@ -556,21 +571,21 @@ impl Decoder for PipelineDecoder {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             items
                 .iter_mut()
-                .zip(&grouped)
-                .try_fold(no_deltas(), |acc, (it, g)| {
-                    one(it, g, &mut a, &mut b).map(|d| add(acc, d))
+                .enumerate()
+                .try_fold(no_deltas(), |acc, (k, it)| {
+                    one(k, it, &mut a, &mut b).map(|d| add(acc, d))
                 })?
         } else {
             items
                 .par_iter_mut()
-                .zip(grouped.par_iter())
+                .enumerate()
                 .map_init(
                     || (Vec::new(), Vec::new()),
-                    |(a, b), (it, g)| one(it, g, a, b),
+                    |(a, b), (k, it)| one(k, it, a, b),
                 )
                 .try_reduce(no_deltas, |x, y| Ok(add(x, y)))?
         };
-        for (j, secs) in group_s {
+        for (j, secs) in &grouped.secs {
             deltas[j + built.offset()].decode_s += secs;
         }
         for (s, d) in self.decode_s.iter_mut().zip(&deltas) {
