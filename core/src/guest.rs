@@ -241,10 +241,28 @@ pub trait SourceGuest: Send + Sync {
     /// Limits the guest's disk writes to this many blocks per second over all disks
     /// (`None` lifts the limit): write throttling when storage pre-copy cannot converge.
     fn limit_disk_writes(&self, _blocks_per_second: Option<u64>) {}
+    /// Memory auto-converge: keeps the guest's vCPUs stopped `percent` of the time (0
+    /// lifts it), as QEMU's cpu-throttle does. False when the backend cannot throttle.
+    fn throttle_vcpus(&self, _percent: u8) -> bool {
+        false
+    }
 }
 
 /// Asks the source for an owed block (storage post-copy).
 pub type PullFn = std::sync::Arc<dyn Fn(usize, u64) + Send + Sync>;
+
+/// Asks the source for owed pages (memory post-copy): called from the thread that serves
+/// the guest's page faults, so it must not wait for the pages.
+pub type PullPagesFn = std::sync::Arc<dyn Fn(&[u64]) + Send + Sync>;
+
+/// Memory post-copy: the guest's faults on pages that had not arrived yet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultFigures {
+    /// Faults on owed pages (each asked the source for its page).
+    pub faults: u64,
+    /// Fault to page installed, microseconds: median, 99th percentile and worst.
+    pub latency_us: [f64; 3],
+}
 
 /// What the destination already holds for a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +385,35 @@ pub trait DestGuest: Send + Sync {
     fn fill_owed(&self, disk: usize, index: u64, data: &[u8]) -> Result<bool, GuestError> {
         self.storage()
             .map_or(Ok(false), |s| s.fill_owed(disk, index, data))
+    }
+    /// Memory post-copy: `owed` pages arrive after the guest resumed. Until a page
+    /// arrives, any access to it (the guest's, or the backend's own) waits, and the first
+    /// one asks the source for it through `pull`. Called before `resume`.
+    fn set_owed_pages(&self, _owed: Bitmap, _pull: PullPagesFn) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported(
+            "memory post-copy (this backend cannot fault pages in)".into(),
+        ))
+    }
+    /// Memory post-copy: an owed page arrived (`None`: all zero). Installed at once, whole,
+    /// waking whoever waits for it; false when it was no longer owed.
+    fn fill_owed_page(&self, index: u64, _data: Option<&[u8]>) -> Result<bool, GuestError> {
+        Err(GuestError::OutOfRange {
+            what: "owed page",
+            index,
+            limit: 0,
+        })
+    }
+    /// Memory post-copy: pages still owed.
+    fn owed_pages(&self) -> u64 {
+        0
+    }
+    /// Memory post-copy: the pages still owed (`None`: nothing owed).
+    fn owed_pages_bitmap(&self) -> Option<Bitmap> {
+        None
+    }
+    /// Memory post-copy: the faults served so far.
+    fn fault_figures(&self) -> Option<FaultFigures> {
+        None
     }
     /// Prepares `disk` for the plan before any block arrives: `Full` starts from a fresh
     /// zero image; the others keep the base (which stops being a trusted base now).

@@ -50,6 +50,10 @@ pub enum StopReason {
     MaxRounds,
     /// The dirty set stopped shrinking.
     NoProgress,
+    /// Memory post-copy from the start: no memory round before the pause.
+    Postcopy,
+    /// The operator switched a hybrid migration to post-copy.
+    Requested,
 }
 
 /// The policy's verdict after a round.

@@ -112,6 +112,29 @@ pub struct Report {
     /// The last throttle limit, blocks per second (absent when never throttled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub throttle_blocks_per_s: Option<u64>,
+    /// Memory mode: "precopy", "postcopy" or "hybrid".
+    pub memory_mode: String,
+    /// Memory post-copy: the round after which the rest of memory moved after the
+    /// hand-over (absent when every page moved before it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch_round: Option<u32>,
+    /// Memory post-copy: pages owed at the pause and sent after the hand-over.
+    pub pages_postcopy: u64,
+    /// Of those, pages pushed in the background (pre-paging included).
+    pub pages_pushed: u64,
+    /// Of those, pages the destination's guest faulted on and asked for.
+    pub pages_demanded: u64,
+    /// Memory post-copy: the destination guest's faults on owed pages.
+    pub postcopy_faults: u64,
+    /// Memory post-copy: fault to page installed on the destination, µs (median, 99th
+    /// percentile, worst).
+    pub fault_latency_us: [u64; 3],
+    /// Post-copy: from the guest resuming there to the last owed unit sent, ms.
+    pub postcopy_ms: f64,
+    /// Memory auto-converge: the highest vCPU throttle applied, percent (0: never).
+    pub vcpu_throttle_pct: u8,
+    /// Memory auto-converge: how long the vCPUs were throttled before the pause, ms.
+    pub vcpu_throttled_ms: f64,
     /// Page and block payload bytes before encoding (non-zero units).
     pub payload_bytes: u64,
     /// Payload bytes after encoding.

@@ -165,6 +165,8 @@ pub struct Inner {
     checks_cond: Condvar,
     /// Disk writes per second allowed while a migration throttles the guest (0 = none).
     disk_limit: AtomicU64,
+    /// Memory auto-converge: percent of the time the memory threads sleep (0 = none).
+    vcpu_throttle: std::sync::atomic::AtomicU8,
     /// Whether guest writes mark the dirty log (always, except in the untracked baseline
     /// of `ferry bench overhead`, which can never migrate).
     tracked: AtomicBool,
@@ -376,6 +378,7 @@ impl SimGuest {
             checks: Mutex::new(Vec::new()),
             checks_cond: Condvar::new(),
             disk_limit: AtomicU64::new(0),
+            vcpu_throttle: std::sync::atomic::AtomicU8::new(0),
             tracked: AtomicBool::new(true),
         };
         Ok(Self {

@@ -10,6 +10,9 @@ pub const CHUNK_PAGES: u64 = 64;
 
 /// An anonymous mapping of `pages` pages.
 pub struct GuestMemory {
+    /// Memory post-copy: the pages still owed and the service of their faults. Declared
+    /// first so it unregisters before the mapping goes.
+    postcopy: std::sync::OnceLock<ferry_uffd::OwedMemory>,
     // Declared first so it stops (and joins) before the mapping goes.
     after_start: std::sync::Mutex<Option<ferry_core::prefault::Prefault>>,
     /// For a destination's memory: per chunk of [`CHUNK_PAGES`], whether it is still
@@ -53,6 +56,7 @@ impl GuestMemory {
                 .collect()
         });
         Ok(Self {
+            postcopy: std::sync::OnceLock::new(),
             after_start: std::sync::Mutex::new(None),
             fresh,
             fresh_valid: AtomicBool::new(incoming),
@@ -128,7 +132,8 @@ impl GuestMemory {
     /// What no page reached (zero regions) is populated in the background from here,
     /// so the guest's first touches there do not each fault (~20 µs here).
     pub fn settle(&self) {
-        if !self.fresh_valid.swap(false, Ordering::AcqRel) {
+        if !self.fresh_valid.swap(false, Ordering::AcqRel) || self.postcopy.get().is_some() {
+            // (In post-copy, touching every page would demand every owed one.)
             return;
         }
         let len = self.pages as usize * self.page_size;
@@ -136,6 +141,49 @@ impl GuestMemory {
         // populator is dropped before it (field order).
         let populate = unsafe { ferry_core::prefault::Prefault::start(self.base, len) };
         *self.after_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(populate);
+    }
+
+    /// Memory post-copy: the `owed` pages arrive after the guest runs; any access to one
+    /// waits for it and the first asks `pull` for it. Once only.
+    pub fn set_owed(
+        &self,
+        owed: &ferry_core::bitmap::Bitmap,
+        pull: ferry_core::guest::PullPagesFn,
+    ) -> Result<(), ferry_uffd::UffdError> {
+        if owed.len() != self.pages {
+            return Err(ferry_uffd::UffdError::OutOfRange {
+                page: owed.len(),
+                pages: self.pages,
+            });
+        }
+        // The chunks are no longer untouched: a zero page must be written from now on.
+        self.fresh_valid.store(false, Ordering::Release);
+        // SAFETY: the mapping is this struct's private anonymous one and outlives the
+        // registration (field order); owed pages are only written through `fill_owed`.
+        let owed = unsafe {
+            ferry_uffd::OwedMemory::start(self.base, self.pages, self.page_size, owed, pull)
+        }?;
+        if self.postcopy.set(owed).is_err() {
+            tracing::warn!("memory post-copy was already set up");
+        }
+        Ok(())
+    }
+
+    /// Memory post-copy: installs an owed page (`None`: zero); false when not owed.
+    pub fn fill_owed(
+        &self,
+        index: u64,
+        data: Option<&[u8]>,
+    ) -> Result<bool, ferry_uffd::UffdError> {
+        match self.postcopy.get() {
+            Some(p) => p.fill(index, data),
+            None => Ok(false),
+        }
+    }
+
+    /// Memory post-copy: the state of the owed pages (`None`: no post-copy).
+    pub fn owed(&self) -> Option<&ferry_uffd::OwedMemory> {
+        self.postcopy.get()
     }
 
     /// Overwrites page `index` with `data` (at most a page). False when out of range.

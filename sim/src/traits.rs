@@ -4,8 +4,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_core::bitmap::Bitmap;
+use ferry_core::engine::error_chain;
 use ferry_core::guest::{
-    DestGuest, GuestError, GuestLayout, GuestStorage, OracleReport, SourceGuest, StateBlob,
+    DestGuest, FaultFigures, GuestError, GuestLayout, GuestStorage, OracleReport, PullPagesFn,
+    SourceGuest, StateBlob,
 };
 
 use crate::{state, SimGuest};
@@ -36,6 +38,13 @@ impl SourceGuest for SimGuest {
             Some(n) => n.max(1),
         };
         self.inner.disk_limit.store(v, Ordering::Relaxed);
+    }
+
+    fn throttle_vcpus(&self, percent: u8) -> bool {
+        self.inner
+            .vcpu_throttle
+            .store(percent.min(99), Ordering::Relaxed);
+        true
     }
 
     fn start_dirty_log(&self) -> Result<(), GuestError> {
@@ -124,6 +133,36 @@ impl DestGuest for SimGuest {
         Ok(())
     }
 
+    fn set_owed_pages(&self, owed: Bitmap, pull: PullPagesFn) -> Result<(), GuestError> {
+        self.inner
+            .mem
+            .set_owed(&owed, pull)
+            .map_err(|e| GuestError::Unsupported(error_chain(&e)))
+    }
+
+    fn fill_owed_page(&self, index: u64, data: Option<&[u8]>) -> Result<bool, GuestError> {
+        self.page_range(index)?;
+        self.inner
+            .mem
+            .fill_owed(index, data)
+            .map_err(|e| GuestError::Io {
+                what: format!("installing page {index}"),
+                source: std::io::Error::other(error_chain(&e)),
+            })
+    }
+
+    fn owed_pages(&self) -> u64 {
+        self.inner.mem.owed().map_or(0, |o| o.owed())
+    }
+
+    fn owed_pages_bitmap(&self) -> Option<Bitmap> {
+        self.inner.mem.owed().map(|o| o.owed_bitmap())
+    }
+
+    fn fault_figures(&self) -> Option<FaultFigures> {
+        self.inner.mem.owed().map(|o| o.figures())
+    }
+
     fn flush(&self) -> Result<(), GuestError> {
         self.inner.disks.flush(self.started.load(Ordering::SeqCst))
     }
@@ -134,7 +173,9 @@ impl DestGuest for SimGuest {
                 "restore into a started guest".into(),
             ));
         }
-        if !self.inner.header_ok() {
+        // In memory post-copy the header may not be here yet: the self-check reads it.
+        let header_owed = self.inner.mem.owed().is_some_and(|o| o.is_owed(0));
+        if !header_owed && !self.inner.header_ok() {
             return Err(GuestError::BadState(
                 "guest memory does not hold a sim guest of this layout".into(),
             ));
@@ -205,6 +246,11 @@ impl DestGuest for SimGuest {
                 }
                 r.problems.extend(problems.iter().cloned());
             }
+        }
+        // In memory post-copy the header arrived after the state was restored.
+        if !self.inner.header_ok() {
+            r.problems
+                .push("guest memory does not hold a sim guest of this layout".into());
         }
         r.ok = r.problems.is_empty();
         Some(r)

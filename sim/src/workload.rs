@@ -342,6 +342,7 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
     };
     let mut pacer = Pacer::new(rate);
     let len = hi - lo;
+    let mut slice = Instant::now();
     loop {
         let Some(parked) = park_point(inner, t, regs) else {
             return;
@@ -359,6 +360,27 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
         }
         inner.live.page_writes[t].store(regs.writes, Ordering::Relaxed);
         pacer.record(BURST);
+        throttle_point(inner, &mut slice);
+    }
+}
+
+/// How long a throttled memory thread runs before it sleeps its share (QEMU's
+/// cpu-throttle uses the same 10 ms time slice).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// Memory auto-converge: after each slice of running, a throttled thread sleeps
+/// `pct / (100 - pct)` of it, so it runs `100 - pct` percent of the time.
+fn throttle_point(inner: &Inner, slice: &mut Instant) {
+    let pct = inner.vcpu_throttle.load(Ordering::Relaxed);
+    if pct == 0 {
+        *slice = Instant::now();
+        return;
+    }
+    let ran = slice.elapsed();
+    if ran >= THROTTLE_SLICE {
+        let pct = f64::from(pct.min(99));
+        inner.ctl.nap(ran.mul_f64(pct / (100.0 - pct)));
+        *slice = Instant::now();
     }
 }
 

@@ -17,7 +17,8 @@ pub use dest::{
     DEFAULT_MAX_DISK,
 };
 pub use source::{
-    error_chain, fill_random, migrate, recover_postcopy, SourceConfig, StorageMode, Throttle,
+    error_chain, fill_random, migrate, recover_postcopy, MemoryMode, SourceConfig, StorageMode,
+    Throttle,
 };
 
 use crate::wire::frame::FrameHeader;

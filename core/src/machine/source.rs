@@ -163,6 +163,18 @@ impl SourceSession {
         self.postcopy
     }
 
+    /// A hybrid migration switched to post-copy: owed units move after the hand-over.
+    /// Only before the decision to hand over; later it is a violation.
+    pub fn switch_to_postcopy(&mut self) -> Result<(), ProtocolError> {
+        match self.state {
+            SourceState::Handshake | SourceState::Copying | SourceState::Paused => {
+                self.postcopy = true;
+                Ok(())
+            }
+            s => Err(violation(format!("switch to post-copy in state {s:?}"))),
+        }
+    }
+
     /// Feeds one event. An event that is not valid in the current state is a protocol
     /// violation: the caller reports it and feeds [`SourceEvent::Failed`].
     pub fn on(&mut self, ev: SourceEvent) -> Result<SourceAction, ProtocolError> {

@@ -28,13 +28,21 @@ pub enum BatchKind {
     /// Blocks of disk `n` still owed after the hand-over (storage post-copy): written only
     /// where the guest has not written since.
     OwedBlocks(u16),
+    /// Guest pages still owed after the hand-over (memory post-copy): installed only
+    /// where the destination's guest has not faulted them in yet.
+    OwedPages,
 }
 
 impl BatchKind {
+    /// Whether the units are owed after the hand-over (post-copy).
+    pub fn is_owed(self) -> bool {
+        matches!(self, BatchKind::OwedBlocks(_) | BatchKind::OwedPages)
+    }
+
     /// The disk, for blocks.
     pub fn disk(self) -> Option<u16> {
         match self {
-            BatchKind::Pages => None,
+            BatchKind::Pages | BatchKind::OwedPages => None,
             BatchKind::Blocks(d) | BatchKind::OwedBlocks(d) => Some(d),
         }
     }
@@ -45,6 +53,7 @@ impl BatchKind {
             BatchKind::Pages => super::ty::PAGES,
             BatchKind::Blocks(_) => super::ty::BLOCKS,
             BatchKind::OwedBlocks(_) => super::ty::POSTCOPY_BLOCKS,
+            BatchKind::OwedPages => super::ty::POSTCOPY_PAGES,
         }
     }
 
@@ -59,7 +68,7 @@ impl BatchKind {
     /// "page" or "block", for errors.
     pub fn unit_name(self) -> &'static str {
         match self {
-            BatchKind::Pages => "page",
+            BatchKind::Pages | BatchKind::OwedPages => "page",
             BatchKind::Blocks(_) | BatchKind::OwedBlocks(_) => "block",
         }
     }

@@ -11,7 +11,7 @@ use crate::guest::{Base, DiskPlan};
 use crate::wire::frame::{FrameHeader, FLAG_RECORD_DIGESTS};
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Capability: zero units travel as a flag.
 pub const CAP_ZERO_UNITS: u64 = 1 << 0;
@@ -31,6 +31,9 @@ pub const REQUIRED_CAPABILITIES: u64 = CAP_ZERO_UNITS | CAP_DIGESTS | CAP_BLOCKS
 
 /// Largest number of disks a guest may have.
 pub const MAX_DISKS: usize = 16;
+/// The "disk" number that names guest memory in [`Message::OwedBlocks`] and
+/// [`Message::PullBlocks`] (memory post-copy): owed pages travel like owed blocks.
+pub const MEMORY_SPACE: u16 = u16::MAX;
 /// Largest channel count.
 pub const MAX_CHANNELS: u16 = 64;
 /// Header bytes per unit record.
@@ -175,6 +178,8 @@ pub mod ty {
     /// Destination → source: units received so far (a heartbeat while data flows, so a
     /// slow link is not mistaken for a dead one).
     pub const PROGRESS: u8 = 23;
+    /// Source → destination after commit: owed pages (batch format of `PAGES`).
+    pub const POSTCOPY_PAGES: u8 = 24;
 }
 
 /// Most chunks in one block-digests frame (64 KiB of digests each way per 1000 chunks).
@@ -291,6 +296,11 @@ pub struct Verdict {
     /// Decoding CPU time per codec stage on the destination, nanoseconds, in pipeline
     /// order (summed over channels).
     pub decode_ns: Vec<u64>,
+    /// Memory post-copy: the guest's faults on owed pages, and fault-to-installed
+    /// latency in microseconds (median, 99th percentile, worst).
+    pub faults: u64,
+    /// See `faults`.
+    pub fault_latency_us: [u64; 3],
 }
 
 /// Every message, decoded.
@@ -371,7 +381,8 @@ pub enum Message<'a> {
         /// Block numbers.
         blocks: Vec<u64>,
     },
-    /// Every owed block was sent: the source's digest sum per disk.
+    /// Every owed unit was sent: the source's digest sum per disk, then guest memory's
+    /// (one more than the guest has disks).
     PostcopyDone(Vec<u64>),
     /// The destination processed round `0` on every channel.
     RoundAck(u32),
@@ -464,7 +475,14 @@ impl Message<'_> {
         if h.flags & FLAG_RECORD_DIGESTS == 0 {
             return Message::decode(h.ty, body);
         }
-        if ![ty::PAGES, ty::BLOCKS, ty::POSTCOPY_BLOCKS].contains(&h.ty) {
+        if ![
+            ty::PAGES,
+            ty::BLOCKS,
+            ty::POSTCOPY_BLOCKS,
+            ty::POSTCOPY_PAGES,
+        ]
+        .contains(&h.ty)
+        {
             return Err(DecodeError::Invalid {
                 what: "frame",
                 reason: format!("record-digest flag on message type {}", h.ty),
@@ -524,10 +542,11 @@ impl Message<'_> {
                     Message::Abort(s)
                 })
             }
-            PAGES | BLOCKS | POSTCOPY_BLOCKS => {
+            PAGES | BLOCKS | POSTCOPY_BLOCKS | POSTCOPY_PAGES => {
                 let mut c = Cursor::new(body, "batch");
                 let kind = match ty {
                     PAGES => BatchKind::Pages,
+                    POSTCOPY_PAGES => BatchKind::OwedPages,
                     BLOCKS => BatchKind::Blocks(c.u16()?),
                     _ => BatchKind::OwedBlocks(c.u16()?),
                 };
@@ -716,8 +735,8 @@ impl Message<'_> {
             POSTCOPY_DONE => {
                 let mut c = Cursor::new(body, "postcopy-done");
                 let n = c.u16()? as usize;
-                if n > MAX_DISKS {
-                    return Err(c.invalid(format!("{n} disks")));
+                if n > MAX_DISKS + 1 {
+                    return Err(c.invalid(format!("{n} sums")));
                 }
                 let sums = (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?;
                 c.end()?;
@@ -759,6 +778,8 @@ impl Message<'_> {
                         }
                         (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?
                     },
+                    faults: c.u64()?,
+                    fault_latency_us: [c.u64()?, c.u64()?, c.u64()?],
                 };
                 c.end()?;
                 Ok(Message::Verdict(v))
@@ -933,6 +954,10 @@ impl Message<'_> {
                 out.push(n as u8);
                 for d in &v.decode_ns[..n] {
                     out.extend_from_slice(&d.to_le_bytes());
+                }
+                out.extend_from_slice(&v.faults.to_le_bytes());
+                for l in v.fault_latency_us {
+                    out.extend_from_slice(&l.to_le_bytes());
                 }
                 VERDICT
             }

@@ -78,15 +78,16 @@ pub(super) fn after_commit(
         if session.owes_blocks() {
             faults.hit(Point::Postcopy);
             let tp = Instant::now();
-            let r = wait_postcopy(&rx.events, &rx.disks, channels, cfg);
+            let r = wait_postcopy(&rx.events, &rx.pages, &rx.disks, channels, cfg);
             report.postcopy_ms = ms(tp.elapsed());
             match r {
                 Ok(()) => {
                     let _ = session.on(DestEvent::PostcopyDone);
                 }
                 Err(e) => {
-                    // The blocks can only come from the source: hold the guest paused
-                    // rather than let it read holes.
+                    // The units can only come from the source: hold the guest paused
+                    // rather than let it read holes (a vCPU touching an owed page
+                    // waits for it anyway).
                     if session.fail() == DestAction::Hold {
                         guest.abandon_owed();
                         if let Err(p) = guest.hold() {
@@ -94,7 +95,8 @@ pub(super) fn after_commit(
                         }
                     }
                     held_error = Some(format!(
-                        "committed, but post-copy did not finish ({e}); the guest is held paused with {} blocks owed by the source",
+                        "committed, but post-copy did not finish ({e}); the guest is held paused with {} pages and {} blocks owed by the source",
+                        guest.owed_pages(),
                         guest.owed_blocks()
                     ));
                 }
@@ -124,6 +126,8 @@ pub(super) fn after_commit(
                 blocks_checked: o.blocks_checked,
                 detail: report.oracle_detail.clone(),
                 decode_ns: Vec::new(),
+                faults: 0,
+                fault_latency_us: [0; 3],
             }
         }
         None => Verdict {
@@ -132,9 +136,17 @@ pub(super) fn after_commit(
             blocks_checked: 0,
             detail: "no guest oracle; manifest matched".into(),
             decode_ns: Vec::new(),
+            faults: 0,
+            fault_latency_us: [0; 3],
         },
     };
     verdict.decode_ns = decode_s.iter().map(|s| (s * 1e9) as u64).collect();
+    if let Some(f) = guest.fault_figures() {
+        verdict.faults = f.faults;
+        verdict.fault_latency_us = f.latency_us.map(|x| x as u64);
+        report.postcopy_faults = f.faults;
+        report.fault_latency_us = f.latency_us;
+    }
     let mut fail = |detail: String| {
         verdict.ok = false;
         verdict.detail.clone_from(&detail);

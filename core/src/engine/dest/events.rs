@@ -18,9 +18,9 @@ use crate::bitmap::Bitmap;
 use crate::digest::{DigestDelta, DigestKey, DigestTable};
 use crate::engine::{micros, ms, Control};
 use crate::fault::{Faults, Point};
-use crate::guest::{DestGuest, GuestLayout, PullFn, StateBlob};
+use crate::guest::{DestGuest, GuestLayout, PullFn, PullPagesFn, StateBlob};
 use crate::machine::{ChannelOrder, DestAction, DestEvent, DestSession, DestState, ProtocolError};
-use crate::wire::{FrameReader, Manifest, Message, Phase, VerifyMode};
+use crate::wire::{FrameReader, Manifest, Message, Phase, VerifyMode, MEMORY_SPACE};
 
 /// The receiver threads of one migration and what they share.
 pub(super) struct Receivers {
@@ -183,6 +183,10 @@ pub(super) struct Receive<'a> {
     pub(super) owed: Vec<Option<Bitmap>>,
     /// Per disk, the owed bitmap being put together from its parts.
     owed_parts: Vec<BitmapAssembler>,
+    /// Memory post-copy: the pages still owed.
+    pub(super) owed_pages: Option<Bitmap>,
+    /// The owed pages' bitmap being put together from its parts.
+    owed_pages_parts: BitmapAssembler,
     round_barriers: HashMap<u32, usize>,
     pub(super) error: Option<String>,
     pub(super) t_commit: Option<Instant>,
@@ -211,6 +215,8 @@ impl<'a> Receive<'a> {
                 .iter()
                 .map(|d| BitmapAssembler::new(d.blocks))
                 .collect(),
+            owed_pages: None,
+            owed_pages_parts: BitmapAssembler::new(layout.pages),
             fin: Final {
                 disk_deltas: vec![DigestDelta::default(); layout.disks.len()],
                 ..Final::default()
@@ -334,6 +340,23 @@ impl<'a> Receive<'a> {
                 self.session.on(DestEvent::Abort)
             }
             Event::Control(Control::OwedBlocks { disk, part })
+                if self.session.state() == DestState::Receiving && disk == MEMORY_SPACE =>
+            {
+                match self.owed_pages_parts.add(part) {
+                    Ok(Some(owed)) => {
+                        let any = !owed.none();
+                        self.owed_pages = Some(owed);
+                        if any {
+                            self.session.on(DestEvent::Owed)
+                        } else {
+                            Ok(DestAction::Continue)
+                        }
+                    }
+                    Ok(None) => Ok(DestAction::Continue),
+                    Err(e) => Err(ProtocolError(format!("owed pages: {e}"))),
+                }
+            }
+            Event::Control(Control::OwedBlocks { disk, part })
                 if self.session.state() == DestState::Receiving =>
             {
                 let d = usize::from(disk);
@@ -441,6 +464,24 @@ impl<'a> Receive<'a> {
     /// The manifest and the state, then durability, then the owed blocks' pull path.
     fn verify_final(&mut self, rx: &Receivers) -> Result<(), String> {
         let guest = &*self.guest;
+        // Memory post-copy: the guest resumes with owed pages it faults in on demand. Set up
+        // before the state is restored: from here on nothing reads an owed page's stale
+        // copy.
+        if let Some(bits) = self.owed_pages.clone().filter(|b| !b.none()) {
+            let tx = Arc::clone(&self.tx0);
+            let pull: PullPagesFn = Arc::new(move |pages: &[u64]| {
+                let _ = send_shared(
+                    &tx,
+                    &Message::PullBlocks {
+                        disk: MEMORY_SPACE,
+                        blocks: pages.to_vec(),
+                    },
+                );
+            });
+            guest
+                .set_owed_pages(bits, pull)
+                .map_err(|e| format!("memory post-copy: {e}"))?;
+        }
         verify_and_restore(
             guest,
             &self.layout,
@@ -449,6 +490,7 @@ impl<'a> Receive<'a> {
             &self.fin.page_deltas,
             &self.fin.disk_deltas,
             &self.owed,
+            self.owed_pages.as_ref(),
             self.fin.manifest.as_ref(),
             self.fin.state.as_ref(),
             self.verify,

@@ -113,8 +113,12 @@ pub struct DestReport {
     /// Making the received blocks and the images' metadata durable before `verified`,
     /// ms (inside the downtime; rounds are flushed during pre-copy to keep it short).
     pub durable_ms: f64,
-    /// Storage post-copy: from resuming to the last owed block, ms.
+    /// Post-copy: from resuming to the last owed block or page, ms.
     pub postcopy_ms: f64,
+    /// Memory post-copy: the guest's faults on pages that had not arrived.
+    pub postcopy_faults: u64,
+    /// Memory post-copy: fault to page installed, µs (median, 99th percentile, worst).
+    pub fault_latency_us: [f64; 3],
     /// The guest's own check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_ok: Option<bool>,
@@ -272,6 +276,7 @@ fn verify_and_restore(
     page_deltas: &[DigestDelta],
     disk_deltas: &[DigestDelta],
     owed: &[Option<Bitmap>],
+    owed_pages: Option<&Bitmap>,
     manifest: Option<&Manifest>,
     state: Option<&StateBlob>,
     verify: VerifyMode,
@@ -301,7 +306,7 @@ fn verify_and_restore(
         let (got_p, got_d) = guest_sums(
             layout,
             pages.key(),
-            |i, b| guest.read_page(i, b).is_ok(),
+            |i, b| !owed_pages.is_some_and(|o| o.get(i)) && guest.read_page(i, b).is_ok(),
             |d, i, b| {
                 let is_owed = owed
                     .get(d)

@@ -26,6 +26,7 @@ pub(super) enum Event {
         decode_s: Vec<f64>,
     },
     PostcopyBarrier {
+        pages: DigestDelta,
         disks: Vec<DigestDelta>,
     },
     /// A channel processed everything of pre-copy round `round`.
@@ -103,6 +104,7 @@ impl ReceiverWorker {
                     match self.order.on_round_end(end) {
                         Ok(_) => {
                             let _ = out.send(Event::PostcopyBarrier {
+                                pages: self.page_delta,
                                 disks: self.disk_deltas.clone(),
                             });
                             Ok(())
@@ -146,7 +148,7 @@ impl ReceiverWorker {
     }
 
     pub(super) fn batch(&mut self, b: &Batch<'_>) -> Result<(), String> {
-        if let BatchKind::OwedBlocks(_) = b.kind {
+        if b.kind.is_owed() {
             self.order.on_postcopy_data().map_err(|e| e.to_string())?;
         } else {
             self.order.on_data(b.round).map_err(|e| e.to_string())?;
@@ -220,6 +222,7 @@ impl ReceiverWorker {
                     BatchKind::OwedBlocks(d) => guest
                         .fill_owed(d as usize, i, &self.zeros[..size])
                         .map(|_| ()),
+                    BatchKind::OwedPages => guest.fill_owed_page(i, None).map(|_| ()),
                 }
                 .map_err(|e| format!("writing {what} {i}: {e}"))?;
                 if rec.digest != table.zero_digest(i) {
@@ -275,6 +278,7 @@ pub(super) fn write_unit(
         BatchKind::Pages => guest.write_page(i, data),
         BatchKind::Blocks(d) => guest.write_block(d as usize, i, data),
         BatchKind::OwedBlocks(d) => guest.fill_owed(d as usize, i, data).map(|_| ()),
+        BatchKind::OwedPages => guest.fill_owed_page(i, Some(data)).map(|_| ()),
     }
 }
 

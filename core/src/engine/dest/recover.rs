@@ -15,7 +15,7 @@ use crate::guest::{Base, DestGuest};
 use crate::machine::ChannelOrder;
 use crate::report::hex;
 use crate::transport::Channel;
-use crate::wire::{Message, Verdict, Welcome, CAPABILITIES, CAP_RECOVER};
+use crate::wire::{Message, Verdict, Welcome, CAPABILITIES, CAP_RECOVER, MEMORY_SPACE};
 
 /// Receives the blocks `guest` still owes, over `channels` accepted from the source of
 /// migration `migration_id`. Every block is checked against its digest as it arrives and
@@ -74,6 +74,14 @@ pub fn receive_owed_blocks(
             send(tx0.as_mut(), &part).map_err(|e| format!("sending the owed blocks: {e}"))?;
         }
     }
+    // Then memory's (empty when no page is owed).
+    let owed = guest
+        .owed_pages_bitmap()
+        .unwrap_or_else(|| Bitmap::new(layout.pages));
+    owed_total += owed.count();
+    for part in owed_parts(MEMORY_SPACE, &owed) {
+        send(tx0.as_mut(), &part).map_err(|e| format!("sending the owed pages: {e}"))?;
+    }
     let n = links.count();
     let tx0: SharedTx = Arc::new(std::sync::Mutex::new(links.txs.swap_remove(0)));
     let accepted = Accepted {
@@ -82,21 +90,25 @@ pub fn receive_owed_blocks(
         guest: Arc::clone(guest),
     };
     let rx = Receivers::start(&mut links, &accepted, ChannelOrder::after_final_barrier());
-    let pushed = wait_postcopy(&rx.events, &rx.disks, n, cfg);
-    let left = guest.owed_blocks();
+    let pushed = wait_postcopy(&rx.events, &rx.pages, &rx.disks, n, cfg);
+    let left = (guest.owed_pages(), guest.owed_blocks());
     let result = pushed.and_then(|()| match left {
-        0 => Ok(owed_total),
-        _ => Err(format!("{left} blocks are still owed after the recovery")),
+        (0, 0) => Ok(owed_total),
+        (p, b) => Err(format!(
+            "{p} pages and {b} blocks are still owed after the recovery"
+        )),
     });
     let verdict = Verdict {
         ok: result.is_ok(),
         pages_checked: 0,
         blocks_checked: owed_total,
         detail: match &result {
-            Ok(n) => format!("{n} owed blocks recovered"),
+            Ok(n) => format!("{n} owed units recovered"),
             Err(e) => e.clone(),
         },
         decode_ns: Vec::new(),
+        faults: 0,
+        fault_latency_us: [0; 3],
     };
     let _ = send_shared(&tx0, &Message::Verdict(verdict));
     rx.shut_down(&links, true);

@@ -165,20 +165,23 @@ pub(super) fn answer_hash_compare(
 }
 
 /// Waits until every channel passed its post-copy barrier and the source's sums came,
-/// then checks the disks' digest sums against them.
+/// then checks the disks' and the memory's digest sums against them.
 pub(super) fn wait_postcopy(
     events: &crossbeam_channel::Receiver<Event>,
+    pages: &DigestTable,
     disks: &[DigestTable],
     channels: usize,
     cfg: &DestConfig,
 ) -> Result<(), String> {
     let mut barriers = 0usize;
     let mut deltas = vec![DigestDelta::default(); disks.len()];
+    let mut page_deltas = Vec::with_capacity(channels);
     let mut sums: Option<Vec<u64>> = None;
     while barriers < channels || sums.is_none() {
         match events.recv_timeout(cfg.io_timeout * 6) {
-            Ok(Event::PostcopyBarrier { disks: d }) => {
+            Ok(Event::PostcopyBarrier { pages: p, disks: d }) => {
                 barriers += 1;
+                page_deltas.push(p);
                 for (a, b) in deltas.iter_mut().zip(d) {
                     a.add(b);
                 }
@@ -189,10 +192,20 @@ pub(super) fn wait_postcopy(
                 return Err(format!("source closed channel {ch} during post-copy"))
             }
             Ok(_) => return Err("unexpected message during post-copy".into()),
-            Err(_) => return Err("the source stopped sending owed blocks".into()),
+            Err(_) => return Err("the source stopped sending owed units".into()),
         }
     }
     let sums = sums.unwrap_or_default();
+    if sums.len() != disks.len() + 1 {
+        return Err(format!(
+            "post-copy sums for {} spaces, expected {} disks and memory",
+            sums.len(),
+            disks.len()
+        ));
+    }
+    if pages.sum_with(page_deltas) != sums[disks.len()] {
+        return Err("memory: the pages received differ from the pages sent".into());
+    }
     for (d, (t, want)) in disks.iter().zip(&sums).enumerate() {
         if t.sum_with([deltas[d]]) != *want {
             return Err(format!(

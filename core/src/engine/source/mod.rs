@@ -5,6 +5,7 @@
 //! round that failed). After `commit` is sent the source never resumes.
 
 mod phases;
+mod postcopy;
 mod sender;
 mod session;
 mod storage;
@@ -57,6 +58,37 @@ pub struct SourceConfig {
     pub throttle: Throttle,
     /// When the last dirty blocks move: during the pause, or after the hand-over.
     pub storage_mode: StorageMode,
+    /// When guest memory moves: before the pause, after the hand-over, or both.
+    pub memory_mode: MemoryMode,
+    /// Memory auto-converge: throttle the vCPUs while pre-copy does not converge.
+    pub auto_converge: bool,
+    /// Set (by an operator) to switch a hybrid migration to post-copy at the next round.
+    pub switch_to_postcopy: Arc<AtomicBool>,
+}
+
+/// When guest memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryMode {
+    /// Pre-copy rounds, then the last dirty pages in the pause.
+    PreCopy,
+    /// Memory after the hand-over: the pause sends only the state and the bitmap of
+    /// owed pages; the destination's guest runs at once and faults pages in while the
+    /// source pushes the rest.
+    PostCopy,
+    /// Pre-copy rounds, then post-copy for what is left when the rounds would not reach
+    /// the downtime target (or when an operator asks).
+    Hybrid,
+}
+
+impl MemoryMode {
+    /// The name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryMode::PreCopy => "precopy",
+            MemoryMode::PostCopy => "postcopy",
+            MemoryMode::Hybrid => "hybrid",
+        }
+    }
 }
 
 /// When the disk blocks still dirty at the pause move.
@@ -94,6 +126,9 @@ impl Default for SourceConfig {
             cancel: Arc::new(AtomicBool::new(false)),
             throttle: Throttle::Auto,
             storage_mode: StorageMode::PreCopy,
+            memory_mode: MemoryMode::PreCopy,
+            auto_converge: true,
+            switch_to_postcopy: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -145,6 +180,7 @@ fn drive(
             StorageMode::PostCopy => "postcopy",
         }
         .into(),
+        memory_mode: cfg.memory_mode.name().into(),
         verify_mode: match cfg.verify {
             VerifyMode::Digest => "digest",
             VerifyMode::Full => "full",
@@ -163,7 +199,9 @@ fn drive(
     // A recovery starts handed over: a failure never resumes the guest here.
     let mut machine = match recover {
         Some(_) => SourceSession::recovering(),
-        None => SourceSession::new(cfg.storage_mode == StorageMode::PostCopy),
+        None => SourceSession::new(
+            cfg.storage_mode == StorageMode::PostCopy || cfg.memory_mode == MemoryMode::PostCopy,
+        ),
     };
 
     let channels = match transport.connect(&cfg.addr, cfg.channels.max(1)) {
@@ -265,6 +303,9 @@ fn drive(
         migration_id,
         throttled: None,
         acks: Default::default(),
+        page_pulls: Default::default(),
+        memory_postcopy: false,
+        vcpu_throttle: None,
         started: t0,
     };
     let mut paused_at: Option<Instant> = None;
@@ -277,6 +318,13 @@ fn drive(
     let on_failure = result.as_ref().err().map(|_| machine.fail());
     if on_failure == Some(SourceAction::ResumeHere) {
         s.merge_back_pending();
+    }
+    if let Some((since, _)) = s.vcpu_throttle {
+        // A guest that stays here runs at full speed again.
+        guest.throttle_vcpus(0);
+        if s.report.vcpu_throttled_ms == 0.0 {
+            s.report.vcpu_throttled_ms = ms(since.elapsed());
+        }
     }
     if let Some((since, _)) = s.throttled {
         // A guest that stays here runs at full speed again.

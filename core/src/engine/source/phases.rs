@@ -6,18 +6,21 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::postcopy::postcopy_push;
 use super::session::{Failure, Session};
-use super::storage::{hash_compare, postcopy_push};
-use super::{rate, SourceConfig, StorageMode, Throttle};
+use super::storage::hash_compare;
+use super::{rate, MemoryMode, SourceConfig, StorageMode, Throttle};
 use crate::bitmap::Bitmap;
 use crate::digest::guest_sums;
 use crate::engine::{ms, Control};
 use crate::fault::Point;
 use crate::guest::{Base, DiskPlan};
 use crate::machine::{SourceAction, SourceEvent, SourcePlan, SourceSession, SourceStep};
-use crate::policy::RoundFigures;
+use crate::policy::{RoundFigures, StopReason};
 use crate::report::{hex, OracleSummary, Progress};
-use crate::wire::{Manifest, Message, Phase, VerifyMode, CAP_RECOVER, REQUIRED_CAPABILITIES};
+use crate::wire::{
+    Manifest, Message, Phase, VerifyMode, CAP_RECOVER, MEMORY_SPACE, REQUIRED_CAPABILITIES,
+};
 
 /// Feeds `ev` to the machine; an event it does not expect is a failure.
 fn feed(machine: &mut SourceSession, ev: SourceEvent) -> Result<SourceAction, Failure> {
@@ -36,6 +39,11 @@ pub(super) fn run(
     let (first_pass, full_disks) = negotiate(s, cfg, machine)?;
     let mut plan = SourcePlan::new(cfg.policy.clone(), !s.shared.layout.disks.is_empty());
     precopy(s, cfg, &mut plan, first_pass, &full_disks)?;
+    if s.memory_postcopy {
+        machine
+            .switch_to_postcopy()
+            .map_err(|e| Failure(e.to_string()))?;
+    }
     if feed(machine, SourceEvent::Converged)? != SourceAction::Pause {
         return Err(Failure("the session did not pause".into()));
     }
@@ -165,6 +173,7 @@ fn precopy(
     }
     let mut step = plan.first();
     let mut bandwidth = 0.0f64;
+    let mut not_converging = 0u32;
     // The dirty sets fetched after a round are what the policy decides on, and what the
     // next round (or the stop-and-copy) sends: the logs are read once per round.
     loop {
@@ -213,6 +222,24 @@ fn precopy(
             }
             SourceStep::MemoryFullPass | SourceStep::MemoryDirtyRound => {
                 let full = step == SourceStep::MemoryFullPass;
+                if full && cfg.memory_mode == MemoryMode::PostCopy {
+                    // All of memory moves after the hand-over; nothing is tracked.
+                    s.pending.pages = Some(Bitmap::full(layout.pages));
+                    s.memory_postcopy = true;
+                    s.report.stop_reason = Some(StopReason::Postcopy);
+                    return Ok(());
+                }
+                if !full
+                    && cfg.memory_mode == MemoryMode::Hybrid
+                    && cfg.switch_to_postcopy.load(Ordering::Relaxed)
+                {
+                    (s.progress)(Progress::Note {
+                        text: "switching to post-copy as asked".into(),
+                    });
+                    s.switch_to_postcopy();
+                    s.report.stop_reason = Some(StopReason::Requested);
+                    return Ok(());
+                }
                 let pages = if full {
                     guest.start_dirty_log()?;
                     Bitmap::full(layout.pages)
@@ -241,9 +268,28 @@ fn precopy(
                     pending_bytes: pending,
                     bandwidth,
                 });
+                if !full && cfg.auto_converge && cfg.memory_mode == MemoryMode::PreCopy {
+                    let dirty = s.pending.pages.as_ref().map_or(0, Bitmap::count);
+                    let stepped = s.auto_converge(dirty, rr.sent, &mut not_converging);
+                    // While the throttle can still rise, a stalled pre-copy is given
+                    // more rounds (the round limit still holds).
+                    if stepped && step == SourceStep::StopAndCopy(StopReason::NoProgress) {
+                        step = SourceStep::MemoryDirtyRound;
+                    }
+                }
             }
             SourceStep::StopAndCopy(reason) => {
                 s.report.stop_reason = Some(reason);
+                if cfg.memory_mode == MemoryMode::Hybrid && reason != StopReason::Converged {
+                    // Pre-copy would not reach the downtime target: the rest moves after
+                    // the hand-over instead of in the pause.
+                    (s.progress)(Progress::Note {
+                        text: format!(
+                            "pre-copy is not converging ({reason:?}): switching to post-copy"
+                        ),
+                    });
+                    s.switch_to_postcopy();
+                }
                 return Ok(());
             }
         }
@@ -274,7 +320,23 @@ fn stop_and_copy(
     s.shared.faults.hit(Point::Pause);
     s.report.downtime_breakdown.pause_ms = ms(t_pause.elapsed());
     let t_copy = Instant::now();
-    let pages = s.take_pending_pages()?;
+    let pages = if s.memory_postcopy {
+        // Memory post-copy: the pages stay pending (merged back if we fail before the
+        // hand-over); the pause sends only their bitmap.
+        let owed = match cfg.memory_mode {
+            MemoryMode::PostCopy => s
+                .pending
+                .pages
+                .take()
+                .unwrap_or_else(|| Bitmap::full(layout.pages)),
+            _ => s.take_pending_pages()?,
+        };
+        s.report.pages_postcopy = owed.count();
+        s.pending.pages = Some(owed);
+        Bitmap::new(layout.pages)
+    } else {
+        s.take_pending_pages()?
+    };
     let mut blocks = s.take_pending_blocks()?;
     if cfg.storage_mode == StorageMode::PostCopy {
         // The blocks stay pending (merged back if we fail before the hand-over); the
@@ -293,6 +355,16 @@ fn stop_and_copy(
         version: state.version,
         bytes: std::borrow::Cow::Borrowed(&state.bytes),
     })?;
+    if s.memory_postcopy {
+        let owed = s
+            .pending
+            .pages
+            .clone()
+            .unwrap_or_else(|| Bitmap::new(layout.pages));
+        for part in owed_parts(MEMORY_SPACE, &owed) {
+            s.control(&part)?;
+        }
+    }
     if cfg.storage_mode == StorageMode::PostCopy {
         for (d, owed) in s
             .pending
@@ -317,10 +389,11 @@ fn stop_and_copy(
             .blocks
             .clone()
             .filter(|_| cfg.storage_mode == StorageMode::PostCopy);
+        let owed_pages = s.pending.pages.clone().filter(|_| s.memory_postcopy);
         let sums = guest_sums(
             &layout,
             s.shared.pages.key(),
-            |i, b| guest.read_page(i, b).is_ok(),
+            |i, b| !owed_pages.as_ref().is_some_and(|o| o.get(i)) && guest.read_page(i, b).is_ok(),
             |d, i, b| {
                 let is_owed = owed
                     .as_ref()
@@ -399,7 +472,12 @@ fn finish_after_commit(
     if postcopy {
         s.shared.faults.hit(Point::Postcopy);
         let owed = s.pending.blocks.take().unwrap_or_default();
-        postcopy_push(s, cfg, postcopy_round, owed)
+        let owed_pages = if s.memory_postcopy {
+            s.pending.pages.take()
+        } else {
+            None
+        };
+        postcopy_push(s, cfg, postcopy_round, owed_pages, owed)
             .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
     } else {
         // The guest runs on the destination with everything it needs.
@@ -438,6 +516,8 @@ fn finish_after_commit(
     }
     feed(machine, SourceEvent::Verdict)?;
     s.report.verified = v.ok;
+    s.report.postcopy_faults = v.faults;
+    s.report.fault_latency_us = v.fault_latency_us;
     // The channels' encoder figures are added to these when the senders finish.
     s.report.codec_stats = v
         .decode_ns
@@ -500,14 +580,31 @@ pub(super) fn recover_owed(
         };
         owed.push(bits);
     }
+    let mut parts = BitmapAssembler::new(layout.pages);
+    let owed_pages = loop {
+        match s.expect("owed pages", cfg.io_timeout)? {
+            Control::OwedBlocks { disk, part } if disk == MEMORY_SPACE => match parts.add(part) {
+                Ok(Some(bits)) => break bits,
+                Ok(None) => {}
+                Err(e) => return Err(Failure(format!("the owed pages: {e}"))),
+            },
+            other => {
+                return Err(Failure(format!(
+                    "expected the owed pages, got {}",
+                    other.name()
+                )))
+            }
+        }
+    };
     s.report.blocks_postcopy = owed.iter().map(Bitmap::count).sum();
+    s.report.pages_postcopy = owed_pages.count();
     (s.progress)(Progress::Note {
         text: format!(
-            "recovering post-copy: {} blocks still owed",
-            s.report.blocks_postcopy
+            "recovering post-copy: {} pages and {} blocks still owed",
+            s.report.pages_postcopy, s.report.blocks_postcopy
         ),
     });
-    postcopy_push(s, cfg, 0, owed)?;
+    postcopy_push(s, cfg, 0, Some(owed_pages), owed)?;
     let v = match s.expect("verdict", cfg.io_timeout)? {
         Control::Verdict(v) => v,
         other => return Err(Failure(format!("expected verdict, got {}", other.name()))),

@@ -254,10 +254,11 @@ impl SenderWorker {
             ),
         };
         // With a codec, the batch is read and encoded first; raw units are read straight
-        // into their place in the frame, never copied twice. Owed blocks always go raw: a
-        // codec that decodes against the destination's copy would need the very block
-        // that is owed, and the guest there may have written it since.
-        let owed = matches!(batch, BatchKind::OwedBlocks(_));
+        // into their place in the frame, never copied twice. Owed units always go raw: a
+        // codec that decodes against the destination's copy would need the very unit
+        // that is owed (a page would fault on itself), and a guest there may have written
+        // a block since.
+        let owed = batch.is_owed();
         let staged = !self.encoder.is_raw() && !owed;
         if staged {
             self.stage_and_encode(batch, indices, size)?;

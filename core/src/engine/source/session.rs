@@ -10,7 +10,7 @@ use super::{block_channel, ms, page_channel, Control};
 use crate::bitmap::Bitmap;
 use crate::digest::DigestDelta;
 use crate::report::{Progress, Report, RoundReport};
-use crate::wire::{BatchKind, Message, Phase, RoundEnd};
+use crate::wire::{BatchKind, Message, Phase, RoundEnd, MEMORY_SPACE};
 
 use super::sender::*;
 use super::*;
@@ -39,6 +39,13 @@ pub(super) struct Session<'a> {
     pub(super) throttled: Option<(Instant, u64)>,
     /// Round acknowledgements that arrived while we polled for something else.
     pub(super) acks: std::cell::RefCell<Vec<u32>>,
+    /// Memory post-copy: pages the destination's guest asked for while we waited for
+    /// something else (served first by the push).
+    pub(super) page_pulls: std::cell::RefCell<Vec<u64>>,
+    /// Whether the pages in `pending.pages` move after the hand-over (memory post-copy).
+    pub(super) memory_postcopy: bool,
+    /// Memory auto-converge: since when, and the vCPU throttle in percent.
+    pub(super) vcpu_throttle: Option<(Instant, u8)>,
     /// When the command began (for `setup_ms`).
     pub(super) started: Instant,
 }
@@ -420,6 +427,10 @@ impl Session<'_> {
             match self.ctl.recv_timeout(left.min(Duration::from_millis(100))) {
                 Ok(Ok(Control::Abort(r))) => {
                     return Err(Failure(format!("destination aborted: {r}")))
+                }
+                // Pages the guest faulted on before the push began: served first.
+                Ok(Ok(Control::PullBlocks { disk, blocks })) if disk == MEMORY_SPACE => {
+                    self.page_pulls.borrow_mut().extend(blocks);
                 }
                 // Late pulls for blocks already pushed.
                 Ok(Ok(Control::PullBlocks { .. })) => {}
