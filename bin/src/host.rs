@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::Context;
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::guest::Hosted;
-use crate::opts::MigrationArgs;
+use crate::opts::{MemoryModeArg, MigrationArgs};
 use ferry_core::machine::{DestAction, DestEvent, DestSession};
 
 /// Lifecycle of the hosted guest.
@@ -70,6 +71,8 @@ pub enum Request {
     Resume,
     /// Discard an in-doubt guest (the operator knows the source kept it).
     Discard,
+    /// Switch the running hybrid migration to memory post-copy now.
+    Postcopy,
 }
 
 /// The process-wide host.
@@ -83,6 +86,8 @@ pub struct Host {
     last_report: Mutex<Option<Value>>,
     role: &'static str,
     done: (Mutex<bool>, Condvar),
+    /// The running migration's switch to post-copy, and its memory mode.
+    switch: Mutex<Option<(Arc<AtomicBool>, MemoryModeArg)>>,
 }
 
 impl Host {
@@ -103,6 +108,7 @@ impl Host {
             last_report: Mutex::new(None),
             role,
             done: (Mutex::new(false), Condvar::new()),
+            switch: Mutex::new(None),
         })
     }
 
@@ -202,6 +208,7 @@ impl Host {
             "progress": stats,
             "reason": self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "owed_blocks": guest.as_ref().map(|g| g.dest().owed_blocks()),
+            "owed_pages": guest.as_ref().map(|g| g.dest().owed_pages()),
             "last_migration": self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
@@ -251,14 +258,18 @@ impl Host {
             self.set_state(from);
             return fail("no guest".into());
         };
+        let switch = Arc::new(AtomicBool::new(false));
+        *self.switch.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Arc::clone(&switch), args.memory_mode));
         let run = if recover {
             match self.last_migration_id() {
-                Some(id) => drive_source(guest.source(), to, args, Some(id), emit),
+                Some(id) => drive_source_with(guest.source(), to, args, Some(id), switch, emit),
                 None => Err(anyhow::anyhow!("no interrupted migration to recover")),
             }
         } else {
-            run_source(guest, to, args, emit)
+            drive_source_with(guest.source(), to, args, None, switch, emit)
         };
+        *self.switch.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let report = run.unwrap_or_else(|e| fail(format!("{e:#}")));
         // The engine's session said where the guest is: the state tells the truth, so an
         // operator resolving an in-doubt destination never discards the only copy.
@@ -342,6 +353,25 @@ impl Host {
                 self.finish();
                 Ok(())
             }
+            Request::Postcopy => {
+                let switch = self
+                    .switch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                match switch {
+                    Some((flag, MemoryModeArg::Hybrid)) => {
+                        flag.store(true, Ordering::Relaxed);
+                        send(json!({"event": "ok"}))
+                    }
+                    Some((_, mode)) => send(
+                        json!({"event": "error", "message": format!("the migration runs with --memory-mode {}; only a hybrid one switches to post-copy", serde_json::to_value(mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())}),
+                    ),
+                    None => send(
+                        json!({"event": "error", "message": format!("no migration is running here (this guest is {})", state_name(self.state()))}),
+                    ),
+                }
+            }
             Request::Resume | Request::Discard => {
                 if !matches!(self.state(), HostState::InDoubt | HostState::Held) {
                     return send(
@@ -362,7 +392,7 @@ impl Host {
                     };
                     // The disks know best whether the owed blocks arrived (a recovery may
                     // still be closing its connection).
-                    if g.dest().owed_blocks() == 0 {
+                    if g.dest().owed_blocks() == 0 && g.dest().owed_pages() == 0 {
                         if let Some(s) = s.as_mut() {
                             let _ = s.on(DestEvent::OwedArrived);
                         }
@@ -370,8 +400,9 @@ impl Host {
                     match s.as_mut().map(|s| s.on(ev)) {
                         Some(Ok(a)) => Ok(a),
                         Some(Err(e)) => Err(format!(
-                            "refused: {} ({} blocks owed by the source)",
+                            "refused: {} ({} pages and {} blocks owed by the source)",
                             e.0,
+                            g.dest().owed_pages(),
                             g.dest().owed_blocks()
                         )),
                         None => Err("no session for this guest".into()),
@@ -534,7 +565,28 @@ pub fn drive_source(
     recover: Option<[u8; 16]>,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
-    let cfg = args.source_config(to)?;
+    drive_source_with(
+        guest,
+        to,
+        args,
+        recover,
+        Arc::new(AtomicBool::new(false)),
+        emit,
+    )
+}
+
+/// [`drive_source`], with the switch an operator sets to move a hybrid migration to
+/// post-copy.
+fn drive_source_with(
+    guest: Arc<dyn ferry_core::SourceGuest>,
+    to: &str,
+    args: &MigrationArgs,
+    recover: Option<[u8; 16]>,
+    switch: Arc<AtomicBool>,
+    emit: &(dyn Fn(Progress) + Sync),
+) -> anyhow::Result<Report> {
+    let mut cfg = args.source_config(to)?;
+    cfg.switch_to_postcopy = switch;
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
     Ok(match recover {

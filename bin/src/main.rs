@@ -63,6 +63,9 @@ enum Cmd {
     Resume(VmArgs),
     /// Discard an in-doubt guest on a destination (the source is known to have kept it).
     Discard(VmArgs),
+    /// Switch the running `--memory-mode hybrid` migration of a guest to post-copy now:
+    /// the rest of its memory moves after the hand-over.
+    Postcopy(VmArgs),
     /// Migrate a guest between two processes on this machine over loopback and report
     /// (TLS with a fresh pair of keys unless told otherwise).
     Demo(DemoArgs),
@@ -200,11 +203,12 @@ struct MigrateArgs {
     /// With a guest started here: let its workload run this long first.
     #[arg(long, default_value = "1s")]
     warmup: String,
-    /// Recover an interrupted storage post-copy: push the blocks the destination at `--to`,
-    /// which holds the guest, still owes. From the handed-over guest at `--vm`, or, when
-    /// the source process is gone, from the image it left (`--disk IMAGE
-    /// --migration-id ID`, the id the destination's `ferry status` shows).
-    #[arg(long)]
+    /// Recover an interrupted post-copy (`--resume` is the same): push the pages and
+    /// blocks the destination at `--to`, which holds the guest, still owes, and nothing it
+    /// has. From the handed-over guest at `--vm`, or, for disks only, when the source
+    /// process is gone, from the image it left (`--disk IMAGE --migration-id ID`, the id
+    /// the destination's `ferry status` shows; memory goes with its process).
+    #[arg(long, alias = "resume")]
     recover: bool,
     /// With `--recover` and no `--vm`: the migration whose post-copy is recovered.
     #[arg(long, requires = "recover", conflicts_with = "vm")]
@@ -260,6 +264,7 @@ fn main() -> ExitCode {
         Cmd::Check(a) => simple(a, Request::Check),
         Cmd::Stop(a) => simple(a, Request::Stop),
         Cmd::Resume(a) => simple(a, Request::Resume),
+        Cmd::Postcopy(a) => simple(a, Request::Postcopy),
         Cmd::Discard(a) => simple(a, Request::Discard),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(b) => bench::run(b),
@@ -520,7 +525,15 @@ fn hold_received(
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
     let owed = guest.as_ref().map_or(0, |g| g.dest().owed_blocks());
-    if owed > 0 {
+    let owed_pages = guest.as_ref().map_or(0, |g| g.dest().owed_pages());
+    if owed_pages > 0 {
+        eprintln!(
+            "ferry: {owed_pages} memory pages and {owed} disk blocks are still owed by the source (post-copy): the guest is paused here until they arrive. \
+             The handed-over source pushes them with `ferry migrate --vm SOURCE_SOCKET --to {addr} --resume`; \
+             if the source process is gone, its memory went with it and the guest is lost.",
+            addr = listener.local_addr(),
+        );
+    } else if owed > 0 {
         eprintln!(
             "ferry: {owed} disk blocks are still owed by the source (storage post-copy): the guest cannot run here without them. \
              The handed-over source pushes them again with `ferry migrate --vm SOURCE_SOCKET --to {addr} --recover`, \
@@ -528,6 +541,8 @@ fn hold_received(
             report.migration_id,
             addr = listener.local_addr(),
         );
+    }
+    if owed + owed_pages > 0 {
         held.recovery = Some(Recovery {
             listener,
             migration_id: report.migration_id.clone(),
@@ -542,7 +557,7 @@ fn hold_received(
             "in_doubt"
         };
         print_json(&json!({"ok": false, state: true, "error": held.reason,
-            "owed_blocks": owed, "destination": report}))?;
+            "owed_blocks": owed, "owed_pages": owed_pages, "destination": report}))?;
     }
     hold_for_operator(host, guest, a.control.as_ref(), held)
 }
@@ -601,7 +616,7 @@ fn accept_recovery(host: &Host, guest: &Hosted, mut r: Recovery) {
             Ok(n) => {
                 host.owed_arrived();
                 eprintln!(
-                    "ferry: post-copy recovered: {n} owed blocks arrived; the guest can be resumed (`ferry resume --vm SOCKET`)"
+                    "ferry: post-copy recovered: {n} owed pages and blocks arrived; the guest can be resumed (`ferry resume --vm SOCKET`)"
                 );
                 return;
             }
@@ -726,6 +741,15 @@ fn status(a: VmArgs) -> anyhow::Result<ExitCode> {
     {
         eprintln!(
             "owed post-copy blocks: {n} (the source pushes them with `ferry migrate --recover`)"
+        );
+    }
+    if let Some(n) = v
+        .get("owed_pages")
+        .and_then(Value::as_u64)
+        .filter(|n| *n > 0)
+    {
+        eprintln!(
+            "owed post-copy pages: {n} (the handed-over source pushes them with `ferry migrate --vm SOURCE --resume`)"
         );
     }
     if let Some(r) = v.get("last_migration").filter(|r| !r.is_null()) {

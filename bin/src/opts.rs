@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use ferry_core::codec::CodecFactory;
-use ferry_core::engine::{SourceConfig, StorageMode, Throttle};
+use ferry_core::engine::{MemoryMode, SourceConfig, StorageMode, Throttle};
 use ferry_core::policy::ConvergencePolicy;
 use ferry_core::wire::VerifyMode;
 use ferry_disk::DiskSpec;
@@ -334,6 +334,72 @@ pub struct MigrationArgs {
     /// `postcopy` (after the hand-over, pulled first when the guest reads them).
     #[arg(long, default_value = "precopy")]
     pub storage_mode: String,
+    /// When guest memory moves: `precopy` (rounds while the guest runs, the rest in the
+    /// pause), `postcopy` (after the hand-over: the guest runs on the destination at once
+    /// and faults pages in while the rest is pushed), or `hybrid` (pre-copy rounds, then
+    /// post-copy when they would not reach the downtime target, or on `ferry postcopy`).
+    #[arg(long, value_enum, default_value_t = MemoryModeArg::Precopy)]
+    #[serde(default)]
+    pub memory_mode: MemoryModeArg,
+    /// Memory auto-converge in pre-copy: throttle the guest's vCPUs (20%, then 10 points
+    /// more per round, up to 99%) while the rounds do not converge.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    #[serde(default)]
+    pub auto_converge: OnOff,
+}
+
+/// `--memory-mode`.
+#[derive(
+    clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryModeArg {
+    /// Pre-copy rounds, then the rest in the pause.
+    #[default]
+    Precopy,
+    /// Every page after the hand-over.
+    Postcopy,
+    /// Pre-copy, then post-copy when pre-copy would not converge.
+    Hybrid,
+}
+
+impl From<MemoryModeArg> for MemoryMode {
+    fn from(m: MemoryModeArg) -> Self {
+        match m {
+            MemoryModeArg::Precopy => MemoryMode::PreCopy,
+            MemoryModeArg::Postcopy => MemoryMode::PostCopy,
+            MemoryModeArg::Hybrid => MemoryMode::Hybrid,
+        }
+    }
+}
+
+/// An on/off switch.
+#[derive(
+    clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOff {
+    /// Enabled.
+    #[default]
+    On,
+    /// Disabled.
+    Off,
 }
 
 impl MigrationArgs {
@@ -357,6 +423,8 @@ impl MigrationArgs {
             timeout: "30s".into(),
             throttle: "auto".into(),
             storage_mode: "precopy".into(),
+            memory_mode: MemoryModeArg::Precopy,
+            auto_converge: OnOff::On,
         }
     }
 
@@ -408,6 +476,8 @@ impl MigrationArgs {
         Ok(SourceConfig {
             throttle,
             storage_mode,
+            memory_mode: self.memory_mode.into(),
+            auto_converge: self.auto_converge == OnOff::On,
             addr: to.to_string(),
             channels: usize::from(self.channels),
             policy: ConvergencePolicy {

@@ -177,6 +177,29 @@ pub fn print_summary(r: &Report) {
             r.rounds.len()
         );
     }
+    if r.pages_postcopy > 0 {
+        eprintln!(
+            "  memory {}{}: {} pages after the hand-over in {:.0} ms ({} pushed, {} demanded by {} faults; fault latency p50 {} us, p99 {} us, max {} us)",
+            r.memory_mode,
+            r.switch_round
+                .map(|n| format!(", switched after round {n}"))
+                .unwrap_or_default(),
+            r.pages_postcopy,
+            r.postcopy_ms,
+            r.pages_pushed,
+            r.pages_demanded,
+            r.postcopy_faults,
+            r.fault_latency_us[0],
+            r.fault_latency_us[1],
+            r.fault_latency_us[2]
+        );
+    }
+    if r.vcpu_throttle_pct > 0 {
+        eprintln!(
+            "  auto-converge: vCPUs throttled up to {}% for {:.0} ms before the pause",
+            r.vcpu_throttle_pct, r.vcpu_throttled_ms
+        );
+    }
     if let Some(o) = &r.oracle {
         eprintln!(
             "  guest self-check: {} — {}",

@@ -86,8 +86,12 @@ fn observe(p: &mut Proc, ctl: &Path) -> Seen {
         .output()
         .unwrap();
     match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-        // A destination still waiting for owed post-copy blocks has not settled.
-        Ok(v) if v["owed_blocks"].as_u64().unwrap_or(0) > 0 && v["state"] == "running" => {
+        // A destination still waiting for owed post-copy blocks or pages has not settled.
+        Ok(v)
+            if v["owed_blocks"].as_u64().unwrap_or(0) + v["owed_pages"].as_u64().unwrap_or(0)
+                > 0
+                && v["state"] == "running" =>
+        {
             Seen::State("post-copy".into())
         }
         Ok(v) => Seen::State(v["state"].as_str().unwrap_or("?").to_string()),
@@ -135,7 +139,18 @@ fn images_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs one cell; returns its row of the table.
-fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) -> String {
+/// What moves after the hand-over in a cell.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Nothing (pre-copy).
+    Nothing,
+    /// The last dirty disk blocks (`--storage-mode postcopy`).
+    Blocks,
+    /// All of memory (`--memory-mode postcopy`).
+    Memory,
+}
+
+fn cell(side: &str, point: &str, action: &str, after: After, peers: &Peers) -> String {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let fault = format!("{side}:{point}:{action}");
@@ -163,8 +178,14 @@ fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) ->
         .arg("--vm")
         .arg(&src_ctl)
         .args(["--to", &addr]);
-    if postcopy {
-        mig.args(["--storage-mode", "postcopy"]);
+    match after {
+        After::Nothing => {}
+        After::Blocks => {
+            mig.args(["--storage-mode", "postcopy"]);
+        }
+        After::Memory => {
+            mig.args(["--memory-mode", "postcopy"]);
+        }
     }
     let mut child = mig
         .stdin(Stdio::null())
@@ -190,7 +211,15 @@ fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) ->
         let _ = o.read_to_string(&mut report);
     }
     let report: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
-    let what = format!("{fault} over {}", peers.name);
+    let what = format!(
+        "{fault}{} over {}",
+        match after {
+            After::Nothing => "",
+            After::Blocks => " (storage post-copy)",
+            After::Memory => " (memory post-copy)",
+        },
+        peers.name
+    );
 
     let dst_seen = settle_dest(&mut dst, &dst_ctl);
     let src_seen = observe(&mut src, &src_ctl);
@@ -276,7 +305,23 @@ fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) ->
                 msg.contains("owed"),
                 "{what}: the operator's {take} was refused: {msg}"
             );
-            resolution = format!(" → {take} refused (blocks owed)");
+            resolution = format!(" → {take} refused (units owed)");
+            let lost = after == After::Memory && s0 != "handed-over";
+            if lost {
+                // Memory that never arrived lived only in the source process: with it
+                // gone the guest is lost, and the destination keeps it paused and says so
+                // rather than run it with holes.
+                let st = status(&dst_ctl);
+                assert!(
+                    st["owed_pages"].as_u64().unwrap_or(0) > 0,
+                    "{what}: held without owed pages: {st}"
+                );
+                assert!(
+                    matches!(st["state"].as_str(), Some("held" | "in-doubt")),
+                    "{what}: {st}"
+                );
+                resolution.push_str(" → lost with the source (pages owed), kept paused");
+            }
             // Post-copy recovery: the handed-over source pushes what is still owed, or,
             // the source process gone, the image it left does; then the guest can run.
             let recover = |from: &[&str]| {
@@ -290,8 +335,10 @@ fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) ->
             };
             let image = d.join("src.img");
             let image = image.to_str().unwrap();
-            let out = if s0 == "handed-over" {
-                recover(&["--vm", src_ctl.to_str().unwrap()])
+            let out = if lost {
+                None
+            } else if s0 == "handed-over" {
+                Some(recover(&["--vm", src_ctl.to_str().unwrap()]))
             } else {
                 let id = status(&dst_ctl)["last_migration"]["migration_id"]
                     .as_str()
@@ -303,19 +350,21 @@ fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) ->
                     !wrong.status.success(),
                     "{what}: a wrong migration id was taken"
                 );
-                recover(&["--disk", image, "--migration-id", &id])
+                Some(recover(&["--disk", image, "--migration-id", &id]))
             };
-            let r = json_of(&out);
-            assert!(out.status.success(), "{what}: recovery failed: {r}");
-            assert_eq!(r["source_state"], "migrated-away", "{what}");
-            let (ok, msg) = operator("resume", &dst_ctl);
-            assert!(ok, "{what}: resume after recovery refused: {msg}");
-            resolution.push_str(if s0 == "handed-over" {
-                " → source: --recover → operator: resume"
-            } else {
-                " → the source's image: --recover → operator: resume"
-            });
-            d1 = "running".into();
+            if let Some(out) = out {
+                let r = json_of(&out);
+                assert!(out.status.success(), "{what}: recovery failed: {r}");
+                assert_eq!(r["source_state"], "migrated-away", "{what}");
+                let (ok, msg) = operator("resume", &dst_ctl);
+                assert!(ok, "{what}: resume after recovery refused: {msg}");
+                resolution.push_str(if s0 == "handed-over" {
+                    " → source: --recover → operator: resume"
+                } else {
+                    " → the source's image: --recover → operator: resume"
+                });
+                d1 = "running".into();
+            }
         }
     }
     let running_after = [&s0, &d1]
@@ -337,10 +386,10 @@ fn cell(side: &str, point: &str, action: &str, postcopy: bool, peers: &Peers) ->
     let code = |c: Option<i32>| c.map_or("signal".to_string(), |c| c.to_string());
     format!(
         "| `{fault}`{} | {} | {s0} | {d0}{resolution} | {} |",
-        if postcopy && point != "postcopy" {
-            " (post-copy)"
-        } else {
-            ""
+        match after {
+            After::Blocks if point != "postcopy" => " (post-copy)",
+            After::Memory => " (memory post-copy)",
+            _ => "",
         },
         peers.name,
         code(mig_code)
@@ -356,7 +405,12 @@ fn every_fault_leaves_exactly_one_copy() {
         for side in SIDES {
             for point in POINTS {
                 for action in ACTIONS {
-                    cells.push((side, point, action, point == "postcopy", p));
+                    let after = if point == "postcopy" {
+                        After::Blocks
+                    } else {
+                        After::Nothing
+                    };
+                    cells.push((side, point, action, after, p));
                 }
             }
         }
@@ -368,7 +422,15 @@ fn every_fault_leaves_exactly_one_copy() {
         ("dest", "verified", "stall"),
         ("dest", "commit", "close"),
     ] {
-        cells.push((side, point, action, true, &peers[0]));
+        cells.push((side, point, action, After::Blocks, &peers[0]));
+    }
+    // Memory post-copy around and after the hand-over: neither side has the whole VM.
+    for side in SIDES {
+        for point in ["verified", "commit", "resumed", "postcopy"] {
+            for action in ACTIONS {
+                cells.push((side, point, action, After::Memory, &peers[0]));
+            }
+        }
     }
     let rows = Mutex::new(Vec::new());
     let failures = Mutex::new(Vec::new());
@@ -376,12 +438,12 @@ fn every_fault_leaves_exactly_one_copy() {
     std::thread::scope(|s| {
         for _ in 0..3 {
             s.spawn(|| loop {
-                let Some((side, point, action, postcopy, p)) = next.lock().unwrap().next() else {
+                let Some((side, point, action, after, p)) = next.lock().unwrap().next() else {
                     return;
                 };
                 // Every cell runs; failures are gathered and reported together.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    cell(side, point, action, postcopy, p)
+                    cell(side, point, action, after, p)
                 })) {
                     Ok(row) => rows.lock().unwrap().push(row),
                     Err(e) => {
@@ -410,5 +472,5 @@ fn every_fault_leaves_exactly_one_copy() {
     for r in &rows {
         println!("{r}");
     }
-    assert_eq!(rows.len(), 124);
+    assert_eq!(rows.len(), 148);
 }

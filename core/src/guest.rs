@@ -168,6 +168,16 @@ fn no_disk(disk: usize) -> GuestError {
     }
 }
 
+/// How much memory auto-converge slows a guest down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VcpuThrottle {
+    /// Share of the vCPUs' time taken away, percent (0: none, at most 99).
+    pub percent: u8,
+    /// The page dirtying rate this step allows: `100 - percent` percent of what the link
+    /// carries (0 with `percent` 0: no limit).
+    pub dirty_pages_per_second: u64,
+}
+
 /// A running guest being migrated away.
 ///
 /// Dirty logging is global (as in Xen and KVM). Fetching a dirty log *consumes* it; when
@@ -241,9 +251,11 @@ pub trait SourceGuest: Send + Sync {
     /// Limits the guest's disk writes to this many blocks per second over all disks
     /// (`None` lifts the limit): write throttling when storage pre-copy cannot converge.
     fn limit_disk_writes(&self, _blocks_per_second: Option<u64>) {}
-    /// Memory auto-converge: keeps the guest's vCPUs stopped `percent` of the time (0
-    /// lifts it), as QEMU's cpu-throttle does. False when the backend cannot throttle.
-    fn throttle_vcpus(&self, _percent: u8) -> bool {
+    /// Memory auto-converge: slows the guest down (`percent` 0 lifts it). A backend that
+    /// runs real vCPUs keeps them stopped `percent` of the time, as QEMU's cpu-throttle
+    /// does; one that paces its own writes holds them to `dirty_pages_per_second`, as
+    /// QEMU's dirty-limit does. False when the backend cannot throttle.
+    fn throttle_vcpus(&self, _throttle: VcpuThrottle) -> bool {
         false
     }
 }

@@ -52,6 +52,9 @@ pub enum StopReason {
     NoProgress,
     /// Memory post-copy from the start: no memory round before the pause.
     Postcopy,
+    /// Hybrid: the guest dirtied memory behind the pass as fast as the link carried it,
+    /// so no round could ever catch up; the rest moved after the hand-over.
+    Diverging,
     /// The operator switched a hybrid migration to post-copy.
     Requested,
 }

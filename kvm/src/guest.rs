@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use ferry_core::bitmap::Bitmap;
 use ferry_core::guest::{
-    DestGuest, GuestError, GuestLayout, GuestStorage, OracleReport, SourceGuest, StateBlob,
+    DestGuest, FaultFigures, GuestError, GuestLayout, GuestStorage, OracleReport, PullPagesFn,
+    SourceGuest, StateBlob, VcpuThrottle,
 };
 use ferry_disk::content::{random_bytes, read_image, Fill};
 use ferry_disk::{DiskSpec, GuestDisks};
@@ -65,6 +66,8 @@ pub struct Machine {
     pub(crate) disks: GuestDisks,
     workload: Mutex<Workload>,
     disk_limit: AtomicU64,
+    /// Memory auto-converge: page writes per second allowed over all vCPUs (0 = none).
+    pub(crate) dirty_limit: AtomicU64,
     fault: Mutex<Option<String>>,
     irqchip: bool,
     msr_list: OnceLock<Vec<u32>>,
@@ -106,6 +109,7 @@ impl Machine {
             disks,
             workload: Mutex::new(Workload::default()),
             disk_limit: AtomicU64::new(0),
+            dirty_limit: AtomicU64::new(0),
             fault: Mutex::new(None),
             irqchip,
             msr_list: OnceLock::new(),
@@ -639,10 +643,30 @@ impl SourceGuest for KvmGuest {
             .disk_limit
             .store(blocks_per_second.map_or(0, |n| n.max(1)), Ordering::Relaxed);
     }
+
+    fn throttle_vcpus(&self, t: VcpuThrottle) -> bool {
+        // The vCPUs stop at every pacing point (64 pages); holding them there long
+        // enough keeps their dirtying to the limit, as QEMU's dirty-limit does with its
+        // dirty ring.
+        let limit = if t.percent == 0 {
+            0
+        } else {
+            t.dirty_pages_per_second.max(1)
+        };
+        self.m.dirty_limit.store(limit, Ordering::Relaxed);
+        true
+    }
 }
 
 impl DestGuest for KvmGuest {
     fn hold(&self) -> Result<(), GuestError> {
+        if DestGuest::owed_pages(self) > 0 {
+            // A vCPU waiting for an owed page stops at its next exit once the page came.
+            for v in self.m.vcpus() {
+                v.request_pause();
+            }
+            return Ok(());
+        }
         SourceGuest::pause(self)
     }
 
@@ -668,6 +692,35 @@ impl DestGuest for KvmGuest {
         let gpa = self.page(index)?;
         self.m.ram.zero(gpa, PAGE as usize);
         Ok(())
+    }
+
+    fn set_owed_pages(&self, owed: Bitmap, pull: PullPagesFn) -> Result<(), GuestError> {
+        self.m
+            .ram
+            .set_owed(&owed, pull)
+            .map_err(|e| GuestError::Unsupported(ferry_core::engine::error_chain(&e)))
+    }
+
+    fn fill_owed_page(&self, index: u64, data: Option<&[u8]>) -> Result<bool, GuestError> {
+        self.page(index)?;
+        self.m.ram.fill_owed(index, data).map_err(|e| {
+            gio(
+                &format!("installing page {index}"),
+                ferry_core::engine::error_chain(&e),
+            )
+        })
+    }
+
+    fn owed_pages(&self) -> u64 {
+        self.m.ram.owed().map_or(0, |o| o.owed())
+    }
+
+    fn owed_pages_bitmap(&self) -> Option<Bitmap> {
+        self.m.ram.owed().map(|o| o.owed_bitmap())
+    }
+
+    fn fault_figures(&self) -> Option<FaultFigures> {
+        self.m.ram.owed().map(|o| o.figures())
     }
 
     fn flush(&self) -> Result<(), GuestError> {

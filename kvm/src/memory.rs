@@ -7,8 +7,11 @@ use crate::layout::{slots, PAGE};
 
 /// Guest RAM shared by the vCPUs (through KVM) and the VMM's threads.
 pub struct GuestRam {
-    // Declared first so it stops (and joins) before the mapping goes.
-    _prefault: Option<ferry_core::prefault::Prefault>,
+    /// Memory post-copy: the pages still owed and the service of their faults. Declared
+    /// first so it unregisters before the mapping goes.
+    postcopy: std::sync::OnceLock<ferry_uffd::OwedMemory>,
+    // Declared early so it stops (and joins) before the mapping goes.
+    prefault: std::sync::Mutex<Option<ferry_core::prefault::Prefault>>,
     // Kept alive for `base`; accessed only through raw pointers because the guest writes
     // it concurrently.
     _map: memmap2::MmapMut,
@@ -36,12 +39,61 @@ impl GuestRam {
         let prefault =
             populate.then(|| unsafe { ferry_core::prefault::Prefault::start(base, len) });
         Ok(Self {
-            _prefault: prefault,
+            postcopy: std::sync::OnceLock::new(),
+            prefault: std::sync::Mutex::new(prefault),
             _map: map,
             base,
             bytes,
             slots: slots(bytes),
         })
+    }
+
+    /// Memory post-copy: the `owed` pages arrive after the vCPUs run; a vCPU (through
+    /// KVM) or the VMM touching one waits for it, and the first touch asks `pull`.
+    pub fn set_owed(
+        &self,
+        owed: &ferry_core::bitmap::Bitmap,
+        pull: ferry_core::guest::PullPagesFn,
+    ) -> Result<(), ferry_uffd::UffdError> {
+        if owed.len() != self.pages() {
+            return Err(ferry_uffd::UffdError::OutOfRange {
+                page: owed.len(),
+                pages: self.pages(),
+            });
+        }
+        // The background pre-fault would touch owed pages and demand them all: stop it.
+        drop(
+            self.prefault
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        // SAFETY: the mapping is this struct's private anonymous one and outlives the
+        // registration (field order); owed pages are only written through `fill_owed`.
+        let owed = unsafe {
+            ferry_uffd::OwedMemory::start(self.base, self.pages(), PAGE as usize, owed, pull)
+        }?;
+        if self.postcopy.set(owed).is_err() {
+            tracing::warn!("memory post-copy was already set up");
+        }
+        Ok(())
+    }
+
+    /// Memory post-copy: installs an owed page (`None`: zero); false when not owed.
+    pub fn fill_owed(
+        &self,
+        index: u64,
+        data: Option<&[u8]>,
+    ) -> Result<bool, ferry_uffd::UffdError> {
+        match self.postcopy.get() {
+            Some(p) => p.fill(index, data),
+            None => Ok(false),
+        }
+    }
+
+    /// Memory post-copy: the owed pages (`None`: no post-copy).
+    pub fn owed(&self) -> Option<&ferry_uffd::OwedMemory> {
+        self.postcopy.get()
     }
 
     /// Size in bytes.

@@ -434,8 +434,14 @@ impl Vcpu {
         }
         let vcpus = m.vcpu_count().max(1) as f64;
         let now = Instant::now();
-        if wl.dirty_rate > 0 {
-            let per = wl.dirty_rate as f64 / vcpus;
+        let limit = m.dirty_limit.load(std::sync::atomic::Ordering::Relaxed);
+        let rate = match (wl.dirty_rate, limit) {
+            (0, l) => l,
+            (r, 0) => r,
+            (r, l) => r.min(l),
+        };
+        if rate > 0 {
+            let per = rate as f64 / vcpus;
             // No bursts to catch up after a stall (a pause, a slow round).
             p.due = p.due.max(now - Duration::from_millis(50));
             p.due += Duration::from_secs_f64(counted as f64 / per);

@@ -165,8 +165,9 @@ pub struct Inner {
     checks_cond: Condvar,
     /// Disk writes per second allowed while a migration throttles the guest (0 = none).
     disk_limit: AtomicU64,
-    /// Memory auto-converge: percent of the time the memory threads sleep (0 = none).
-    vcpu_throttle: std::sync::atomic::AtomicU8,
+    /// Memory auto-converge (dirty-limit): page writes per second allowed over all memory
+    /// threads while a migration throttles the guest (0 = none).
+    dirty_limit: AtomicU64,
     /// Whether guest writes mark the dirty log (always, except in the untracked baseline
     /// of `ferry bench overhead`, which can never migrate).
     tracked: AtomicBool,
@@ -300,6 +301,19 @@ impl Inner {
         self.checks_cond.notify_all();
     }
 
+    /// The self-check cannot finish (owed pages stopped arriving): every check still
+    /// running counts as failed, so whoever waits for the verdict gets one.
+    fn abandon_checks(&self) {
+        let mut c = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        for s in c.iter_mut().filter(|s| s.is_none()) {
+            *s = Some((
+                0,
+                vec!["not checked: owed pages stopped arriving (post-copy)".into()],
+            ));
+        }
+        self.checks_cond.notify_all();
+    }
+
     fn header_ok(&self) -> bool {
         self.mem.load(0) == HEADER_MAGIC
             && self.mem.load(8) == self.map.pages
@@ -378,7 +392,7 @@ impl SimGuest {
             checks: Mutex::new(Vec::new()),
             checks_cond: Condvar::new(),
             disk_limit: AtomicU64::new(0),
-            vcpu_throttle: std::sync::atomic::AtomicU8::new(0),
+            dirty_limit: AtomicU64::new(0),
             tracked: AtomicBool::new(true),
         };
         Ok(Self {

@@ -7,7 +7,7 @@ use ferry_core::bitmap::Bitmap;
 use ferry_core::engine::error_chain;
 use ferry_core::guest::{
     DestGuest, FaultFigures, GuestError, GuestLayout, GuestStorage, OracleReport, PullPagesFn,
-    SourceGuest, StateBlob,
+    SourceGuest, StateBlob, VcpuThrottle,
 };
 
 use crate::{state, SimGuest};
@@ -40,10 +40,14 @@ impl SourceGuest for SimGuest {
         self.inner.disk_limit.store(v, Ordering::Relaxed);
     }
 
-    fn throttle_vcpus(&self, percent: u8) -> bool {
-        self.inner
-            .vcpu_throttle
-            .store(percent.min(99), Ordering::Relaxed);
+    fn throttle_vcpus(&self, t: VcpuThrottle) -> bool {
+        // The sim's "vCPUs" are its own pacing: the dirty-limit form.
+        let limit = if t.percent == 0 {
+            0
+        } else {
+            t.dirty_pages_per_second.max(1)
+        };
+        self.inner.dirty_limit.store(limit, Ordering::Relaxed);
         true
     }
 
@@ -106,7 +110,21 @@ impl SourceGuest for SimGuest {
 
 impl DestGuest for SimGuest {
     fn hold(&self) -> Result<(), GuestError> {
+        if DestGuest::owed_pages(self) > 0 {
+            // Threads waiting for owed pages cannot park until the pages come: ask them
+            // to stop at their next step and do not wait for it.
+            self.inner.ctl.request_pause();
+            return Ok(());
+        }
         SourceGuest::pause(self)
+    }
+
+    fn abandon_owed(&self) {
+        if let Some(s) = DestGuest::storage(self) {
+            s.abandon_owed();
+        }
+        // A self-check that waits for owed pages gives up now.
+        self.inner.abandon_checks();
     }
 
     fn layout(&self) -> GuestLayout {
@@ -247,8 +265,10 @@ impl DestGuest for SimGuest {
                 r.problems.extend(problems.iter().cloned());
             }
         }
-        // In memory post-copy the header arrived after the state was restored.
-        if !self.inner.header_ok() {
+        // In memory post-copy the header arrived after the state was restored (unless it
+        // never did: reading it would wait for it, and the check was abandoned then).
+        let header_owed = self.inner.mem.owed().is_some_and(|o| o.is_owed(0));
+        if !header_owed && !self.inner.header_ok() {
             r.problems
                 .push("guest memory does not hold a sim guest of this layout".into());
         }

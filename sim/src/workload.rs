@@ -233,6 +233,14 @@ impl RunControl {
         Ok(())
     }
 
+    /// Asks the threads to park at their next step, without waiting for them (a thread
+    /// blocked on a page that has not arrived parks once it comes).
+    pub(crate) fn request_pause(&self) {
+        let _g = self.lock();
+        self.flag.store(PAUSE, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
     pub(crate) fn resume(&self) {
         let _g = self.lock();
         self.flag.store(RUN, Ordering::SeqCst);
@@ -305,11 +313,6 @@ impl Pacer {
         }
     }
 
-    fn restart(&mut self) {
-        self.start = Instant::now();
-        self.done = 0;
-    }
-
     /// Records `n` operations.
     fn record(&mut self, n: u64) {
         self.done += n;
@@ -334,21 +337,31 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
     }
     let cfg = inner.config();
     let mut regs = inner.regs(t);
-    let per_thread = cfg.dirty_rate / u64::from(cfg.threads.max(1));
-    let rate = if cfg.dirty_rate > 0 {
-        per_thread.max(1)
-    } else {
-        0
+    let threads = u64::from(cfg.threads.max(1));
+    // The workload's rate, or lower while auto-converge limits the guest's dirtying.
+    let rate_now = || {
+        let limit = inner.dirty_limit.load(Ordering::Relaxed);
+        let total = match (cfg.dirty_rate, limit) {
+            (0, l) => l,
+            (r, 0) => r,
+            (r, l) => r.min(l),
+        };
+        if total > 0 {
+            (total / threads).max(1)
+        } else {
+            0
+        }
     };
+    let mut rate = rate_now();
     let mut pacer = Pacer::new(rate);
     let len = hi - lo;
-    let mut slice = Instant::now();
     loop {
         let Some(parked) = park_point(inner, t, regs) else {
             return;
         };
-        if parked {
-            pacer.restart();
+        if parked || rate != rate_now() {
+            rate = rate_now();
+            pacer = Pacer::new(rate);
         }
         if held_back(inner, cfg.pattern == Pattern::Idle || len == 0, &pacer) {
             continue;
@@ -360,27 +373,6 @@ pub(crate) fn memory_thread(inner: &Inner, t: usize, check_first: bool) {
         }
         inner.live.page_writes[t].store(regs.writes, Ordering::Relaxed);
         pacer.record(BURST);
-        throttle_point(inner, &mut slice);
-    }
-}
-
-/// How long a throttled memory thread runs before it sleeps its share (QEMU's
-/// cpu-throttle uses the same 10 ms time slice).
-const THROTTLE_SLICE: Duration = Duration::from_millis(10);
-
-/// Memory auto-converge: after each slice of running, a throttled thread sleeps
-/// `pct / (100 - pct)` of it, so it runs `100 - pct` percent of the time.
-fn throttle_point(inner: &Inner, slice: &mut Instant) {
-    let pct = inner.vcpu_throttle.load(Ordering::Relaxed);
-    if pct == 0 {
-        *slice = Instant::now();
-        return;
-    }
-    let ran = slice.elapsed();
-    if ran >= THROTTLE_SLICE {
-        let pct = f64::from(pct.min(99));
-        inner.ctl.nap(ran.mul_f64(pct / (100.0 - pct)));
-        *slice = Instant::now();
     }
 }
 

@@ -86,8 +86,10 @@ pub enum Property {
 /// What the model explores.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelConfig {
-    /// Storage post-copy (owed blocks after the hand-over).
+    /// Post-copy (owed blocks or pages after the hand-over) from the start.
     pub postcopy: bool,
+    /// Hybrid: the source may switch to post-copy at any point of pre-copy.
+    pub hybrid: bool,
     /// How many messages the network may lose or duplicate in one run.
     pub network_faults: u8,
     /// Whether processes may crash.
@@ -110,6 +112,8 @@ pub struct World {
     crashes_left: u8,
     /// The destination was handed the guest at some point.
     dst_committed: bool,
+    /// Hybrid: the source may still switch to post-copy.
+    may_switch: bool,
 }
 
 /// A step of the model, for traces.
@@ -138,6 +142,8 @@ pub enum Step {
     /// A handed-over source pushed the blocks a held destination still owed (post-copy
     /// recovery over a new connection).
     Recover,
+    /// A hybrid source switched to post-copy (its policy, or an operator).
+    SwitchToPostcopy,
 }
 
 /// What the check found.
@@ -167,6 +173,7 @@ impl World {
             faults_left: cfg.network_faults,
             crashes_left: u8::from(cfg.crashes) * 2,
             dst_committed: false,
+            may_switch: cfg.hybrid,
         };
         w.send_to_dst(Msg::Hello);
         w
@@ -436,6 +443,13 @@ impl World {
                 out.push((Step::Crash("destination"), w));
             }
         }
+        if self.may_switch && self.src_alive && !self.src.is_postcopy() {
+            let mut w = self.clone();
+            w.may_switch = false;
+            if w.src.switch_to_postcopy().is_ok() {
+                out.push((Step::SwitchToPostcopy, w));
+            }
+        }
         if self.recoverable() {
             let mut w = self.clone();
             if w.dst.on(DestEvent::OwedArrived).is_ok() {
@@ -579,9 +593,10 @@ mod tests {
 
     fn configs() -> Vec<ModelConfig> {
         let mut v = Vec::new();
-        for postcopy in [false, true] {
+        for (postcopy, hybrid) in [(false, false), (true, false), (false, true)] {
             v.push(ModelConfig {
                 postcopy,
+                hybrid,
                 network_faults: 4,
                 crashes: true,
             });
@@ -610,6 +625,7 @@ mod tests {
     fn the_happy_path_is_reachable_and_ends_with_one_running_copy() {
         let r = check(&ModelConfig {
             postcopy: true,
+            hybrid: false,
             network_faults: 0,
             crashes: false,
         });

@@ -69,6 +69,10 @@ fn all_messages() -> Vec<Message<'static>> {
             blocks: vec![1, 129],
         },
         Message::PostcopyDone(vec![7, 8]),
+        Message::PullBlocks {
+            disk: MEMORY_SPACE,
+            blocks: vec![0, 65_535],
+        },
         Message::RoundAck(12),
         Message::DigestRequest {
             disk: 0,
@@ -108,6 +112,8 @@ fn all_messages() -> Vec<Message<'static>> {
             blocks_checked: 6,
             detail: "fine".into(),
             decode_ns: vec![1_500, 7],
+            faults: 12,
+            fault_latency_us: [9, 99, 999],
         }),
         Message::Abort("bye".into()),
         Message::Progress(123_456),

@@ -48,6 +48,12 @@ pub fn receive_owed_blocks(
         })
     {
         Some("the recovering source's disks are not the images this guest came from".into())
+    } else if guest.owed_pages() > 0 && hello.layout.pages != layout.pages {
+        Some(format!(
+            "{} memory pages are owed, and the recovering source has no such memory (its guest has {} pages)",
+            guest.owed_pages(),
+            hello.layout.pages
+        ))
     } else {
         None
     };
@@ -74,10 +80,12 @@ pub fn receive_owed_blocks(
             send(tx0.as_mut(), &part).map_err(|e| format!("sending the owed blocks: {e}"))?;
         }
     }
-    // Then memory's (empty when no page is owed).
+    // Then memory's (of no bits when no page is owed: a source that recovers only disks,
+    // from the image it left, has no memory).
     let owed = guest
         .owed_pages_bitmap()
-        .unwrap_or_else(|| Bitmap::new(layout.pages));
+        .filter(|b| !b.none())
+        .unwrap_or_else(|| Bitmap::new(0));
     owed_total += owed.count();
     for part in owed_parts(MEMORY_SPACE, &owed) {
         send(tx0.as_mut(), &part).map_err(|e| format!("sending the owed pages: {e}"))?;

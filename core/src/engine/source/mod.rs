@@ -235,6 +235,7 @@ fn drive(
         wire_bytes: Arc::clone(&wire_bytes),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
+        urgent_channel0: AtomicBool::new(false),
     });
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -321,7 +322,7 @@ fn drive(
     }
     if let Some((since, _)) = s.vcpu_throttle {
         // A guest that stays here runs at full speed again.
-        guest.throttle_vcpus(0);
+        guest.throttle_vcpus(crate::guest::VcpuThrottle::default());
         if s.report.vcpu_throttled_ms == 0.0 {
             s.report.vcpu_throttled_ms = ms(since.elapsed());
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::postcopy::postcopy_push;
+use super::postcopy::{hybrid_first_pass, postcopy_push};
 use super::session::{Failure, Session};
 use super::storage::hash_compare;
 use super::{rate, MemoryMode, SourceConfig, StorageMode, Throttle};
@@ -240,6 +240,30 @@ fn precopy(
                     s.report.stop_reason = Some(StopReason::Requested);
                     return Ok(());
                 }
+                if full && cfg.memory_mode == MemoryMode::Hybrid {
+                    let blocks = s.take_pending_blocks()?;
+                    let first = hybrid_first_pass(s, plan, blocks)?;
+                    s.report.first_pass_mbps =
+                        rate(first.pages * u64::from(layout.page_size), first.elapsed) / 1e6;
+                    bandwidth = rate(first.bytes, first.elapsed);
+                    s.pending.blocks = Some(s.fetch_blocks()?);
+                    if first.diverging {
+                        (s.progress)(Progress::Note {
+                            text: "the guest dirties memory as fast as the link carries it: switching to post-copy".into(),
+                        });
+                        s.switch_to_postcopy();
+                        s.report.stop_reason = Some(StopReason::Diverging);
+                        return Ok(());
+                    }
+                    let pending = s.pending.pages.as_ref().map_or(0, Bitmap::count)
+                        * u64::from(layout.page_size)
+                        + s.pending_block_bytes();
+                    step = plan.after_memory(RoundFigures {
+                        pending_bytes: pending,
+                        bandwidth,
+                    });
+                    continue;
+                }
                 let pages = if full {
                     guest.start_dirty_log()?;
                     Bitmap::full(layout.pages)
@@ -268,9 +292,23 @@ fn precopy(
                     pending_bytes: pending,
                     bandwidth,
                 });
+                let dirty = s.pending.pages.as_ref().map_or(0, Bitmap::count);
+                if cfg.memory_mode == MemoryMode::Hybrid
+                    && matches!(step, SourceStep::MemoryDirtyRound)
+                    && dirty as f64 >= cfg.policy.progress_ratio * rr.sent.max(1) as f64
+                {
+                    // The round did not shrink what is left: pre-copy cannot reach the
+                    // downtime target, and every further round only costs link.
+                    (s.progress)(Progress::Note {
+                        text: format!("pre-copy is not converging ({dirty} pages dirty after sending {}): switching to post-copy", rr.sent),
+                    });
+                    s.switch_to_postcopy();
+                    s.report.stop_reason = Some(StopReason::Diverging);
+                    return Ok(());
+                }
                 if !full && cfg.auto_converge && cfg.memory_mode == MemoryMode::PreCopy {
-                    let dirty = s.pending.pages.as_ref().map_or(0, Bitmap::count);
-                    let stepped = s.auto_converge(dirty, rr.sent, &mut not_converging);
+                    let link_pages = (bandwidth / f64::from(layout.page_size)) as u64;
+                    let stepped = s.auto_converge(dirty, rr.sent, link_pages, &mut not_converging);
                     // While the throttle can still rise, a stalled pre-copy is given
                     // more rounds (the round limit still holds).
                     if stepped && step == SourceStep::StopAndCopy(StopReason::NoProgress) {
@@ -477,8 +515,20 @@ fn finish_after_commit(
         } else {
             None
         };
-        postcopy_push(s, cfg, postcopy_round, owed_pages, owed)
-            .map_err(|Failure(e)| Failure(format!("committed, but post-copy failed: {e}")))?;
+        let memory = owed_pages.as_ref().is_some_and(|p| !p.none());
+        postcopy_push(s, cfg, postcopy_round, owed_pages, owed).map_err(|Failure(e)| {
+            Failure(if memory {
+                format!(
+                    "committed, but memory post-copy failed: {e}. The destination's guest waits for pages only this source holds: \
+                     it keeps them, paused and never resumed here, for `ferry migrate --vm SOCKET --to ADDR --resume`; \
+                     if the destination is gone, the guest was lost with it"
+                )
+            } else {
+                format!("committed, but post-copy failed: {e}")
+            })
+        })?;
+        // Done means the destination has everything, not only that the guest runs.
+        s.report.total_ms = ms(t0.elapsed());
     } else {
         // The guest runs on the destination with everything it needs.
         s.report.ok = true;
@@ -580,10 +630,16 @@ pub(super) fn recover_owed(
         };
         owed.push(bits);
     }
-    let mut parts = BitmapAssembler::new(layout.pages);
+    // Memory's owed pages: none (a bitmap of no bits) or a bitmap of this guest's pages.
+    let mut parts: Option<BitmapAssembler> = None;
     let owed_pages = loop {
         match s.expect("owed pages", cfg.io_timeout)? {
-            Control::OwedBlocks { disk, part } if disk == MEMORY_SPACE => match parts.add(part) {
+            Control::OwedBlocks { disk, part } if disk == MEMORY_SPACE => match parts
+                .get_or_insert_with(|| {
+                    BitmapAssembler::new(if part.bits == 0 { 0 } else { layout.pages })
+                })
+                .add(part)
+            {
                 Ok(Some(bits)) => break bits,
                 Ok(None) => {}
                 Err(e) => return Err(Failure(format!("the owed pages: {e}"))),

@@ -9,24 +9,35 @@ use crossbeam_channel::unbounded;
 use super::{block_channel, ms, page_channel, Control};
 use crate::bitmap::Bitmap;
 use crate::digest::DigestDelta;
+use crate::guest::VcpuThrottle;
 use crate::report::{Progress, RoundReport};
 use crate::wire::{BatchKind, Message, Phase, RoundEnd, MEMORY_SPACE};
 
 use super::sender::*;
 use super::session::*;
 use super::*;
+use crate::machine::SourcePlan;
 
 /// Units per slice of the push: pulls are looked at between slices.
 const SLICE: usize = 256;
 
-/// Pre-paging: the owed pages in the order they go, starting after the latest fault.
+/// Pre-paging: the owed pages in the order they go. Each recent fault starts a stream
+/// of the pages after it (a vCPU that faulted on a page touches its neighbours next);
+/// the background push serves the streams in turn, then the rest in order.
 struct PageOrder {
     owed: Bitmap,
     sent: Bitmap,
-    /// Where the background push continues.
+    /// Where the streams of the latest faults continue, newest first.
+    streams: std::collections::VecDeque<u64>,
+    /// Where the push in order continues.
     cursor: u64,
     left: u64,
 }
+
+/// Fault streams followed at once (several vCPUs fault in different places).
+const STREAMS: usize = 4;
+/// Pages a stream sends before the next stream's turn.
+const STREAM_RUN: usize = 32;
 
 impl PageOrder {
     fn new(owed: Bitmap) -> Self {
@@ -34,51 +45,93 @@ impl PageOrder {
         Self {
             sent: Bitmap::new(owed.len()),
             owed,
+            streams: Default::default(),
             cursor: 0,
             left,
         }
     }
 
     /// A page the guest waits for: whether it still has to go (then it is taken). The
-    /// background push continues right after it: the guest touches neighbours next.
+    /// pages after it go next.
     fn demand(&mut self, page: u64) -> bool {
         if page >= self.owed.len() || !self.owed.get(page) || self.sent.get(page) {
             return false;
         }
         self.sent.set(page);
         self.left -= 1;
-        self.cursor = page + 1;
+        // A fault just behind a stream's head continues that stream.
+        self.streams
+            .retain(|&s| !(s <= page + 1 && page < s + STREAM_RUN as u64 * 4));
+        self.streams.push_front(page + 1);
+        self.streams.truncate(STREAMS);
         true
     }
 
-    /// Up to `n` more pages from the cursor on (wrapping), never one twice.
-    fn next(&mut self, n: usize, out: &mut Vec<u64>) {
-        let len = self.owed.len();
+    /// The next owed, unsent page at or after `from` and before `to`, taken.
+    fn take_from(&mut self, from: u64, to: u64) -> Option<u64> {
         let words = self.owed.words();
-        let mut scanned = 0u64;
-        let mut i = self.cursor % len.max(1);
-        while out.len() < n && self.left > 0 && scanned < len + 64 {
+        let mut i = from;
+        while i < to {
             let w = (i / 64) as usize;
             let free = words[w] & !self.sent.words()[w] & (!0u64 << (i % 64));
             if free == 0 {
-                let next = (w as u64 + 1) * 64;
-                scanned += next - i;
-                i = if next >= len { 0 } else { next };
+                i = (w as u64 + 1) * 64;
                 continue;
             }
             let p = w as u64 * 64 + u64::from(free.trailing_zeros());
-            if p >= len {
-                scanned += len - i;
-                i = 0;
-                continue;
+            if p >= to {
+                return None;
             }
             self.sent.set(p);
             self.left -= 1;
-            out.push(p);
-            scanned += p + 1 - i;
-            i = if p + 1 >= len { 0 } else { p + 1 };
+            return Some(p);
         }
-        self.cursor = i;
+        None
+    }
+
+    /// Up to `n` more pages: the fault streams in turn, then in order (wrapping), never
+    /// one twice.
+    fn next(&mut self, n: usize, out: &mut Vec<u64>) {
+        let len = self.owed.len();
+        let mut k = 0;
+        while out.len() < n && self.left > 0 && k < self.streams.len() {
+            let mut at = self.streams[k];
+            let mut run = 0;
+            while run < STREAM_RUN && out.len() < n {
+                // A stream ends where the owed pages after it end (within a window).
+                match self.take_from(at, (at + 256).min(len)) {
+                    Some(p) => {
+                        out.push(p);
+                        at = p + 1;
+                        run += 1;
+                    }
+                    None => {
+                        at = len;
+                        break;
+                    }
+                }
+            }
+            if at >= len {
+                self.streams.remove(k);
+            } else {
+                self.streams[k] = at;
+                k += 1;
+            }
+        }
+        let mut wrapped = false;
+        while out.len() < n && self.left > 0 {
+            match self.take_from(self.cursor, len) {
+                Some(p) => {
+                    out.push(p);
+                    self.cursor = p + 1;
+                }
+                None if !wrapped => {
+                    wrapped = true;
+                    self.cursor = 0;
+                }
+                None => break,
+            }
+        }
     }
 }
 
@@ -91,11 +144,19 @@ impl Session<'_> {
     }
 
     /// Memory auto-converge after a dirty round that sent `sent` units and left `dirty`
-    /// pages dirty. Twice in a row more than half of what a round moves dirtied again:
-    /// the vCPUs are throttled 20%, then 10 points more each such round, up to 99%, as
-    /// QEMU's cpu-throttle steps. Returns whether the throttle can still rise (a stall is
-    /// then not a reason to stop yet).
-    pub(super) fn auto_converge(&mut self, dirty: u64, sent: u64, streak: &mut u32) -> bool {
+    /// pages dirty, over a link that carries `link_pages` pages per second. Twice in a
+    /// row more than half of what a round moves dirtied again: the guest is throttled
+    /// 20%, then 10 points more each such round, up to 99%, as QEMU's cpu-throttle steps
+    /// (a backend that paces its own writes holds them to the rest of the link's page
+    /// rate instead, as QEMU's dirty-limit does). Returns whether the throttle can still
+    /// rise (a stall is then not a reason to stop yet).
+    pub(super) fn auto_converge(
+        &mut self,
+        dirty: u64,
+        sent: u64,
+        link_pages: u64,
+        streak: &mut u32,
+    ) -> bool {
         let current = self.vcpu_throttle.map_or(0, |(_, p)| p);
         if dirty * 2 <= sent {
             *streak = 0;
@@ -110,7 +171,11 @@ impl Session<'_> {
         } else {
             (current + 10).min(99)
         };
-        if next == current || !self.shared.guest.throttle_vcpus(next) {
+        let throttle = VcpuThrottle {
+            percent: next,
+            dirty_pages_per_second: (link_pages * u64::from(100 - next) / 100).max(1),
+        };
+        if next == current || !self.shared.guest.throttle_vcpus(throttle) {
             return false;
         }
         let since = self.vcpu_throttle.map_or_else(Instant::now, |(t, _)| t);
@@ -121,6 +186,81 @@ impl Session<'_> {
         });
         next < 99
     }
+}
+
+/// Slices of a hybrid migration's first memory pass.
+const FIRST_PASS_SLICES: u64 = 16;
+
+/// What a hybrid migration's first pass did.
+pub(super) struct FirstPass {
+    /// Pages sent.
+    pub(super) pages: u64,
+    /// Bytes on the wire.
+    pub(super) bytes: u64,
+    /// How long it took.
+    pub(super) elapsed: std::time::Duration,
+    /// Whether the guest dirtied what the pass had sent as fast as the pass sent it:
+    /// then no round can catch up, and what is pending (the dirty pages and the pages
+    /// not sent yet) moves after the hand-over.
+    pub(super) diverging: bool,
+}
+
+/// A hybrid migration's first memory pass, in slices: after each the dirty log is read,
+/// and once nine tenths of what the pass has sent are dirty again the guest outruns the
+/// link — pre-copy could never converge, so the switch to post-copy comes now rather
+/// than after rounds that each resend all of memory.
+pub(super) fn hybrid_first_pass(
+    s: &mut Session<'_>,
+    plan: &mut SourcePlan,
+    blocks: Vec<Bitmap>,
+) -> Result<FirstPass, Failure> {
+    let guest = Arc::clone(&s.shared.guest);
+    let pages = s.shared.layout.pages;
+    guest.start_dirty_log()?;
+    let start = Instant::now();
+    let mut blocks = Some(blocks);
+    let mut dirty = Bitmap::new(pages);
+    let mut out = FirstPass {
+        pages: 0,
+        bytes: 0,
+        elapsed: Default::default(),
+        diverging: false,
+    };
+    let per = pages.div_ceil(FIRST_PASS_SLICES).max(1);
+    let mut from = 0;
+    while from < pages {
+        let to = (from + per).min(pages);
+        let mut slice = Bitmap::new(pages);
+        for i in from..to {
+            slice.set(i);
+        }
+        let r = plan.next_round();
+        let rr = s.guarded_round(
+            Phase::Memory,
+            r,
+            Some(slice),
+            blocks.take().unwrap_or_default(),
+            &[],
+            false,
+        )?;
+        out.pages += to - from;
+        out.bytes += rr.bytes;
+        dirty.merge(&guest.fetch_dirty_pages()?);
+        from = to;
+        // Dirty pages behind the pass (those ahead of it go out with it anyway).
+        let behind = dirty.iter_ones().take_while(|&p| p < to).count() as u64;
+        if from < pages && behind as f64 >= 0.9 * out.pages as f64 {
+            for i in from..pages {
+                dirty.set(i);
+            }
+            out.diverging = true;
+            break;
+        }
+        s.check_abort()?;
+    }
+    out.elapsed = start.elapsed();
+    s.pending.pages = Some(dirty);
+    Ok(out)
 }
 
 /// Post-copy after the hand-over: pushes every owed page and block, the ones the
@@ -153,6 +293,18 @@ pub(super) fn postcopy_push(
     let bytes0 = s.shared.wire_bytes.load(Ordering::Relaxed);
     let mut next = 0usize;
     let mut page_batch: Vec<u64> = Vec::new();
+    // Demanded pages take channel 0 alone (with the control messages), so they never
+    // queue behind the background push, which takes the others; and the push keeps
+    // only ~10 ms of the link queued, so a demand also waits little for the link.
+    let urgent = 0usize;
+    s.shared.urgent_channel0.store(n > 1, Ordering::Relaxed);
+    let background = move |i: u64| if n > 1 { 1 + page_channel(i, n - 1) } else { 0 };
+    // ~3 ms of the link (a guest faulting on a page already queued waits that long).
+    let in_flight_limit = cfg
+        .max_bandwidth
+        .map_or(2048, |r| (r / 300 / page_size as u64).clamp(16, 2048));
+    let done0 = s.shared.counters.units_done.load(Ordering::Relaxed);
+    let mut dispatched = 0u64;
     loop {
         // Pulls first: the guest is blocked on them.
         let mut batch: Vec<(usize, u64)> = Vec::new();
@@ -193,10 +345,19 @@ pub(super) fn postcopy_push(
                 Err(e) => return Err(Failure(e)),
             }
         }
+        let in_flight =
+            dispatched.saturating_sub(s.shared.counters.units_done.load(Ordering::Relaxed) - done0);
+        let urgent_pages = !page_batch.is_empty();
+        let demanded = urgent_pages || !batch.is_empty();
+        let pushed_all = next >= order.len() && pages.left == 0;
+        if !demanded && !pushed_all && in_flight > in_flight_limit {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            continue;
+        }
         // Demanded pages go alone, so nothing queues ahead of them on their channels.
         if page_batch.is_empty() {
             let before = page_batch.len();
-            pages.next(SLICE, &mut page_batch);
+            pages.next(SLICE.min(in_flight_limit as usize), &mut page_batch);
             s.report.pages_pushed += (page_batch.len() - before) as u64;
         }
         if page_batch.is_empty() {
@@ -218,10 +379,23 @@ pub(super) fn postcopy_push(
             for p in &page_batch {
                 set.set(*p);
             }
-            s.dispatch(&set, BatchKind::OwedPages, page_size, round, false, |i| {
-                page_channel(i, n)
-            })?;
+            dispatched += page_batch.len() as u64;
+            if urgent_pages {
+                s.dispatch(&set, BatchKind::OwedPages, page_size, round, false, |_| {
+                    urgent
+                })?;
+            } else {
+                s.dispatch(
+                    &set,
+                    BatchKind::OwedPages,
+                    page_size,
+                    round,
+                    false,
+                    background,
+                )?;
+            }
         }
+        dispatched += batch.len() as u64;
         for (d, disk_owed) in owed.iter().enumerate() {
             let mut set = Bitmap::new(disk_owed.len());
             for (_, b) in batch.iter().filter(|(x, _)| *x == d) {
@@ -297,13 +471,13 @@ pub(super) fn postcopy_push(
 
 #[cfg(test)]
 mod tests {
-    use super::PageOrder;
+    use super::{PageOrder, STREAM_RUN};
     use crate::bitmap::Bitmap;
 
     #[test]
-    fn pre_paging_follows_the_latest_fault_and_never_sends_a_page_twice() {
-        let mut owed = Bitmap::new(200);
-        for i in (0..200).step_by(3) {
+    fn pre_paging_follows_recent_faults_and_never_sends_a_page_twice() {
+        let mut owed = Bitmap::new(2000);
+        for i in (0..2000).step_by(3) {
             owed.set(i);
         }
         let want = owed.count();
@@ -315,12 +489,18 @@ mod tests {
         assert!(o.demand(150));
         assert!(!o.demand(150), "demanded twice");
         assert!(!o.demand(151), "not owed");
-        assert!(!o.demand(999), "out of range");
+        assert!(!o.demand(9999), "out of range");
         out.clear();
         o.next(3, &mut out);
         assert_eq!(out, [153, 156, 159]);
+        // Two vCPUs faulting in two places: both streams advance.
+        assert!(o.demand(900));
+        out.clear();
+        o.next(2 * STREAM_RUN, &mut out);
+        assert!(out.contains(&903) && out.contains(&162), "{out:?}");
         // The rest, wrapping around, each page once.
-        let mut all = vec![0, 3, 150, 153, 156, 159];
+        let mut all = vec![0, 3, 150, 153, 156, 159, 900];
+        all.extend(&out);
         loop {
             let mut more = Vec::new();
             o.next(7, &mut more);
@@ -330,7 +510,9 @@ mod tests {
             all.extend(more);
         }
         all.sort_unstable();
+        let n = all.len();
         all.dedup();
+        assert_eq!(all.len(), n, "a page went twice");
         assert_eq!(all.len() as u64, want);
         assert_eq!(o.left, 0);
     }

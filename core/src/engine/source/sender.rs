@@ -45,6 +45,10 @@ pub(super) struct Shared {
     pub(super) wire_bytes: Arc<AtomicU64>,
     pub(super) failed: AtomicBool,
     pub(super) error: Mutex<Option<String>>,
+    /// Memory post-copy: channel 0 carries only pages a guest waits for. They are
+    /// counted against `--max-bandwidth` but never wait for it (the background push,
+    /// which keeps little queued, pays for them).
+    pub(super) urgent_channel0: AtomicBool,
 }
 
 impl Shared {
@@ -345,12 +349,15 @@ impl SenderWorker {
             );
             let len = (self.frame.body_len() + HEADER_LEN) as u64;
             let send_started = Instant::now();
+            let urgent = self.channel == 0
+                && batch == BatchKind::OwedPages
+                && shared.urgent_channel0.load(Ordering::Relaxed);
             if let Some(p) = &shared.pacer {
                 let wait = p
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .reserve(Instant::now(), len);
-                if !wait.is_zero() {
+                if !wait.is_zero() && !urgent {
                     std::thread::sleep(wait);
                 }
             }
