@@ -247,12 +247,15 @@ fn precopy(
                         rate(first.pages * u64::from(layout.page_size), first.elapsed) / 1e6;
                     bandwidth = rate(first.bytes, first.elapsed);
                     s.pending.blocks = Some(s.fetch_blocks()?);
-                    if first.diverging {
+                    if let Some(reason) = first.switched {
                         (s.progress)(Progress::Note {
-                            text: "the guest dirties memory as fast as the link carries it: switching to post-copy".into(),
+                            text: match reason {
+                                StopReason::Requested => "switching to post-copy as asked".into(),
+                                _ => "the guest dirties memory as fast as the link carries it: switching to post-copy".into(),
+                            },
                         });
                         s.switch_to_postcopy();
-                        s.report.stop_reason = Some(StopReason::Diverging);
+                        s.report.stop_reason = Some(reason);
                         return Ok(());
                     }
                     let pending = s.pending.pages.as_ref().map_or(0, Bitmap::count)

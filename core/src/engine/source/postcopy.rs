@@ -199,10 +199,11 @@ pub(super) struct FirstPass {
     pub(super) bytes: u64,
     /// How long it took.
     pub(super) elapsed: std::time::Duration,
-    /// Whether the guest dirtied what the pass had sent as fast as the pass sent it:
-    /// then no round can catch up, and what is pending (the dirty pages and the pages
-    /// not sent yet) moves after the hand-over.
-    pub(super) diverging: bool,
+    /// Why the pass switched to post-copy before it ended (`None`: it did not); what is
+    /// pending then (the dirty pages and the pages not sent yet) moves after the
+    /// hand-over. `Diverging`: the guest dirtied what the pass had sent as fast as the
+    /// pass sent it, so no round could catch up. `Requested`: an operator asked.
+    pub(super) switched: Option<crate::policy::StopReason>,
 }
 
 /// A hybrid migration's first memory pass, in slices: after each the dirty log is read,
@@ -224,7 +225,7 @@ pub(super) fn hybrid_first_pass(
         pages: 0,
         bytes: 0,
         elapsed: Default::default(),
-        diverging: false,
+        switched: None,
     };
     let per = pages.div_ceil(FIRST_PASS_SLICES).max(1);
     let mut from = 0;
@@ -249,11 +250,16 @@ pub(super) fn hybrid_first_pass(
         from = to;
         // Dirty pages behind the pass (those ahead of it go out with it anyway).
         let behind = dirty.iter_ones().take_while(|&p| p < to).count() as u64;
-        if from < pages && behind as f64 >= 0.9 * out.pages as f64 {
+        let requested = s.cfg.switch_to_postcopy.load(Ordering::Relaxed);
+        if from < pages && (requested || behind as f64 >= 0.9 * out.pages as f64) {
             for i in from..pages {
                 dirty.set(i);
             }
-            out.diverging = true;
+            out.switched = Some(if requested {
+                crate::policy::StopReason::Requested
+            } else {
+                crate::policy::StopReason::Diverging
+            });
             break;
         }
         s.check_abort()?;
