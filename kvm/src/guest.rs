@@ -747,6 +747,7 @@ impl DestGuest for KvmGuest {
         if self.incoming && !self.started.load(Ordering::SeqCst) {
             self.m.disks.adopt_incoming()?;
         }
+        self.m.ram.settle();
         self.start();
         Ok(())
     }

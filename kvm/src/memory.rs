@@ -12,6 +12,9 @@ pub struct GuestRam {
     postcopy: std::sync::OnceLock<ferry_uffd::OwedMemory>,
     // Declared early so it stops (and joins) before the mapping goes.
     prefault: std::sync::Mutex<Option<ferry_core::prefault::Prefault>>,
+    /// A destination's memory: populated a chunk at a time on its first write, the rest
+    /// in the background once the guest runs.
+    fresh: Option<ferry_core::prefault::FirstWrite>,
     // Kept alive for `base`; accessed only through raw pointers because the guest writes
     // it concurrently.
     _map: memmap2::MmapMut,
@@ -28,19 +31,20 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// Maps `bytes` of zeroed RAM; `populate` pre-faults it in the background (the first
-    /// pass of a guest over fresh memory is otherwise dominated by faults).
-    pub fn new(bytes: u64, populate: bool) -> std::io::Result<Self> {
+    /// Maps `bytes` of zeroed RAM. `incoming` (a destination about to receive it): each
+    /// chunk is populated on its first write, zero pages for untouched chunks cost nothing,
+    /// and the rest is populated in the background once the guest runs ([`Self::settle`]);
+    /// memory no page reached is never allocated before that, so memory post-copy has
+    /// nothing to drop for it.
+    pub fn new(bytes: u64, incoming: bool) -> std::io::Result<Self> {
         let len = usize::try_from(bytes).map_err(|_| std::io::Error::other("memory too large"))?;
         let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
         let base = map.as_mut_ptr();
-        // SAFETY: `map` is a private anonymous mapping of `len` bytes at `base`, and the
-        // populator is dropped before it (field order).
-        let prefault =
-            populate.then(|| unsafe { ferry_core::prefault::Prefault::start(base, len) });
         Ok(Self {
             postcopy: std::sync::OnceLock::new(),
-            prefault: std::sync::Mutex::new(prefault),
+            prefault: std::sync::Mutex::new(None),
+            fresh: incoming
+                .then(|| ferry_core::prefault::FirstWrite::new(bytes / PAGE, PAGE as usize)),
             _map: map,
             base,
             bytes,
@@ -61,7 +65,11 @@ impl GuestRam {
                 pages: self.pages(),
             });
         }
-        // The background pre-fault would touch owed pages and demand them all: stop it.
+        // Pages arrive through userfaultfd from now on; a background pre-fault would touch
+        // owed pages and demand them all.
+        if let Some(f) = &self.fresh {
+            f.invalidate();
+        }
         drop(
             self.prefault
                 .lock()
@@ -94,6 +102,23 @@ impl GuestRam {
     /// Memory post-copy: the owed pages (`None`: no post-copy).
     pub fn owed(&self) -> Option<&ferry_uffd::OwedMemory> {
         self.postcopy.get()
+    }
+
+    /// The guest is about to run: no page is assumed untouched any more, and what no page
+    /// reached is populated in the background (unless pages are owed: post-copy), so the
+    /// guest's first touches there do not each fault.
+    pub fn settle(&self) {
+        let was_fresh = self
+            .fresh
+            .as_ref()
+            .is_some_and(ferry_core::prefault::FirstWrite::invalidate);
+        if !was_fresh || self.postcopy.get().is_some() {
+            return;
+        }
+        // SAFETY: `base..base + bytes` is this struct's private anonymous mapping, and the
+        // populator is dropped before it (field order).
+        let p = unsafe { ferry_core::prefault::Prefault::start(self.base, self.bytes as usize) };
+        *self.prefault.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
     }
 
     /// Size in bytes.
@@ -162,6 +187,13 @@ impl GuestRam {
         let Some(p) = self.range(gpa, data.len()) else {
             return false;
         };
+        if let Some(f) = &self.fresh {
+            let last = (gpa + data.len().max(1) as u64 - 1) / PAGE;
+            for page in gpa / PAGE..=last {
+                // SAFETY: `base` is this struct's mapping of `bytes / PAGE` pages.
+                unsafe { f.touch(self.base, page) };
+            }
+        }
         // SAFETY: `p..p+len` is inside the mapping; `data` is a distinct Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
         true
@@ -172,6 +204,13 @@ impl GuestRam {
         let Some(p) = self.range(gpa, len) else {
             return false;
         };
+        // A whole page of a chunk no page reached is zero already (never allocated).
+        if len as u64 == PAGE
+            && gpa.is_multiple_of(PAGE)
+            && self.fresh.as_ref().is_some_and(|f| f.untouched(gpa / PAGE))
+        {
+            return true;
+        }
         // SAFETY: `p..p+len` is inside the mapping.
         unsafe { std::ptr::write_bytes(p, 0, len) };
         true

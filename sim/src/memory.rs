@@ -1,12 +1,13 @@
 //! Guest memory: one anonymous mapping, shared between the workload threads (the "vCPUs")
 //! and the migration threads, as guest RAM is shared in every VMM.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 
-/// Pages per chunk a destination populates at once (256 KiB of 4 KiB pages: one frame).
-pub const CHUNK_PAGES: u64 = 64;
+use ferry_core::prefault::FirstWrite;
+#[cfg(test)]
+use ferry_core::prefault::CHUNK_PAGES;
 
 /// An anonymous mapping of `pages` pages.
 pub struct GuestMemory {
@@ -15,12 +16,9 @@ pub struct GuestMemory {
     postcopy: std::sync::OnceLock<ferry_uffd::OwedMemory>,
     // Declared first so it stops (and joins) before the mapping goes.
     after_start: std::sync::Mutex<Option<ferry_core::prefault::Prefault>>,
-    /// For a destination's memory: per chunk of [`CHUNK_PAGES`], whether it is still
-    /// untouched since it was mapped (so all zero, and not yet populated).
-    fresh: Option<Box<[AtomicBool]>>,
-    /// Whether `fresh` still describes the memory: only until the guest first runs (its
-    /// own writes do not clear the flags).
-    fresh_valid: AtomicBool,
+    /// For a destination's memory: which chunks no page reached yet (populated on their
+    /// first write).
+    fresh: Option<FirstWrite>,
     // Kept alive for `base`; never accessed through a reference, only through raw
     // pointers, because other threads write the memory concurrently.
     _map: MmapMut,
@@ -39,7 +37,7 @@ unsafe impl Sync for GuestMemory {}
 
 impl GuestMemory {
     /// Maps `pages` zeroed pages. `incoming` (a destination about to write most pages):
-    /// each chunk of [`CHUNK_PAGES`] is populated with one call when its first page is
+    /// each chunk of [`ferry_core::prefault::CHUNK_PAGES`] is populated with one call when its first page is
     /// written (a kernel pass over 256 KiB is ~4x cheaper here than a fault per page, and
     /// on the receiver's own thread it competes with nothing), and a zero page arriving
     /// for an untouched chunk costs nothing (never allocated).
@@ -50,16 +48,11 @@ impl GuestMemory {
             .ok_or_else(|| std::io::Error::other("memory size overflows"))?;
         let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
         let base = map.as_mut_ptr();
-        let fresh = incoming.then(|| {
-            (0..pages.div_ceil(CHUNK_PAGES))
-                .map(|_| AtomicBool::new(true))
-                .collect()
-        });
+        let fresh = incoming.then(|| FirstWrite::new(pages, page_size));
         Ok(Self {
             postcopy: std::sync::OnceLock::new(),
             after_start: std::sync::Mutex::new(None),
             fresh,
-            fresh_valid: AtomicBool::new(incoming),
             _map: map,
             base,
             pages,
@@ -100,31 +93,15 @@ impl GuestMemory {
     /// Populates page `index`'s chunk if it is still untouched (a destination's first
     /// write there).
     fn touch(&self, index: u64) {
-        let Some(fresh) = &self.fresh else { return };
-        let c = (index / CHUNK_PAGES) as usize;
-        let Some(flag) = fresh.get(c) else { return };
-        if !flag.load(Ordering::Acquire) {
-            return;
+        if let Some(f) = &self.fresh {
+            // SAFETY: `base` is this struct's mapping of `pages` pages, alive with it.
+            unsafe { f.touch(self.base, index) };
         }
-        let first = c as u64 * CHUNK_PAGES;
-        let n = CHUNK_PAGES.min(self.pages - first) as usize * self.page_size;
-        if let Some(p) = self.page_ptr(first) {
-            // SAFETY: the chunk lies inside the mapping; MADV_POPULATE_WRITE only faults
-            // pages in without changing their content (it may fail on old kernels: the
-            // pages then fault on first write, as they would anyway).
-            unsafe { libc::madvise(p.cast(), n, libc::MADV_POPULATE_WRITE) };
-        }
-        flag.store(false, Ordering::Release);
     }
 
     /// Whether page `index` is known to be untouched since the mapping was made.
     fn untouched(&self, index: u64) -> bool {
-        self.fresh_valid.load(Ordering::Acquire)
-            && self
-                .fresh
-                .as_ref()
-                .and_then(|f| f.get((index / CHUNK_PAGES) as usize))
-                .is_some_and(|f| f.load(Ordering::Acquire))
+        self.fresh.as_ref().is_some_and(|f| f.untouched(index))
     }
 
     /// The guest is about to run: its own writes do not mark chunks, so from now on no
@@ -132,7 +109,8 @@ impl GuestMemory {
     /// What no page reached (zero regions) is populated in the background from here,
     /// so the guest's first touches there do not each fault (~20 µs here).
     pub fn settle(&self) {
-        if !self.fresh_valid.swap(false, Ordering::AcqRel) || self.postcopy.get().is_some() {
+        let was_fresh = self.fresh.as_ref().is_some_and(FirstWrite::invalidate);
+        if !was_fresh || self.postcopy.get().is_some() {
             // (In post-copy, touching every page would demand every owed one.)
             return;
         }
@@ -156,8 +134,10 @@ impl GuestMemory {
                 pages: self.pages,
             });
         }
-        // The chunks are no longer untouched: a zero page must be written from now on.
-        self.fresh_valid.store(false, Ordering::Release);
+        // Pages arrive through userfaultfd from now on, not through `write`.
+        if let Some(f) = &self.fresh {
+            f.invalidate();
+        }
         // SAFETY: the mapping is this struct's private anonymous one and outlives the
         // registration (field order); owed pages are only written through `fill_owed`.
         let owed = unsafe {
