@@ -135,8 +135,21 @@ fn a_kvm_guest_migrates_in_postcopy_and_hybrid() {
     for mode in ["postcopy", "hybrid"] {
         let out = ferry()
             .args(["demo", "--backend", "kvm", "--threads", "2"])
-            .args(["--memory", "64MiB", "--disk-size", "8MiB", "--warmup", "300ms"])
-            .args(["--memory-mode", mode, "--max-bandwidth", "400Mbit", "--json"])
+            .args([
+                "--memory",
+                "64MiB",
+                "--disk-size",
+                "8MiB",
+                "--warmup",
+                "300ms",
+            ])
+            .args([
+                "--memory-mode",
+                mode,
+                "--max-bandwidth",
+                "400Mbit",
+                "--json",
+            ])
             .output()
             .unwrap();
         let r = json_of(&out);

@@ -120,7 +120,11 @@ fn hybrid_switches_to_postcopy_when_precopy_cannot_converge() {
     // The switch came early in the first pass: memory moved about once, not round after
     // round.
     let pages = (48u64 << 20) / 4096;
-    assert!(r.pages_sent * 10 <= pages * 11, "{} of {pages}", r.pages_sent);
+    assert!(
+        r.pages_sent * 10 <= pages * 11,
+        "{} of {pages}",
+        r.pages_sent
+    );
     assert_eq!(r.stop_reason, Some(StopReason::Diverging));
 }
 
