@@ -5,7 +5,8 @@
 mod common;
 use common::*;
 
-use std::process::Stdio;
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn uffd_here() -> bool {
@@ -14,6 +15,28 @@ fn uffd_here() -> bool {
         return false;
     }
     true
+}
+
+/// Starts `ferry migrate --json` of the guest at `src_ctl` to `addr` over 100 Mbit/s with
+/// `extra` flags, and returns once the source says it is migrating.
+fn start_migration(src_ctl: &Path, addr: &str, extra: &[&str]) -> Child {
+    let mig = ferry()
+        .args(["migrate", "--json", "--max-bandwidth", "100Mbit"])
+        .args(extra)
+        .args(PLAIN)
+        .arg("--vm")
+        .arg(src_ctl)
+        .args(["--to", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(src_ctl)["state"] != "migrating" {
+        assert!(Instant::now() < deadline, "the migration never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mig
 }
 
 /// `ferry postcopy --vm SOURCE` moves a running hybrid migration to post-copy: the rest
@@ -42,22 +65,7 @@ fn the_operator_switches_a_hybrid_migration_to_postcopy() {
         String::from_utf8_lossy(&refused.stdout)
     );
     // 64 MiB of random memory over 100 Mbit/s: the first pass alone takes ~5 s.
-    let mig = ferry()
-        .args(["migrate", "--json", "--memory-mode", "hybrid"])
-        .args(["--max-bandwidth", "100Mbit"])
-        .args(PLAIN)
-        .arg("--vm")
-        .arg(&src_ctl)
-        .args(["--to", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status(&src_ctl)["state"] != "migrating" {
-        assert!(Instant::now() < deadline, "the migration never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mig = start_migration(&src_ctl, &addr, &["--memory-mode", "hybrid"]);
     std::thread::sleep(Duration::from_millis(300));
     let out = ferry()
         .args(["postcopy", "--json", "--vm"])
@@ -93,19 +101,7 @@ fn the_operator_switches_a_hybrid_migration_to_postcopy() {
     std::fs::create_dir_all(&again).unwrap();
     let (mut src, src_ctl) = run_guest(&again, &["--fill", "random"]);
     let (mut dst, addr, dst_ctl) = listen(&again, "10s");
-    let mig = ferry()
-        .args(["migrate", "--json", "--max-bandwidth", "100Mbit"])
-        .args(PLAIN)
-        .arg("--vm")
-        .arg(&src_ctl)
-        .args(["--to", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while status(&src_ctl)["state"] != "migrating" {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mig = start_migration(&src_ctl, &addr, &[]);
     let out = ferry()
         .args(["postcopy", "--json", "--vm"])
         .arg(&src_ctl)

@@ -703,7 +703,7 @@ impl DestGuest for KvmGuest {
 
     fn fill_owed_page(&self, index: u64, data: Option<&[u8]>) -> Result<bool, GuestError> {
         self.page(index)?;
-        self.m.ram.fill_owed(index, data).map_err(|e| {
+        self.m.ram.postcopy().fill(index, data).map_err(|e| {
             gio(
                 &format!("installing page {index}"),
                 ferry_core::engine::error_chain(&e),
@@ -712,15 +712,15 @@ impl DestGuest for KvmGuest {
     }
 
     fn owed_pages(&self) -> u64 {
-        self.m.ram.owed().map_or(0, |o| o.owed())
+        self.m.ram.postcopy().get().map_or(0, |o| o.owed())
     }
 
     fn owed_pages_bitmap(&self) -> Option<Bitmap> {
-        self.m.ram.owed().map(|o| o.owed_bitmap())
+        self.m.ram.postcopy().get().map(|o| o.owed_bitmap())
     }
 
     fn fault_figures(&self) -> Option<FaultFigures> {
-        self.m.ram.owed().map(|o| o.figures())
+        self.m.ram.postcopy().get().map(|o| o.figures())
     }
 
     fn flush(&self) -> Result<(), GuestError> {

@@ -9,7 +9,7 @@ use crate::layout::{slots, PAGE};
 pub struct GuestRam {
     /// Memory post-copy: the pages still owed and the service of their faults. Declared
     /// first so it unregisters before the mapping goes.
-    postcopy: std::sync::OnceLock<ferry_uffd::OwedMemory>,
+    postcopy: ferry_uffd::PostcopySlot,
     // Declared early so it stops (and joins) before the mapping goes.
     prefault: std::sync::Mutex<Option<ferry_core::prefault::Prefault>>,
     /// A destination's memory: populated a chunk at a time on its first write, the rest
@@ -41,7 +41,7 @@ impl GuestRam {
         let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
         let base = map.as_mut_ptr();
         Ok(Self {
-            postcopy: std::sync::OnceLock::new(),
+            postcopy: ferry_uffd::PostcopySlot::default(),
             prefault: std::sync::Mutex::new(None),
             fresh: incoming
                 .then(|| ferry_core::prefault::FirstWrite::new(bytes / PAGE, PAGE as usize)),
@@ -59,12 +59,6 @@ impl GuestRam {
         owed: &ferry_core::bitmap::Bitmap,
         pull: ferry_core::guest::PullPagesFn,
     ) -> Result<(), ferry_uffd::UffdError> {
-        if owed.len() != self.pages() {
-            return Err(ferry_uffd::UffdError::OutOfRange {
-                page: owed.len(),
-                pages: self.pages(),
-            });
-        }
         // Pages arrive through userfaultfd from now on; a background pre-fault would touch
         // owed pages and demand them all.
         if let Some(f) = &self.fresh {
@@ -78,30 +72,15 @@ impl GuestRam {
         );
         // SAFETY: the mapping is this struct's private anonymous one and outlives the
         // registration (field order); owed pages are only written through `fill_owed`.
-        let owed = unsafe {
-            ferry_uffd::OwedMemory::start(self.base, self.pages(), PAGE as usize, owed, pull)
-        }?;
-        if self.postcopy.set(owed).is_err() {
-            tracing::warn!("memory post-copy was already set up");
-        }
-        Ok(())
-    }
-
-    /// Memory post-copy: installs an owed page (`None`: zero); false when not owed.
-    pub fn fill_owed(
-        &self,
-        index: u64,
-        data: Option<&[u8]>,
-    ) -> Result<bool, ferry_uffd::UffdError> {
-        match self.postcopy.get() {
-            Some(p) => p.fill(index, data),
-            None => Ok(false),
+        unsafe {
+            self.postcopy
+                .start(self.base, self.pages(), PAGE as usize, owed, pull)
         }
     }
 
-    /// Memory post-copy: the owed pages (`None`: no post-copy).
-    pub fn owed(&self) -> Option<&ferry_uffd::OwedMemory> {
-        self.postcopy.get()
+    /// Memory post-copy: the owed pages, their installation and their faults.
+    pub fn postcopy(&self) -> &ferry_uffd::PostcopySlot {
+        &self.postcopy
     }
 
     /// The guest is about to run: no page is assumed untouched any more, and what no page

@@ -13,7 +13,7 @@ use ferry_core::prefault::CHUNK_PAGES;
 pub struct GuestMemory {
     /// Memory post-copy: the pages still owed and the service of their faults. Declared
     /// first so it unregisters before the mapping goes.
-    postcopy: std::sync::OnceLock<ferry_uffd::OwedMemory>,
+    postcopy: ferry_uffd::PostcopySlot,
     // Declared first so it stops (and joins) before the mapping goes.
     after_start: std::sync::Mutex<Option<ferry_core::prefault::Prefault>>,
     /// For a destination's memory: which chunks no page reached yet (populated on their
@@ -50,7 +50,7 @@ impl GuestMemory {
         let base = map.as_mut_ptr();
         let fresh = incoming.then(|| FirstWrite::new(pages, page_size));
         Ok(Self {
-            postcopy: std::sync::OnceLock::new(),
+            postcopy: ferry_uffd::PostcopySlot::default(),
             after_start: std::sync::Mutex::new(None),
             fresh,
             _map: map,
@@ -128,42 +128,21 @@ impl GuestMemory {
         owed: &ferry_core::bitmap::Bitmap,
         pull: ferry_core::guest::PullPagesFn,
     ) -> Result<(), ferry_uffd::UffdError> {
-        if owed.len() != self.pages {
-            return Err(ferry_uffd::UffdError::OutOfRange {
-                page: owed.len(),
-                pages: self.pages,
-            });
-        }
         // Pages arrive through userfaultfd from now on, not through `write`.
         if let Some(f) = &self.fresh {
             f.invalidate();
         }
         // SAFETY: the mapping is this struct's private anonymous one and outlives the
         // registration (field order); owed pages are only written through `fill_owed`.
-        let owed = unsafe {
-            ferry_uffd::OwedMemory::start(self.base, self.pages, self.page_size, owed, pull)
-        }?;
-        if self.postcopy.set(owed).is_err() {
-            tracing::warn!("memory post-copy was already set up");
-        }
-        Ok(())
-    }
-
-    /// Memory post-copy: installs an owed page (`None`: zero); false when not owed.
-    pub fn fill_owed(
-        &self,
-        index: u64,
-        data: Option<&[u8]>,
-    ) -> Result<bool, ferry_uffd::UffdError> {
-        match self.postcopy.get() {
-            Some(p) => p.fill(index, data),
-            None => Ok(false),
+        unsafe {
+            self.postcopy
+                .start(self.base, self.pages, self.page_size, owed, pull)
         }
     }
 
-    /// Memory post-copy: the state of the owed pages (`None`: no post-copy).
-    pub fn owed(&self) -> Option<&ferry_uffd::OwedMemory> {
-        self.postcopy.get()
+    /// Memory post-copy: the owed pages, their installation and their faults.
+    pub fn postcopy(&self) -> &ferry_uffd::PostcopySlot {
+        &self.postcopy
     }
 
     /// Overwrites page `index` with `data` (at most a page). False when out of range.

@@ -162,7 +162,8 @@ impl DestGuest for SimGuest {
         self.page_range(index)?;
         self.inner
             .mem
-            .fill_owed(index, data)
+            .postcopy()
+            .fill(index, data)
             .map_err(|e| GuestError::Io {
                 what: format!("installing page {index}"),
                 source: std::io::Error::other(error_chain(&e)),
@@ -170,15 +171,15 @@ impl DestGuest for SimGuest {
     }
 
     fn owed_pages(&self) -> u64 {
-        self.inner.mem.owed().map_or(0, |o| o.owed())
+        self.inner.mem.postcopy().get().map_or(0, |o| o.owed())
     }
 
     fn owed_pages_bitmap(&self) -> Option<Bitmap> {
-        self.inner.mem.owed().map(|o| o.owed_bitmap())
+        self.inner.mem.postcopy().get().map(|o| o.owed_bitmap())
     }
 
     fn fault_figures(&self) -> Option<FaultFigures> {
-        self.inner.mem.owed().map(|o| o.figures())
+        self.inner.mem.postcopy().get().map(|o| o.figures())
     }
 
     fn flush(&self) -> Result<(), GuestError> {
@@ -192,7 +193,12 @@ impl DestGuest for SimGuest {
             ));
         }
         // In memory post-copy the header may not be here yet: the self-check reads it.
-        let header_owed = self.inner.mem.owed().is_some_and(|o| o.is_owed(0));
+        let header_owed = self
+            .inner
+            .mem
+            .postcopy()
+            .get()
+            .is_some_and(|o| o.is_owed(0));
         if !header_owed && !self.inner.header_ok() {
             return Err(GuestError::BadState(
                 "guest memory does not hold a sim guest of this layout".into(),
@@ -267,7 +273,12 @@ impl DestGuest for SimGuest {
         }
         // In memory post-copy the header arrived after the state was restored (unless it
         // never did: reading it would wait for it, and the check was abandoned then).
-        let header_owed = self.inner.mem.owed().is_some_and(|o| o.is_owed(0));
+        let header_owed = self
+            .inner
+            .mem
+            .postcopy()
+            .get()
+            .is_some_and(|o| o.is_owed(0));
         if !header_owed && !self.inner.header_ok() {
             r.problems
                 .push("guest memory does not hold a sim guest of this layout".into());

@@ -383,5 +383,51 @@ fn serve(inner: &Inner, pull: &(dyn Fn(&[u64]) + Send + Sync)) {
     }
 }
 
+/// A guest memory's post-copy, set up at most once: what a backend's memory holds.
+#[derive(Default)]
+pub struct PostcopySlot(std::sync::OnceLock<OwedMemory>);
+
+impl PostcopySlot {
+    /// Sets up post-copy of `owed` over the mapping at `base` ([`OwedMemory::start`]).
+    ///
+    /// # Safety
+    ///
+    /// As for [`OwedMemory::start`]; the slot must be dropped before the mapping.
+    pub unsafe fn start(
+        &self,
+        base: *mut u8,
+        pages: u64,
+        page_size: usize,
+        owed: &Bitmap,
+        pull: PullPagesFn,
+    ) -> Result<(), UffdError> {
+        if owed.len() != pages {
+            return Err(UffdError::OutOfRange {
+                page: owed.len(),
+                pages,
+            });
+        }
+        // SAFETY: the caller's contract.
+        let owed = unsafe { OwedMemory::start(base, pages, page_size, owed, pull) }?;
+        if self.0.set(owed).is_err() {
+            tracing::warn!("memory post-copy was already set up");
+        }
+        Ok(())
+    }
+
+    /// Installs an owed page (`None`: zero); false when not owed (or no post-copy).
+    pub fn fill(&self, index: u64, data: Option<&[u8]>) -> Result<bool, UffdError> {
+        match self.0.get() {
+            Some(p) => p.fill(index, data),
+            None => Ok(false),
+        }
+    }
+
+    /// The owed pages (`None`: no post-copy).
+    pub fn get(&self) -> Option<&OwedMemory> {
+        self.0.get()
+    }
+}
+
 #[cfg(test)]
 mod tests;
