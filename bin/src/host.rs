@@ -263,11 +263,13 @@ impl Host {
             Some((Arc::clone(&switch), args.memory_mode));
         let run = if recover {
             match self.last_migration_id() {
-                Some(id) => drive_source_with(guest.source(), to, args, Some(id), switch, emit),
+                Some(id) => {
+                    drive_source_with(guest.source(), to, args, Some(id), switch, false, emit)
+                }
                 None => Err(anyhow::anyhow!("no interrupted migration to recover")),
             }
         } else {
-            drive_source_with(guest.source(), to, args, None, switch, emit)
+            drive_source_with(guest.source(), to, args, None, switch, false, emit)
         };
         *self.switch.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let report = run.unwrap_or_else(|e| fail(format!("{e:#}")));
@@ -373,61 +375,73 @@ impl Host {
                 }
             }
             Request::Resume | Request::Discard => {
-                if !matches!(self.state(), HostState::InDoubt | HostState::Held) {
-                    return send(
-                        json!({"event": "error", "message": format!("only an in-doubt or held guest can be resumed or discarded (this one is {})", state_name(self.state()))}),
-                    );
-                }
-                let Some(g) = self.guest() else {
-                    return send(json!({"event": "error", "message": "no guest"}));
-                };
-                // The session decides: a handed-over guest is never discarded, and one
-                // that owes post-copy blocks cannot run without them.
-                let decided = {
-                    let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
-                    let ev = if matches!(req, Request::Resume) {
-                        DestEvent::OperatorResume
-                    } else {
-                        DestEvent::OperatorDiscard
-                    };
-                    // The disks know best whether the owed blocks arrived (a recovery may
-                    // still be closing its connection).
-                    if g.dest().owed_blocks() == 0 && g.dest().owed_pages() == 0 {
-                        if let Some(s) = s.as_mut() {
-                            let _ = s.on(DestEvent::OwedArrived);
+                match self.decide_held(matches!(req, Request::Resume)) {
+                    Ok(discarded) => {
+                        // Answer before the process is told to exit.
+                        let r = send(json!({"event": "ok"}));
+                        if discarded {
+                            self.finish();
                         }
+                        r
                     }
-                    match s.as_mut().map(|s| s.on(ev)) {
-                        Some(Ok(a)) => Ok(a),
-                        Some(Err(e)) => Err(format!(
-                            "refused: {} ({} pages and {} blocks owed by the source)",
-                            e.0,
-                            g.dest().owed_pages(),
-                            g.dest().owed_blocks()
-                        )),
-                        None => Err("no session for this guest".into()),
-                    }
-                };
-                let action = match decided {
-                    Ok(a) => a,
-                    Err(m) => return send(json!({"event": "error", "message": m})),
-                };
-                if action == DestAction::Resume {
-                    g.dest().resume()?;
-                    g.start();
-                    *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    self.set_state(HostState::Running);
-                    send(json!({"event": "ok"}))
-                } else {
-                    g.dest().discard();
-                    *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    self.set_state(HostState::Stopped);
-                    // Answer before the process is told to exit.
-                    let r = send(json!({"event": "ok"}));
-                    self.finish();
-                    r
+                    Err(m) => send(json!({"event": "error", "message": m})),
                 }
             }
+        }
+    }
+
+    /// An operator's decision on an in-doubt or held guest: resume it (`resume`) or
+    /// discard it. The session decides whether it may: a handed-over guest is never
+    /// discarded, and one that owes post-copy units cannot run without them. Returns
+    /// whether the guest was discarded.
+    pub fn decide_held(&self, resume: bool) -> Result<bool, String> {
+        if !matches!(self.state(), HostState::InDoubt | HostState::Held) {
+            return Err(format!(
+                "only an in-doubt or held guest can be resumed or discarded (this one is {})",
+                state_name(self.state())
+            ));
+        }
+        let Some(g) = self.guest() else {
+            return Err("no guest".into());
+        };
+        let action = {
+            let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            let ev = if resume {
+                DestEvent::OperatorResume
+            } else {
+                DestEvent::OperatorDiscard
+            };
+            // The guest knows best whether the owed units arrived (a recovery may still
+            // be closing its connection).
+            if g.dest().owed_blocks() == 0 && g.dest().owed_pages() == 0 {
+                if let Some(s) = s.as_mut() {
+                    let _ = s.on(DestEvent::OwedArrived);
+                }
+            }
+            match s.as_mut().map(|s| s.on(ev)) {
+                Some(Ok(a)) => a,
+                Some(Err(e)) => {
+                    return Err(format!(
+                        "refused: {} ({} pages and {} blocks owed by the source)",
+                        e.0,
+                        g.dest().owed_pages(),
+                        g.dest().owed_blocks()
+                    ))
+                }
+                None => return Err("no session for this guest".into()),
+            }
+        };
+        if action == DestAction::Resume {
+            g.dest().resume().map_err(|e| e.to_string())?;
+            g.start();
+            *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.set_state(HostState::Running);
+            Ok(false)
+        } else {
+            g.dest().discard();
+            *self.guest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.set_state(HostState::Stopped);
+            Ok(true)
         }
     }
 
@@ -556,6 +570,26 @@ pub fn run_source(
     drive_source(guest.source(), to, args, None, emit)
 }
 
+/// [`run_source`] for a guest that lives only in this process: if the link breaks during
+/// a post-copy, it keeps reconnecting until the destination has everything (this
+/// process holds the only copy of what it still lacks).
+pub fn run_source_holding(
+    guest: Hosted,
+    to: &str,
+    args: &MigrationArgs,
+    emit: &(dyn Fn(Progress) + Sync),
+) -> anyhow::Result<Report> {
+    drive_source_with(
+        guest.source(),
+        to,
+        args,
+        None,
+        Arc::new(AtomicBool::new(false)),
+        true,
+        emit,
+    )
+}
+
 /// Runs the source side of a migration of `guest` to `to`, or with `recover` the
 /// recovery of that migration's interrupted post-copy.
 pub fn drive_source(
@@ -571,18 +605,21 @@ pub fn drive_source(
         args,
         recover,
         Arc::new(AtomicBool::new(false)),
+        false,
         emit,
     )
 }
 
 /// [`drive_source`], with the switch an operator sets to move a hybrid migration to
-/// post-copy.
+/// post-copy, and whether a broken post-copy is retried until it succeeds (`persist`) or
+/// for `--timeout`.
 fn drive_source_with(
     guest: Arc<dyn ferry_core::SourceGuest>,
     to: &str,
     args: &MigrationArgs,
     recover: Option<[u8; 16]>,
     switch: Arc<AtomicBool>,
+    persist: bool,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
     let mut cfg = args.source_config(to)?;
@@ -590,9 +627,95 @@ fn drive_source_with(
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
     Ok(match recover {
-        None => engine::migrate(guest, &*transport, codec, &cfg, emit),
+        None => {
+            let first = engine::migrate(
+                Arc::clone(&guest),
+                &*transport,
+                Arc::clone(&codec),
+                &cfg,
+                emit,
+            );
+            let link = Link {
+                guest,
+                transport: &*transport,
+                codec,
+                cfg: &cfg,
+            };
+            reconnect_postcopy(first, &link, persist, emit)
+        }
         Some(id) => engine::recover_postcopy(guest, &*transport, codec, &cfg, id, emit),
     })
+}
+
+/// What a post-copy reconnection needs.
+struct Link<'a> {
+    guest: Arc<dyn ferry_core::SourceGuest>,
+    transport: &'a dyn ferry_core::transport::Transport,
+    codec: Arc<dyn ferry_core::codec::CodecFactory>,
+    cfg: &'a engine::SourceConfig,
+}
+
+/// A post-copy whose link broke after the hand-over: reconnects and pushes what the
+/// destination still owes (its listener takes the recovery), for 8 × `--timeout` (a
+/// destination notices a silent source after 6 × and only then listens again), or with
+/// `persist` (this process holds the guest's only memory) until it succeeds.
+fn reconnect_postcopy(
+    mut report: Report,
+    link: &Link<'_>,
+    persist: bool,
+    emit: &(dyn Fn(Progress) + Sync),
+) -> Report {
+    let interrupted = !report.ok
+        && report.source_state == "handed-over"
+        && report.pages_postcopy + report.blocks_postcopy > 0;
+    let Some(id) = parse_id(&report.migration_id).filter(|_| interrupted) else {
+        return report;
+    };
+    let t0 = std::time::Instant::now();
+    let first_error = report.error.clone().unwrap_or_default();
+    let mut last = String::new();
+    while persist || t0.elapsed() < link.cfg.io_timeout * 8 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        emit(Progress::Note {
+            text: format!(
+                "post-copy interrupted; reconnecting (attempt {})",
+                report.postcopy_reconnects + 1
+            ),
+        });
+        let r = engine::recover_postcopy(
+            Arc::clone(&link.guest),
+            link.transport,
+            Arc::clone(&link.codec),
+            link.cfg,
+            id,
+            emit,
+        );
+        report.postcopy_reconnects += 1;
+        report.bytes_on_wire += r.bytes_on_wire;
+        if r.ok {
+            report.ok = true;
+            report.verified = r.verified;
+            report.oracle = r.oracle;
+            report.error = None;
+            report.source_state = r.source_state;
+            report.pages_pushed += r.pages_pushed;
+            report.pages_demanded += r.pages_demanded;
+            report.total_ms += t0.elapsed().as_secs_f64() * 1e3;
+            return report;
+        }
+        last = r.error.unwrap_or_default();
+        if persist && report.postcopy_reconnects % 10 == 0 {
+            eprintln!(
+                "ferry: this process holds the only copy of the pages the destination still lacks; it keeps reconnecting (last: {last}). Interrupting it loses the guest."
+            );
+        }
+    }
+    report.error = Some(format!(
+        "{first_error}; reconnecting for {:.0} s ({} attempts) did not recover it: {last}",
+        t0.elapsed().as_secs_f64(),
+        report.postcopy_reconnects
+    ));
+    report
 }
 
 /// A migration id from its hex form.

@@ -578,11 +578,12 @@ fn hold_for_operator(
             std::thread::park();
         }
     };
-    if let Some(r) = held.recovery {
-        let (host, g) = (std::sync::Arc::clone(host), g.clone());
+    let recovery = held.recovery;
+    host.hold(g.clone(), held.state, held.session, held.reason);
+    if let Some(r) = recovery {
+        let host = std::sync::Arc::clone(host);
         std::thread::spawn(move || accept_recovery(&host, &g, r));
     }
-    host.hold(g, held.state, held.session, held.reason);
     host.wait_done();
     std::thread::sleep(Duration::from_millis(100));
     Ok(ExitCode::from(1))
@@ -615,9 +616,18 @@ fn accept_recovery(host: &Host, guest: &Hosted, mut r: Recovery) {
         ) {
             Ok(n) => {
                 host.owed_arrived();
-                eprintln!(
-                    "ferry: post-copy recovered: {n} owed pages and blocks arrived; the guest can be resumed (`ferry resume --vm SOCKET`)"
-                );
+                // Only the source that handed the guest over recovers a post-copy (the
+                // hello names this migration, with the recovery bit): the guest is this
+                // side's and now has everything, so it runs again, as after QEMU's
+                // post-copy recovery.
+                match host.decide_held(true) {
+                    Ok(_) => eprintln!(
+                        "ferry: post-copy recovered: {n} owed pages and blocks arrived; the guest runs again"
+                    ),
+                    Err(e) => eprintln!(
+                        "ferry: post-copy recovered: {n} owed pages and blocks arrived, but resuming failed ({e}); resume it with `ferry resume --vm SOCKET`"
+                    ),
+                }
                 return;
             }
             Err(e) => eprintln!("ferry: post-copy recovery failed: {e}"),
@@ -692,7 +702,7 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
             let started = a.guest.start()?;
             eprintln!("ferry: started a guest here ({})", describe(&a.guest));
             std::thread::sleep(warmup);
-            host::run_source(started.guest.clone(), &a.to, &a.migration, &|p| view.on(&p))?
+            host::run_source_holding(started.guest.clone(), &a.to, &a.migration, &|p| view.on(&p))?
         }
     };
     print_summary(&report);

@@ -131,6 +131,8 @@ pub struct Report {
     pub fault_latency_us: [u64; 3],
     /// Post-copy: from the guest resuming there to the last owed unit sent, ms.
     pub postcopy_ms: f64,
+    /// Post-copy: how many times the source reconnected after the link broke.
+    pub postcopy_reconnects: u32,
     /// Memory auto-converge: the highest vCPU throttle applied, percent (0: never).
     pub vcpu_throttle_pct: u8,
     /// Memory auto-converge: how long the vCPUs were throttled before the pause, ms.
