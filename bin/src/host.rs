@@ -704,7 +704,7 @@ fn reconnect_postcopy(
             return report;
         }
         last = r.error.unwrap_or_default();
-        if persist && report.postcopy_reconnects % 10 == 0 {
+        if persist && report.postcopy_reconnects.is_multiple_of(10) {
             eprintln!(
                 "ferry: this process holds the only copy of the pages the destination still lacks; it keeps reconnecting (last: {last}). Interrupting it loses the guest."
             );
