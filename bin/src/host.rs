@@ -7,7 +7,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::Context;
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::guest::Hosted;
+use crate::live::Running;
 use crate::opts::{MemoryModeArg, MigrationArgs};
 use ferry_core::machine::{DestAction, DestEvent, DestSession};
 
@@ -73,6 +73,83 @@ pub enum Request {
     Discard,
     /// Switch the running hybrid migration to memory post-copy now.
     Postcopy,
+    /// Cancel the running migration (before the hand-over; the source keeps the guest).
+    Cancel,
+    /// Change the running migration's bandwidth cap and downtime target.
+    Set {
+        /// New cap (`none` lifts it).
+        #[serde(default)]
+        max_bandwidth: Option<String>,
+        /// New downtime target.
+        #[serde(default)]
+        downtime: Option<String>,
+    },
+}
+
+/// Applies a steering request to the running migration; what was done, or why not.
+fn steer(run: &Running, req: Request) -> Result<String, String> {
+    use ferry_core::control::CancelOutcome;
+    match req {
+        Request::Postcopy => match run.memory_mode {
+            MemoryModeArg::Hybrid => {
+                run.control.request_postcopy();
+                Ok("switching to post-copy".into())
+            }
+            mode => Err(format!(
+                "the migration runs with --memory-mode {}; only a hybrid one switches to post-copy",
+                serde_json::to_value(mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            )),
+        },
+        Request::Cancel => match run.control.cancel() {
+            CancelOutcome::Cancelling => {
+                Ok("cancelling: the source keeps the guest, the destination discards".into())
+            }
+            CancelOutcome::TooLate => Err(
+                "too late: the guest was handed over to the destination (it never runs here again)"
+                    .into(),
+            ),
+        },
+        Request::Set {
+            max_bandwidth,
+            downtime,
+        } => {
+            if max_bandwidth.is_none() && downtime.is_none() {
+                return Err("nothing to set: give --max-bandwidth or --downtime".into());
+            }
+            let cap = match max_bandwidth.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(r) => Some(Some(
+                    crate::units::parse_rate(r).map_err(|e| format!("--max-bandwidth: {e}"))?,
+                )),
+            };
+            let target = downtime
+                .as_deref()
+                .map(crate::units::parse_duration)
+                .transpose()
+                .map_err(|e| format!("--downtime: {e}"))?;
+            if run.control.is_committed() {
+                return Err("too late: the guest was handed over".into());
+            }
+            let mut said = Vec::new();
+            if let Some(c) = cap {
+                run.control.set_max_bandwidth(c);
+                said.push(match c {
+                    Some(r) => format!("bandwidth cap {:.1} Mbit/s", r as f64 * 8e-6),
+                    None => "no bandwidth cap".into(),
+                });
+            }
+            if let Some(t) = target {
+                run.control.set_downtime(t);
+                said.push(format!("downtime target {:.1} ms", t.as_secs_f64() * 1e3));
+            }
+            Ok(said.join(", "))
+        }
+        _ => Err("not a steering request".into()),
+    }
 }
 
 /// The process-wide host.
@@ -86,8 +163,8 @@ pub struct Host {
     last_report: Mutex<Option<Value>>,
     role: &'static str,
     done: (Mutex<bool>, Condvar),
-    /// The running migration's switch to post-copy, and its memory mode.
-    switch: Mutex<Option<(Arc<AtomicBool>, MemoryModeArg)>>,
+    /// The migration running from here, while it runs.
+    running: Mutex<Option<Arc<Running>>>,
 }
 
 impl Host {
@@ -108,7 +185,7 @@ impl Host {
             last_report: Mutex::new(None),
             role,
             done: (Mutex::new(false), Condvar::new()),
-            switch: Mutex::new(None),
+            running: Mutex::new(None),
         })
     }
 
@@ -140,6 +217,14 @@ impl Host {
         if let Some(r) = reason.as_mut() {
             r.push_str("; the owed blocks were recovered since");
         }
+    }
+
+    /// The migration running from here, if one is.
+    pub fn running(&self) -> Option<Arc<Running>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current state.
@@ -209,6 +294,7 @@ impl Host {
             "reason": self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "owed_blocks": guest.as_ref().map(|g| g.dest().owed_blocks()),
             "owed_pages": guest.as_ref().map(|g| g.dest().owed_pages()),
+            "migration": self.running().map(|r| r.status()),
             "last_migration": self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
@@ -258,20 +344,24 @@ impl Host {
             self.set_state(from);
             return fail("no guest".into());
         };
-        let switch = Arc::new(AtomicBool::new(false));
-        *self.switch.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Arc::clone(&switch), args.memory_mode));
+        let running = Arc::new(Running::new(Arc::default(), args.memory_mode));
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&running));
+        let control = Arc::clone(&running.control);
+        let emit = |p: Progress| {
+            running.track(&p);
+            emit(p);
+        };
         let run = if recover {
             match self.last_migration_id() {
                 Some(id) => {
-                    drive_source_with(guest.source(), to, args, Some(id), switch, false, emit)
+                    drive_source_with(guest.source(), to, args, Some(id), control, false, &emit)
                 }
                 None => Err(anyhow::anyhow!("no interrupted migration to recover")),
             }
         } else {
-            drive_source_with(guest.source(), to, args, None, switch, false, emit)
+            drive_source_with(guest.source(), to, args, None, control, false, &emit)
         };
-        *self.switch.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let report = run.unwrap_or_else(|e| fail(format!("{e:#}")));
         // The engine's session said where the guest is: the state tells the truth, so an
         // operator resolving an in-doubt destination never discards the only copy.
@@ -355,24 +445,16 @@ impl Host {
                 self.finish();
                 Ok(())
             }
-            Request::Postcopy => {
-                let switch = self
-                    .switch
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                match switch {
-                    Some((flag, MemoryModeArg::Hybrid)) => {
-                        flag.store(true, Ordering::Relaxed);
-                        send(json!({"event": "ok"}))
-                    }
-                    Some((_, mode)) => send(
-                        json!({"event": "error", "message": format!("the migration runs with --memory-mode {}; only a hybrid one switches to post-copy", serde_json::to_value(mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())}),
-                    ),
-                    None => send(
+            Request::Postcopy | Request::Cancel | Request::Set { .. } => {
+                let Some(run) = self.running() else {
+                    return send(
                         json!({"event": "error", "message": format!("no migration is running here (this guest is {})", state_name(self.state()))}),
-                    ),
-                }
+                    );
+                };
+                send(match steer(&run, req) {
+                    Ok(what) => json!({"event": "ok", "message": what}),
+                    Err(why) => json!({"event": "error", "message": why}),
+                })
             }
             Request::Resume | Request::Discard => {
                 match self.decide_held(matches!(req, Request::Resume)) {
@@ -577,17 +659,10 @@ pub fn run_source_holding(
     guest: Hosted,
     to: &str,
     args: &MigrationArgs,
+    control: Arc<ferry_core::control::MigrationControl>,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
-    drive_source_with(
-        guest.source(),
-        to,
-        args,
-        None,
-        Arc::new(AtomicBool::new(false)),
-        true,
-        emit,
-    )
+    drive_source_with(guest.source(), to, args, None, control, true, emit)
 }
 
 /// Runs the source side of a migration of `guest` to `to`, or with `recover` the
@@ -599,15 +674,7 @@ pub fn drive_source(
     recover: Option<[u8; 16]>,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
-    drive_source_with(
-        guest,
-        to,
-        args,
-        recover,
-        Arc::new(AtomicBool::new(false)),
-        false,
-        emit,
-    )
+    drive_source_with(guest, to, args, recover, Arc::default(), false, emit)
 }
 
 /// [`drive_source`], with the switch an operator sets to move a hybrid migration to
@@ -618,12 +685,12 @@ fn drive_source_with(
     to: &str,
     args: &MigrationArgs,
     recover: Option<[u8; 16]>,
-    switch: Arc<AtomicBool>,
+    control: Arc<ferry_core::control::MigrationControl>,
     persist: bool,
     emit: &(dyn Fn(Progress) + Sync),
 ) -> anyhow::Result<Report> {
     let mut cfg = args.source_config(to)?;
-    cfg.switch_to_postcopy = switch;
+    cfg.control = control;
     let transport = args.peer.transport(cfg.io_timeout)?;
     let codec = args.codec()?;
     Ok(match recover {

@@ -11,6 +11,7 @@ mod bench_qemu;
 mod child;
 mod guest;
 mod host;
+mod live;
 mod opts;
 mod output;
 mod plots;
@@ -53,8 +54,14 @@ enum Cmd {
     Listen(ListenArgs),
     /// Migrate a running guest (`--vm SOCKET`) or a new one started here.
     Migrate(MigrateArgs),
-    /// Show a guest's state, workload progress and last migration.
-    Status(VmArgs),
+    /// Show a guest's state, workload progress, the running migration (phase, round,
+    /// bytes, rates, expected downtime) and the last one; `--watch` follows it.
+    Status(StatusArgs),
+    /// Cancel a guest's running migration: before the hand-over the source keeps running
+    /// and the destination discards what it received; after it, too late.
+    Cancel(VmArgs),
+    /// Change a guest's running migration: its bandwidth cap and downtime target.
+    Set(SetArgs),
     /// Run a guest's self-check now (every page and block against its ledger).
     Check(VmArgs),
     /// Stop a guest and its process.
@@ -229,6 +236,30 @@ struct VmArgs {
 }
 
 #[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Print the status again every `--interval` until no migration runs.
+    #[arg(long)]
+    watch: bool,
+    /// How often `--watch` prints.
+    #[arg(long, default_value = "1s")]
+    interval: String,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// New bandwidth cap, e.g. `100Mbit` or `50MiB/s`; `none` lifts it.
+    #[arg(long)]
+    max_bandwidth: Option<String>,
+    /// New downtime target, e.g. `50ms`.
+    #[arg(long)]
+    downtime: Option<String>,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     #[command(flatten)]
     guest: GuestArgs,
@@ -261,6 +292,8 @@ fn main() -> ExitCode {
         Cmd::Listen(a) => listen(a),
         Cmd::Migrate(a) => migrate(a),
         Cmd::Status(a) => status(a),
+        Cmd::Cancel(a) => simple(a, Request::Cancel),
+        Cmd::Set(a) => set(a),
         Cmd::Check(a) => simple(a, Request::Check),
         Cmd::Stop(a) => simple(a, Request::Stop),
         Cmd::Resume(a) => simple(a, Request::Resume),
@@ -649,6 +682,36 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
     a.migration.peer = a.migration.peer.clone().absolute()?;
     a.migration.source_config(&a.to)?;
     let view = ProgressView::new(false);
+    // Ctrl-C cancels the migration (before the hand-over; after it, it says it is too
+    // late); a second one leaves at once.
+    let control: std::sync::Arc<ferry_core::control::MigrationControl> = Default::default();
+    {
+        let (control, vm) = (std::sync::Arc::clone(&control), a.vm.clone());
+        let presses = std::sync::atomic::AtomicU32::new(0);
+        let _ = ctrlc::set_handler(move || {
+            if presses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+                eprintln!("ferry: interrupted again: leaving now");
+                std::process::exit(130);
+            }
+            eprintln!("ferry: cancelling (Ctrl-C again to leave at once)");
+            let answer = match &vm {
+                Some(vm) => host::request(vm, &Request::Cancel, |_| {})
+                    .ok()
+                    .and_then(|v| v.get("message").and_then(Value::as_str).map(String::from)),
+                None => Some(match control.cancel() {
+                    ferry_core::control::CancelOutcome::Cancelling => {
+                        "cancelling: the guest stays here".into()
+                    }
+                    ferry_core::control::CancelOutcome::TooLate => {
+                        "too late: the guest was handed over".into()
+                    }
+                }),
+            };
+            if let Some(m) = answer {
+                eprintln!("ferry: {m}");
+            }
+        });
+    }
     let report = match &a.vm {
         Some(vm) => {
             let last = host::request(
@@ -702,7 +765,9 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
             let started = a.guest.start()?;
             eprintln!("ferry: started a guest here ({})", describe(&a.guest));
             std::thread::sleep(warmup);
-            host::run_source_holding(started.guest.clone(), &a.to, &a.migration, &|p| view.on(&p))?
+            host::run_source_holding(started.guest.clone(), &a.to, &a.migration, control, &|p| {
+                view.on(&p)
+            })?
         }
     };
     print_summary(&report);
@@ -712,7 +777,71 @@ fn migrate(mut a: MigrateArgs) -> anyhow::Result<ExitCode> {
     Ok(report_exit(&report))
 }
 
-fn status(a: VmArgs) -> anyhow::Result<ExitCode> {
+fn set(a: SetArgs) -> anyhow::Result<ExitCode> {
+    // Refused here with the flag's name before anything is asked of the guest.
+    if let Some(r) = a.max_bandwidth.as_deref().filter(|r| *r != "none") {
+        units::parse_rate(r).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+    }
+    if let Some(d) = a.downtime.as_deref() {
+        parse_duration(d).map_err(|e| anyhow::anyhow!("--downtime: {e}"))?;
+    }
+    if a.max_bandwidth.is_none() && a.downtime.is_none() {
+        anyhow::bail!("ferry set: give --max-bandwidth or --downtime");
+    }
+    simple(
+        a.vm,
+        Request::Set {
+            max_bandwidth: a.max_bandwidth,
+            downtime: a.downtime,
+        },
+    )
+}
+
+fn status(s: StatusArgs) -> anyhow::Result<ExitCode> {
+    if !s.watch {
+        return status_once(&s.vm);
+    }
+    let every = parse_duration(&s.interval).map_err(|e| anyhow::anyhow!("--interval: {e}"))?;
+    loop {
+        let v = host::request(&s.vm.vm, &Request::Status, |_| {})?;
+        let m = v.get("migration").filter(|m| !m.is_null());
+        if s.vm.json {
+            println!("{v}");
+        } else if let Some(m) = m {
+            print_migration(m);
+        } else {
+            eprintln!("state {}: no migration running", v["state"]);
+        }
+        if m.is_none() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// One line of a running migration's status.
+fn print_migration(m: &Value) {
+    let f = |k: &str| m.get(k).and_then(Value::as_f64);
+    let opt = |x: Option<f64>, unit: &str| x.map_or("-".to_string(), |x| format!("{x:.1}{unit}"));
+    eprintln!(
+        "migrating: {} round {} — {}/{} units, {} on the wire, {} Mbit/s now, link {} Mbit/s, dirty {} pages/s, pending {}, expected downtime {}, round ETA {}",
+        m["phase"].as_str().unwrap_or("?"),
+        m["round"],
+        m["round_units_sent"],
+        m["round_units"],
+        units::human_bytes(m["bytes_on_wire"].as_u64().unwrap_or(0)),
+        opt(f("wire_mbps"), ""),
+        opt(f("link_mbps"), ""),
+        opt(f("dirty_pages_per_s"), ""),
+        m["pending_bytes"]
+            .as_u64()
+            .map_or("-".into(), units::human_bytes),
+        opt(f("expected_downtime_ms"), " ms"),
+        opt(f("round_eta_s"), " s"),
+    );
+}
+
+fn status_once(a: &VmArgs) -> anyhow::Result<ExitCode> {
     let v = host::request(&a.vm, &Request::Status, |_| {})?;
     if v.get("event").and_then(Value::as_str) == Some("error") {
         anyhow::bail!(
@@ -762,6 +891,9 @@ fn status(a: VmArgs) -> anyhow::Result<ExitCode> {
             "owed post-copy pages: {n} (the handed-over source pushes them with `ferry migrate --vm SOURCE --resume`)"
         );
     }
+    if let Some(m) = v.get("migration").filter(|m| !m.is_null()) {
+        print_migration(m);
+    }
     if let Some(r) = v.get("last_migration").filter(|r| !r.is_null()) {
         eprintln!("last migration: {r}");
     }
@@ -800,7 +932,12 @@ fn simple(a: VmArgs, req: Request) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        _ => Ok(ExitCode::SUCCESS),
+        _ => {
+            if let Some(m) = v.get("message").and_then(Value::as_str) {
+                eprintln!("ferry: {m}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -72,6 +72,7 @@ impl ProgressView {
                 );
             }
             Progress::Note { text } => eprintln!("  {text}"),
+            Progress::Figures { .. } => {}
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod basecmp;
 pub mod bitmap;
 pub mod bytemap;
 pub mod codec;
+pub mod control;
 pub mod digest;
 pub mod engine;
 pub mod envelope;

@@ -131,6 +131,8 @@ pub struct Report {
     pub fault_latency_us: [u64; 3],
     /// Post-copy: from the guest resuming there to the last owed unit sent, ms.
     pub postcopy_ms: f64,
+    /// The migration was cancelled before the hand-over (the source kept the guest).
+    pub cancelled: bool,
     /// Post-copy: how many times the source reconnected after the link broke.
     pub postcopy_reconnects: u32,
     /// Memory auto-converge: the highest vCPU throttle applied, percent (0: never).
@@ -194,6 +196,17 @@ pub enum Progress {
     },
     /// A round finished.
     RoundDone(RoundReport),
+    /// What the convergence policy decides on, after each pre-copy round.
+    Figures {
+        /// Bytes still to send (dirty pages and blocks).
+        pending_bytes: u64,
+        /// The link as measured, bytes per second.
+        bandwidth: f64,
+        /// Pages the guest dirtied per second during the last round.
+        dirty_pages_per_s: f64,
+        /// The downtime if the guest paused now, ms.
+        expected_downtime_ms: f64,
+    },
     /// A phase change or other note.
     Note {
         /// Text.

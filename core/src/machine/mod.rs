@@ -81,6 +81,11 @@ impl SourcePlan {
         }
     }
 
+    /// An operator changed the downtime target while the migration runs.
+    pub fn set_downtime_target(&mut self, target: std::time::Duration) {
+        self.policy.downtime_target = target;
+    }
+
     /// After a memory round.
     pub fn after_memory(&mut self, figures: RoundFigures) -> SourceStep {
         self.memory.push(figures);

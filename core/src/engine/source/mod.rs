@@ -20,6 +20,7 @@ use crossbeam_channel::{bounded, unbounded, Sender};
 
 use super::{block_channel, ms, page_channel, read_frame_until, Control, ReadError};
 use crate::codec::CodecFactory;
+use crate::control::MigrationControl;
 use crate::digest::{DigestDelta, DigestKey, DigestTable};
 use crate::fault::{Faults, Point, Side};
 use crate::guest::SourceGuest;
@@ -52,8 +53,9 @@ pub struct SourceConfig {
     pub verify: VerifyMode,
     /// How long to wait for the destination's answers.
     pub io_timeout: Duration,
-    /// Set to cancel; the source then resumes.
-    pub cancel: Arc<AtomicBool>,
+    /// Live control: cancel (before the hand-over the source then resumes), switch a
+    /// hybrid migration to post-copy, change the bandwidth cap and the downtime target.
+    pub control: Arc<MigrationControl>,
     /// Disk write throttling.
     pub throttle: Throttle,
     /// When the last dirty blocks move: during the pause, or after the hand-over.
@@ -62,8 +64,6 @@ pub struct SourceConfig {
     pub memory_mode: MemoryMode,
     /// Memory auto-converge: throttle the vCPUs while pre-copy does not converge.
     pub auto_converge: bool,
-    /// Set (by an operator) to switch a hybrid migration to post-copy at the next round.
-    pub switch_to_postcopy: Arc<AtomicBool>,
 }
 
 /// When guest memory moves.
@@ -123,12 +123,11 @@ impl Default for SourceConfig {
             max_bandwidth: None,
             verify: VerifyMode::Digest,
             io_timeout: Duration::from_secs(10),
-            cancel: Arc::new(AtomicBool::new(false)),
+            control: Arc::default(),
             throttle: Throttle::Auto,
             storage_mode: StorageMode::PreCopy,
             memory_mode: MemoryMode::PreCopy,
             auto_converge: true,
-            switch_to_postcopy: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -228,9 +227,7 @@ fn drive(
             .map(|d| DigestTable::zeroed(d.blocks, d.block_size as usize, &digest_key))
             .collect(),
         layout: layout.clone(),
-        pacer: cfg
-            .max_bandwidth
-            .map(|r| Mutex::new(Pacer::new(r, (r / 20).max(1 << 20)))),
+        pacer: Mutex::new(cfg.max_bandwidth.map(pacer_for)),
         counters: Counters::default(),
         wire_bytes: Arc::clone(&wire_bytes),
         failed: AtomicBool::new(false),
@@ -307,6 +304,8 @@ fn drive(
         page_pulls: Default::default(),
         memory_postcopy: false,
         vcpu_throttle: None,
+        new_downtime: Default::default(),
+        round_done0: Default::default(),
         started: t0,
     };
     let mut paused_at: Option<Instant> = None;
@@ -336,6 +335,7 @@ fn drive(
     }
     let mut report = std::mem::take(&mut s.report);
     report.source_state = machine.state().name().into();
+    report.cancelled = result.is_err() && cfg.control.is_cancelled();
     if let Err(Failure(msg)) = &result {
         report.error = Some(msg.clone());
         if on_failure != Some(SourceAction::Finish) {
@@ -417,6 +417,11 @@ fn drive(
     }
     report.teardown_ms = (whole - report.total_ms).max(0.0);
     report
+}
+
+/// The token bucket for a cap of `rate` bytes per second (bursts of 1/20 s, at least 1 MiB).
+pub(super) fn pacer_for(rate: u64) -> Pacer {
+    Pacer::new(rate, (rate / 20).max(1 << 20))
 }
 
 fn rate(bytes: u64, d: Duration) -> f64 {

@@ -50,7 +50,11 @@ pub(super) fn run(
     let t_pause = stop_and_copy(s, cfg, &mut plan, paused_at, machine)?;
 
     // Hand-over: the machine decides before `commit` is written, so from here on the
-    // source never resumes, whatever happens to the message.
+    // source never resumes, whatever happens to the message. A cancel that came first
+    // wins; one that comes after is refused as too late.
+    if !cfg.control.commit() {
+        return Err(Failure("cancelled".into()));
+    }
     if feed(machine, SourceEvent::Verified)? != SourceAction::Commit {
         return Err(Failure("the session did not commit".into()));
     }
@@ -178,6 +182,9 @@ fn precopy(
     // next round (or the stop-and-copy) sends: the logs are read once per round.
     loop {
         s.check_abort()?;
+        if let Some(d) = s.new_downtime.take() {
+            plan.set_downtime_target(d);
+        }
         match step {
             SourceStep::StorageFullPass => {
                 // Full disks: every allocated block (holes and zero blocks skipped, the
@@ -231,7 +238,7 @@ fn precopy(
                 }
                 if !full
                     && cfg.memory_mode == MemoryMode::Hybrid
-                    && cfg.switch_to_postcopy.load(Ordering::Relaxed)
+                    && cfg.control.postcopy_requested()
                 {
                     (s.progress)(Progress::Note {
                         text: "switching to post-copy as asked".into(),
@@ -296,6 +303,16 @@ fn precopy(
                     bandwidth,
                 });
                 let dirty = s.pending.pages.as_ref().map_or(0, Bitmap::count);
+                (s.progress)(Progress::Figures {
+                    pending_bytes: pending,
+                    bandwidth,
+                    dirty_pages_per_s: dirty as f64 / rr.elapsed.as_secs_f64().max(1e-6),
+                    expected_downtime_ms: if bandwidth > 0.0 {
+                        pending as f64 / bandwidth * 1e3
+                    } else {
+                        0.0
+                    },
+                });
                 if cfg.memory_mode == MemoryMode::Hybrid
                     && matches!(step, SourceStep::MemoryDirtyRound)
                     && dirty as f64 >= cfg.policy.progress_ratio * rr.sent.max(1) as f64

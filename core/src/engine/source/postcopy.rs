@@ -250,7 +250,7 @@ pub(super) fn hybrid_first_pass(
         from = to;
         // Dirty pages behind the pass (those ahead of it go out with it anyway).
         let behind = dirty.iter_ones().take_while(|&p| p < to).count() as u64;
-        let requested = s.cfg.switch_to_postcopy.load(Ordering::Relaxed);
+        let requested = s.cfg.control.postcopy_requested();
         if from < pages && (requested || behind as f64 >= 0.9 * out.pages as f64) {
             for i in from..pages {
                 dirty.set(i);

@@ -40,7 +40,9 @@ pub(super) struct Shared {
     pub(super) layout: GuestLayout,
     pub(super) pages: DigestTable,
     pub(super) disks: Vec<DigestTable>,
-    pub(super) pacer: Option<Mutex<Pacer>>,
+    /// `--max-bandwidth` (`None`: no cap); an operator may set or lift it while the
+    /// migration runs.
+    pub(super) pacer: Mutex<Option<Pacer>>,
     pub(super) counters: Counters,
     pub(super) wire_bytes: Arc<AtomicU64>,
     pub(super) failed: AtomicBool,
@@ -352,14 +354,16 @@ impl SenderWorker {
             let urgent = self.channel == 0
                 && batch == BatchKind::OwedPages
                 && shared.urgent_channel0.load(Ordering::Relaxed);
-            if let Some(p) = &shared.pacer {
-                let wait = p
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .reserve(Instant::now(), len);
-                if !wait.is_zero() && !urgent {
-                    std::thread::sleep(wait);
-                }
+            let wait = shared
+                .pacer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .map_or(std::time::Duration::ZERO, |p| {
+                    p.reserve(Instant::now(), len)
+                });
+            if !wait.is_zero() && !urgent {
+                std::thread::sleep(wait);
             }
             let frame = self
                 .frame

@@ -46,6 +46,10 @@ pub(super) struct Session<'a> {
     pub(super) memory_postcopy: bool,
     /// Memory auto-converge: since when, and the vCPU throttle in percent.
     pub(super) vcpu_throttle: Option<(Instant, u8)>,
+    /// Units done when the current round began (for its progress).
+    pub(super) round_done0: std::cell::Cell<u64>,
+    /// A downtime target an operator set, for the policy's next decision.
+    pub(super) new_downtime: std::cell::Cell<Option<Duration>>,
     /// When the command began (for `setup_ms`).
     pub(super) started: Instant,
 }
@@ -64,9 +68,10 @@ pub(super) struct RoundResult {
 
 impl Session<'_> {
     pub(super) fn check_abort(&self) -> Result<(), Failure> {
-        if self.cfg.cancel.load(Ordering::Relaxed) {
+        if self.cfg.control.is_cancelled() {
             return Err(Failure("cancelled".into()));
         }
+        self.poll_tuning();
         if let Some(e) = self.shared.error() {
             return Err(Failure(e));
         }
@@ -88,6 +93,27 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Applies what an operator changed: the bandwidth cap at once, the downtime target
+    /// at the next decision of the policy.
+    pub(super) fn poll_tuning(&self) {
+        let t = self.cfg.control.take_tuning();
+        if let Some(cap) = t.max_bandwidth {
+            *self.shared.pacer.lock().unwrap_or_else(|p| p.into_inner()) = cap.map(pacer_for);
+            (self.progress)(Progress::Note {
+                text: match cap {
+                    Some(r) => format!("bandwidth cap set to {:.1} Mbit/s", r as f64 * 8e-6),
+                    None => "bandwidth cap lifted".into(),
+                },
+            });
+        }
+        if let Some(d) = t.downtime {
+            self.new_downtime.set(Some(d));
+            (self.progress)(Progress::Note {
+                text: format!("downtime target set to {:.1} ms", d.as_secs_f64() * 1e3),
+            });
+        }
+    }
+
     /// Sends one round and waits for every channel's barrier.
     pub(super) fn round(
         &mut self,
@@ -103,6 +129,7 @@ impl Session<'_> {
         }
         let bytes0 = self.shared.wire_bytes.load(Ordering::Relaxed);
         let done0 = self.shared.counters.units_done.load(Ordering::Relaxed);
+        self.round_done0.set(done0);
         let n = self.work.len();
         let page_units = pages.map_or(0, Bitmap::count);
         let block_units: u64 = blocks.iter().map(Bitmap::count).sum();
@@ -219,7 +246,24 @@ impl Session<'_> {
     ) -> Result<(), Failure> {
         let per_frame = (FRAME_DATA / unit_size).max(1);
         let mut pending: Vec<Vec<u64>> = vec![Vec::new(); self.work.len()];
+        // Queuing waits for the link: progress (and the status an operator sees) goes on
+        // meanwhile, and a cancel or a new cap is looked at every frame.
+        let last = std::cell::Cell::new(Instant::now());
         let queue = |ch: usize, indices: Vec<u64>| {
+            // (Not `check_abort`: during post-copy the pulls on the control channel are
+            // the push's to read.)
+            if self.cfg.control.is_cancelled() {
+                return Err(Failure("cancelled".into()));
+            }
+            self.poll_tuning();
+            if last.get().elapsed() >= Duration::from_millis(100) {
+                last.set(Instant::now());
+                (self.progress)(Progress::Sent {
+                    units: self.shared.counters.units_done.load(Ordering::Relaxed)
+                        - self.round_done0.get(),
+                    bytes: self.shared.wire_bytes.load(Ordering::Relaxed),
+                });
+            }
             self.send_work(
                 ch,
                 Work::Units {
@@ -411,7 +455,7 @@ impl Session<'_> {
     pub(super) fn expect(&self, what: &str, timeout: Duration) -> Result<Control, Failure> {
         let mut deadline = Instant::now() + timeout;
         loop {
-            if self.cfg.cancel.load(Ordering::Relaxed) {
+            if self.cfg.control.is_cancelled() {
                 return Err(Failure("cancelled".into()));
             }
             if let Some(e) = self.shared.error() {
