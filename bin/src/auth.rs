@@ -13,7 +13,8 @@ use ferry_transports::{
 };
 
 /// Transport and peer authentication.
-#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(default)]
 pub struct PeerArgs {
     /// Transport: `tls` (TLS 1.3, peers pinned by certificate), `quic` (same pinning),
     /// `tcp` (plain, needs `--insecure`), `unix` (a socket path on this host).

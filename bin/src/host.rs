@@ -46,8 +46,13 @@ pub enum HostState {
     Stopped,
 }
 
-/// A control request.
-#[derive(Debug, Serialize, Deserialize)]
+/// The control API's version (docs/control.md): raised when a request or an answer
+/// changes incompatibly.
+pub const CONTROL_API: u32 = 1;
+
+/// A control request: one JSON object per line on the control socket
+/// ([docs/control.md](../../docs/control.md)).
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     /// State and counters.
@@ -84,6 +89,12 @@ pub enum Request {
         #[serde(default)]
         downtime: Option<String>,
     },
+}
+
+/// The JSON Schema of [`Request`], pretty-printed: what `docs/control.schema.json` holds.
+pub fn request_schema() -> String {
+    let schema = schemars::schema_for!(Request);
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
 }
 
 /// Applies a steering request to the running migration; what was done, or why not.
@@ -283,6 +294,7 @@ impl Host {
         };
         json!({
             "event": "status",
+            "control_api": CONTROL_API,
             "state": self.state(),
             "role": self.role,
             "backend": backend,

@@ -62,6 +62,8 @@ enum Cmd {
     Cancel(VmArgs),
     /// Change a guest's running migration: its bandwidth cap and downtime target.
     Set(SetArgs),
+    /// Print the JSON Schema of the control socket's requests (docs/control.schema.json).
+    ControlSchema,
     /// Run a guest's self-check now (every page and block against its ledger).
     Check(VmArgs),
     /// Stop a guest and its process.
@@ -294,6 +296,10 @@ fn main() -> ExitCode {
         Cmd::Status(a) => status(a),
         Cmd::Cancel(a) => simple(a, Request::Cancel),
         Cmd::Set(a) => set(a),
+        Cmd::ControlSchema => {
+            println!("{}", host::request_schema());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Check(a) => simple(a, Request::Check),
         Cmd::Stop(a) => simple(a, Request::Stop),
         Cmd::Resume(a) => simple(a, Request::Resume),

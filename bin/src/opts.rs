@@ -292,8 +292,10 @@ impl GuestArgs {
     }
 }
 
-/// How to migrate.
-#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// How to migrate. Over the control socket every field is optional and defaults to the
+/// command line's default.
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(default)]
 pub struct MigrationArgs {
     /// Codec pipeline, in order: `raw`, `auto` (chosen per batch from the measured link
     /// and codec speed), or a list of `dedup[:SIZE]`, `xor-delta`, `lz4`, `zstd[:LEVEL]`,
@@ -359,6 +361,7 @@ pub struct MigrationArgs {
     Default,
     serde::Serialize,
     serde::Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum MemoryModeArg {
@@ -392,6 +395,7 @@ impl From<MemoryModeArg> for MemoryMode {
     Default,
     serde::Serialize,
     serde::Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum OnOff {
@@ -402,6 +406,27 @@ pub enum OnOff {
     Off,
 }
 
+impl Default for MigrationArgs {
+    /// The command line's defaults (a test checks they agree).
+    fn default() -> Self {
+        Self {
+            codec: "raw".into(),
+            xor_cache: "64MiB".into(),
+            peer: crate::auth::PeerArgs::default(),
+            channels: 2,
+            downtime: "10ms".into(),
+            max_rounds: 30,
+            max_bandwidth: None,
+            verify: "digest".into(),
+            timeout: "10s".into(),
+            throttle: "auto".into(),
+            storage_mode: "precopy".into(),
+            memory_mode: MemoryModeArg::Precopy,
+            auto_converge: OnOff::On,
+        }
+    }
+}
+
 impl MigrationArgs {
     /// The settings the bench commands start from: `codec` over `transport` with
     /// `channels`, the flags' defaults otherwise, and plain `tcp` accepted (both ends are
@@ -409,22 +434,14 @@ impl MigrationArgs {
     pub fn for_bench(codec: &str, transport: &str, channels: u16) -> Self {
         Self {
             codec: codec.to_string(),
-            xor_cache: "64MiB".into(),
             peer: crate::auth::PeerArgs {
                 transport: transport.to_string(),
                 insecure: transport == "tcp",
                 ..Default::default()
             },
             channels,
-            downtime: "10ms".into(),
-            max_rounds: 30,
-            max_bandwidth: None,
-            verify: "digest".into(),
             timeout: "30s".into(),
-            throttle: "auto".into(),
-            storage_mode: "precopy".into(),
-            memory_mode: MemoryModeArg::Precopy,
-            auto_converge: OnOff::On,
+            ..Default::default()
         }
     }
 
@@ -490,5 +507,27 @@ impl MigrationArgs {
             io_timeout: timeout,
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod defaults_tests {
+    use super::*;
+    use clap::FromArgMatches;
+
+    /// A request over the control socket that leaves a field out gets what the command
+    /// line would.
+    #[test]
+    fn serde_defaults_are_the_command_lines() {
+        let cmd = <MigrationArgs as Args>::augment_args(clap::Command::new("ferry"));
+        let parsed = MigrationArgs::from_arg_matches(&cmd.get_matches_from(["ferry"]));
+        let parsed = serde_json::to_value(parsed.ok()).ok();
+        let default = serde_json::to_value(Some(MigrationArgs::default())).ok();
+        assert_eq!(parsed, default);
+        let empty: MigrationArgs = serde_json::from_str("{}").unwrap_or_default();
+        assert_eq!(
+            serde_json::to_value(empty).ok(),
+            serde_json::to_value(MigrationArgs::default()).ok()
+        );
     }
 }
