@@ -323,8 +323,8 @@ pub struct MigrationArgs {
     #[arg(long)]
     pub max_bandwidth: Option<String>,
     /// Verification: `digest` (free) or `full` (hash the whole guest during the pause).
-    #[arg(long, default_value = "digest")]
-    pub verify: String,
+    #[arg(long, value_enum, default_value_t = VerifyArg::Digest)]
+    pub verify: VerifyArg,
     /// How long to wait for the peer before giving up (and resuming the source).
     #[arg(long, default_value = "10s")]
     pub timeout: String,
@@ -334,8 +334,8 @@ pub struct MigrationArgs {
     pub throttle: String,
     /// When the disk blocks still dirty at the pause move: `precopy` (in the pause) or
     /// `postcopy` (after the hand-over, pulled first when the guest reads them).
-    #[arg(long, default_value = "precopy")]
-    pub storage_mode: String,
+    #[arg(long, value_enum, default_value_t = StorageModeArg::Precopy)]
+    pub storage_mode: StorageModeArg,
     /// When guest memory moves: `precopy` (rounds while the guest runs, the rest in the
     /// pause), `postcopy` (after the hand-over: the guest runs on the destination at once
     /// and faults pages in while the rest is pushed), or `hybrid` (pre-copy rounds, then
@@ -348,6 +348,50 @@ pub struct MigrationArgs {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     #[serde(default)]
     pub auto_converge: OnOff,
+}
+
+/// `--verify`.
+#[derive(
+    clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyArg {
+    /// Keyed per-unit digests kept as units move, compared at the pause (no downtime).
+    #[default]
+    Digest,
+    /// Also hash the whole guest on both sides during the pause.
+    Full,
+}
+
+/// `--storage-mode`.
+#[derive(
+    clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageModeArg {
+    /// The last dirty blocks move in the pause.
+    #[default]
+    Precopy,
+    /// They move after the hand-over, pulled first when the guest reads them.
+    Postcopy,
 }
 
 /// `--memory-mode`.
@@ -417,10 +461,10 @@ impl Default for MigrationArgs {
             downtime: "10ms".into(),
             max_rounds: 30,
             max_bandwidth: None,
-            verify: "digest".into(),
+            verify: VerifyArg::Digest,
             timeout: "10s".into(),
             throttle: "auto".into(),
-            storage_mode: "precopy".into(),
+            storage_mode: StorageModeArg::Precopy,
             memory_mode: MemoryModeArg::Precopy,
             auto_converge: OnOff::On,
         }
@@ -468,10 +512,9 @@ impl MigrationArgs {
             .map(parse_rate)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
-        let verify = match self.verify.as_str() {
-            "digest" => VerifyMode::Digest,
-            "full" => VerifyMode::Full,
-            v => bail!("--verify: unknown mode {v:?} (use digest or full)"),
+        let verify = match self.verify {
+            VerifyArg::Digest => VerifyMode::Digest,
+            VerifyArg::Full => VerifyMode::Full,
         };
         if self.max_rounds == 0 {
             bail!("--max-rounds: must be at least 1");
@@ -485,10 +528,9 @@ impl MigrationArgs {
                 parse_rate(rate).map_err(|e| anyhow::anyhow!("--throttle: {e} (or auto, off)"))?,
             ),
         };
-        let storage_mode = match self.storage_mode.as_str() {
-            "precopy" => StorageMode::PreCopy,
-            "postcopy" => StorageMode::PostCopy,
-            m => bail!("--storage-mode: unknown mode {m:?} (use precopy or postcopy)"),
+        let storage_mode = match self.storage_mode {
+            StorageModeArg::Precopy => StorageMode::PreCopy,
+            StorageModeArg::Postcopy => StorageMode::PostCopy,
         };
         Ok(SourceConfig {
             throttle,

@@ -100,22 +100,12 @@ pub enum Parsed {
     Auto,
 }
 
-/// Parses a size such as `64MiB`, `1GiB`, `512KiB` or a byte count.
+/// Parses a size such as `64MiB`, `1GiB`, `512KiB` or a byte count (the units every flag
+/// takes).
 fn parse_size(s: &str) -> Option<usize> {
-    let lower = s.to_ascii_lowercase();
-    let (digits, unit) = match lower.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => lower.split_at(i),
-        None => (lower.as_str(), ""),
-    };
-    let n: usize = digits.parse().ok()?;
-    let mult = match unit {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
+    ferry_core::units::parse_size(s)
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
 }
 
 fn stage(word: &str) -> Result<Option<StageSpec>, SpecError> {

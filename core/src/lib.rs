@@ -27,6 +27,7 @@ pub mod policy;
 pub mod prefault;
 pub mod report;
 pub mod transport;
+pub mod units;
 pub mod wire;
 pub mod zero;
 
