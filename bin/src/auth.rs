@@ -134,6 +134,21 @@ impl PeerArgs {
 
     /// Builds the transport.
     pub fn transport(&self, io_timeout: Duration) -> anyhow::Result<Box<dyn Transport>> {
+        let opts = self.options(io_timeout)?;
+        ferry_transports::by_name(&self.transport, &opts)
+            .map_err(|e| anyhow::anyhow!("--transport {}: {e}", self.transport))
+    }
+
+    /// Checks the settings as [`Self::transport`] would, without building anything (a
+    /// QUIC transport starts a runtime): a command validates once, builds once.
+    pub fn check(&self, io_timeout: Duration) -> anyhow::Result<()> {
+        let opts = self.options(io_timeout)?;
+        ferry_transports::check(&self.transport, &opts)
+            .map_err(|e| anyhow::anyhow!("--transport {}: {e}", self.transport))
+    }
+
+    /// The transport's options from the flags (identities loaded).
+    fn options(&self, io_timeout: Duration) -> anyhow::Result<TransportOptions> {
         let identity = if matches!(self.transport.as_str(), "tls" | "quic") {
             self.identity()?
         } else {
@@ -150,16 +165,12 @@ impl PeerArgs {
             window: crate::units::parse_size(&self.quic_window)
                 .map_err(|e| anyhow::anyhow!("--quic-window: {e}"))?,
         };
-        ferry_transports::by_name(
-            &self.transport,
-            &TransportOptions {
-                io_timeout,
-                identity,
-                insecure: self.insecure,
-                quic,
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("--transport {}: {e}", self.transport))
+        Ok(TransportOptions {
+            io_timeout,
+            identity,
+            insecure: self.insecure,
+            quic,
+        })
     }
 
     /// The flags that repeat these settings on a `ferry listen` command line.

@@ -519,8 +519,11 @@ impl MigrationArgs {
         if self.max_rounds == 0 {
             bail!("--max-rounds: must be at least 1");
         }
-        self.codec()?;
-        self.peer.transport(timeout)?;
+        // Checked, not built: the command builds its codec and transport once, where it
+        // runs the migration.
+        ferry_codecs::parse(&self.codec).map_err(|e| anyhow::anyhow!("--codec: {e}"))?;
+        parse_size(&self.xor_cache).map_err(|e| anyhow::anyhow!("--xor-cache: {e}"))?;
+        self.peer.check(timeout)?;
         let throttle = match self.throttle.as_str() {
             "auto" => Throttle::Auto,
             "off" => Throttle::Off,

@@ -47,6 +47,7 @@ pub struct TransportOptions {
 
 /// Builds a transport by name.
 pub fn by_name(name: &str, opts: &TransportOptions) -> Result<Box<dyn Transport>, String> {
+    check(name, opts)?;
     match name {
         "tcp" if !opts.insecure => Err(
             "tcp is neither encrypted nor authenticated: pass --insecure, or use --transport tls \
@@ -79,6 +80,27 @@ pub fn by_name(name: &str, opts: &TransportOptions) -> Result<Box<dyn Transport>
         },
         "unix" => Ok(Box::new(UnixTransport::new(opts.io_timeout))),
         "mem" => Ok(Box::new(MemTransport::new())),
+        other => Err(format!(
+            "unknown transport {other:?} (known: {})",
+            TRANSPORT_NAMES.join(", ")
+        )),
+    }
+}
+
+/// Whether `by_name` would build this transport, without building it (QUIC starts a
+/// runtime): for validating a command line before anything runs.
+pub fn check(name: &str, opts: &TransportOptions) -> Result<(), String> {
+    match name {
+        "tcp" if !opts.insecure => Err(
+            "tcp is neither encrypted nor authenticated: pass --insecure, or use --transport tls \
+             with --auth FILE (or --cert, --key and --peer; `ferry keygen` makes them)"
+                .into(),
+        ),
+        "tls" | "quic" if opts.identity.is_none() => Err(format!(
+            "{name} needs an identity: --auth FILE, or --cert, --key and --peer \
+             (`ferry keygen` makes them)"
+        )),
+        "tcp" | "tls" | "quic" | "unix" | "mem" => Ok(()),
         other => Err(format!(
             "unknown transport {other:?} (known: {})",
             TRANSPORT_NAMES.join(", ")
