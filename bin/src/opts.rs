@@ -350,72 +350,61 @@ pub struct MigrationArgs {
     pub auto_converge: OnOff,
 }
 
-/// `--verify`.
-#[derive(
-    clap::ValueEnum,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum VerifyArg {
-    /// Keyed per-unit digests kept as units move, compared at the pause (no downtime).
-    #[default]
-    Digest,
-    /// Also hash the whole guest on both sides during the pause.
-    Full,
+/// An enumerated flag: its values appear in `--help`, and the control socket and the
+/// JSON Schema take the same kebab-case names.
+macro_rules! flag_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        #[derive(
+            clap::ValueEnum,
+            Debug,
+            Clone,
+            Copy,
+            PartialEq,
+            Eq,
+            Default,
+            serde::Serialize,
+            serde::Deserialize,
+            schemars::JsonSchema,
+        )]
+        #[serde(rename_all = "kebab-case")]
+        pub enum $name { $($body)* }
+    };
 }
 
-/// `--storage-mode`.
-#[derive(
-    clap::ValueEnum,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum StorageModeArg {
-    /// The last dirty blocks move in the pause.
-    #[default]
-    Precopy,
-    /// They move after the hand-over, pulled first when the guest reads them.
-    Postcopy,
+flag_enum! {
+    /// `--verify`.
+    pub enum VerifyArg {
+        /// Keyed per-unit digests kept as units move, compared at the pause (no downtime).
+        #[default]
+        Digest,
+        /// Also hash the whole guest on both sides during the pause.
+        Full,
+    }
 }
 
-/// `--memory-mode`.
-#[derive(
-    clap::ValueEnum,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum MemoryModeArg {
-    /// Pre-copy rounds, then the rest in the pause.
-    #[default]
-    Precopy,
-    /// Every page after the hand-over.
-    Postcopy,
-    /// Pre-copy, then post-copy when pre-copy would not converge.
-    Hybrid,
+flag_enum! {
+    /// `--storage-mode`.
+    pub enum StorageModeArg {
+        /// The last dirty blocks move in the pause.
+        #[default]
+        Precopy,
+        /// They move after the hand-over, pulled first when the guest reads them.
+        Postcopy,
+    }
+}
+
+flag_enum! {
+    /// `--memory-mode`.
+    pub enum MemoryModeArg {
+        /// Pre-copy rounds, then the rest in the pause.
+        #[default]
+        Precopy,
+        /// Every page after the hand-over.
+        Postcopy,
+        /// Pre-copy, then post-copy when pre-copy would not converge.
+        Hybrid,
+    }
 }
 
 impl From<MemoryModeArg> for MemoryMode {
@@ -428,26 +417,15 @@ impl From<MemoryModeArg> for MemoryMode {
     }
 }
 
-/// An on/off switch.
-#[derive(
-    clap::ValueEnum,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnOff {
-    /// Enabled.
-    #[default]
-    On,
-    /// Disabled.
-    Off,
+flag_enum! {
+    /// An on/off switch.
+    pub enum OnOff {
+        /// Enabled.
+        #[default]
+        On,
+        /// Disabled.
+        Off,
+    }
 }
 
 impl Default for MigrationArgs {

@@ -28,16 +28,7 @@ fn guest(dir: &Path, memory: &str, disk: &str, extra: &[&str]) -> (Proc, std::pa
 }
 
 fn start_migration(src_ctl: &Path, addr: &str, cap: &str) -> Child {
-    ferry()
-        .args(["migrate", "--json", "--max-bandwidth", cap])
-        .args(PLAIN)
-        .arg("--vm")
-        .arg(src_ctl)
-        .args(["--to", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    spawn_migrate(src_ctl, addr, &["--max-bandwidth", cap])
 }
 
 /// The running migration's status, once it is in `phase`.

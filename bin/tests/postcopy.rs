@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 fn uffd_here() -> bool {
@@ -24,17 +24,9 @@ fn uffd_here() -> bool {
 /// Starts `ferry migrate --json` of the guest at `src_ctl` to `addr` over 100 Mbit/s with
 /// `extra` flags, and returns once the source says it is migrating.
 fn start_migration(src_ctl: &Path, addr: &str, extra: &[&str]) -> Child {
-    let mig = ferry()
-        .args(["migrate", "--json", "--max-bandwidth", "100Mbit"])
-        .args(extra)
-        .args(PLAIN)
-        .arg("--vm")
-        .arg(src_ctl)
-        .args(["--to", addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut flags = vec!["--max-bandwidth", "100Mbit"];
+    flags.extend_from_slice(extra);
+    let mig = spawn_migrate(src_ctl, addr, &flags);
     let deadline = Instant::now() + Duration::from_secs(10);
     while status(src_ctl)["state"] != "migrating" {
         assert!(Instant::now() < deadline, "the migration never started");

@@ -314,6 +314,13 @@ impl Inner {
         self.checks_cond.notify_all();
     }
 
+    /// Whether the header is here and wrong. A header still owed (memory post-copy) is
+    /// not read: that would wait for it.
+    fn header_wrong(&self) -> bool {
+        let owed = self.mem.postcopy().get().is_some_and(|o| o.is_owed(0));
+        !owed && !self.header_ok()
+    }
+
     fn header_ok(&self) -> bool {
         self.mem.load(0) == HEADER_MAGIC
             && self.mem.load(8) == self.map.pages

@@ -193,13 +193,7 @@ impl DestGuest for SimGuest {
             ));
         }
         // In memory post-copy the header may not be here yet: the self-check reads it.
-        let header_owed = self
-            .inner
-            .mem
-            .postcopy()
-            .get()
-            .is_some_and(|o| o.is_owed(0));
-        if !header_owed && !self.inner.header_ok() {
+        if self.inner.header_wrong() {
             return Err(GuestError::BadState(
                 "guest memory does not hold a sim guest of this layout".into(),
             ));
@@ -272,14 +266,8 @@ impl DestGuest for SimGuest {
             }
         }
         // In memory post-copy the header arrived after the state was restored (unless it
-        // never did: reading it would wait for it, and the check was abandoned then).
-        let header_owed = self
-            .inner
-            .mem
-            .postcopy()
-            .get()
-            .is_some_and(|o| o.is_owed(0));
-        if !header_owed && !self.inner.header_ok() {
+        // never did: the check was abandoned then).
+        if self.inner.header_wrong() {
             r.problems
                 .push("guest memory does not hold a sim guest of this layout".into());
         }

@@ -138,6 +138,22 @@ pub fn migrate_with_timeout(ctl: &Path, to: &str, timeout: &str) -> Output {
         .unwrap()
 }
 
+/// Starts `ferry migrate --json` of the guest at `ctl` to `to` over plain TCP with `extra`
+/// flags, in the background (its report on the child's stdout).
+pub fn spawn_migrate(ctl: &Path, to: &str, extra: &[&str]) -> std::process::Child {
+    ferry()
+        .args(["migrate", "--json"])
+        .args(extra)
+        .args(PLAIN)
+        .arg("--vm")
+        .arg(ctl)
+        .args(["--to", to])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// `ferry migrate --json` of the guest at `ctl` to `to` over plain TCP, which must succeed
 /// and verify; returns the report.
 pub fn migrate_verified(ctl: &Path, to: &str, extra: &[&str]) -> Value {
