@@ -28,6 +28,8 @@ struct Figures {
     units: u64,
     sent: u64,
     bytes: u64,
+    /// Bytes on the wire when the round began.
+    round_bytes0: u64,
     /// The last byte count and when, for the rate.
     last: (Instant, u64),
     /// Bytes per second on the wire, smoothed.
@@ -53,6 +55,7 @@ impl Running {
                 units: 0,
                 sent: 0,
                 bytes: 0,
+                round_bytes0: 0,
                 last: (now, 0),
                 rate: 0.0,
                 pending_bytes: None,
@@ -77,6 +80,7 @@ impl Running {
                 f.round = *index;
                 f.units = *units;
                 f.sent = 0;
+                f.round_bytes0 = f.bytes;
             }
             Progress::Sent { units, bytes } => {
                 f.sent = *units;
@@ -113,13 +117,12 @@ impl Running {
     pub fn status(&self) -> Value {
         let f = self.figures.lock().unwrap_or_else(|e| e.into_inner());
         let left = f.units.saturating_sub(f.sent);
-        // The round's units left, at the average unit size sent so far, at the rate.
-        let per_unit = if f.sent > 0 && f.units > 0 {
-            4096.0
-        } else {
-            0.0
-        };
-        let eta_s = (f.rate > 0.0).then(|| left as f64 * per_unit / f.rate);
+        // The round's units left, at the bytes per unit on the wire so far this round
+        // (zero pages cost a flag, compressed units less than a page), at today's rate.
+        let eta_s = (f.rate > 0.0 && f.sent > 0).then(|| {
+            let per_unit = f.bytes.saturating_sub(f.round_bytes0) as f64 / f.sent as f64;
+            left as f64 * per_unit / f.rate
+        });
         json!({
             "phase": f.phase,
             "round": f.round,

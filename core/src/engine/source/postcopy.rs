@@ -301,7 +301,7 @@ pub(super) fn postcopy_push(
     let mut page_batch: Vec<u64> = Vec::new();
     // Demanded pages take channel 0 alone (with the control messages), so they never
     // queue behind the background push, which takes the others; and the push keeps
-    // only ~10 ms of the link queued, so a demand also waits little for the link.
+    // only ~3 ms of the link queued, so a fault on a page already queued waits little.
     let urgent = 0usize;
     s.shared.urgent_channel0.store(n > 1, Ordering::Relaxed);
     let background = move |i: u64| if n > 1 { 1 + page_channel(i, n - 1) } else { 0 };
