@@ -95,6 +95,15 @@ impl DirtyBitmap {
                 != 0
     }
 
+    /// Clears bit `i`; whether it was set (one thread wins a bit others race for).
+    pub fn take_bit(&self, i: u64) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        let bit = 1u64 << (i % WORD_BITS);
+        self.words[(i / WORD_BITS) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
     /// Number of dirty bits right now (a racy but consistent-per-word count).
     pub fn count(&self) -> u64 {
         self.words

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_core::bitmap::Bitmap;
+use ferry_core::bitmap::{Bitmap, DirtyBitmap};
 use ferry_core::guest::{FaultFigures, PullPagesFn};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
@@ -54,46 +54,37 @@ pub enum UffdError {
     Thread(#[source] std::io::Error),
 }
 
-/// A set of owed pages that threads clear concurrently.
+/// A set of owed pages that threads clear concurrently, and how many are left.
 struct OwedSet {
-    words: Vec<AtomicU64>,
+    bits: DirtyBitmap,
     left: AtomicU64,
 }
 
 impl OwedSet {
     fn new(owed: &Bitmap) -> Self {
+        let bits = DirtyBitmap::new(owed.len());
+        bits.merge(owed);
         Self {
-            words: owed.words().iter().map(|w| AtomicU64::new(*w)).collect(),
+            bits,
             left: AtomicU64::new(owed.count()),
         }
     }
 
     fn contains(&self, i: u64) -> bool {
-        self.words
-            .get((i / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
+        self.bits.is_set(i)
     }
 
     /// Clears `i`; whether it was owed.
     fn take(&self, i: u64) -> bool {
-        let Some(w) = self.words.get((i / 64) as usize) else {
-            return false;
-        };
-        let bit = 1u64 << (i % 64);
-        let was = w.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
+        let was = self.bits.take_bit(i);
         if was {
             self.left.fetch_sub(1, Ordering::AcqRel);
         }
         was
     }
 
-    fn to_bitmap(&self, pages: u64) -> Bitmap {
-        let words = self
-            .words
-            .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect();
-        Bitmap::from_words(words, pages).unwrap_or_else(|_| Bitmap::new(pages))
+    fn to_bitmap(&self) -> Bitmap {
+        self.bits.peek()
     }
 }
 
@@ -231,7 +222,7 @@ impl OwedMemory {
 
     /// The pages still owed.
     pub fn owed_bitmap(&self) -> Bitmap {
-        self.inner.owed.to_bitmap(self.inner.pages)
+        self.inner.owed.to_bitmap()
     }
 
     /// Whether page `index` is still owed.
