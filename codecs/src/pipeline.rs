@@ -378,6 +378,10 @@ impl Encoder for PipelineEncoder {
         self.built.names.is_empty() || self.auto.as_ref().is_some_and(|a| a.mask() == 0)
     }
 
+    fn decodes_against_base(&self) -> bool {
+        self.built.stages.iter().any(|s| s.needs_base())
+    }
+
     fn sample_raw(&mut self, unit: Unit, data: &[u8]) -> bool {
         match &mut self.auto {
             Some(auto) if auto.wants_sample() => {

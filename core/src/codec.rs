@@ -72,6 +72,13 @@ pub trait Encoder: Send {
     fn is_raw(&self) -> bool {
         false
     }
+    /// Whether the destination decodes some unit against its own current copy (delta
+    /// stages). Post-copy units then go raw: a page's copy is the very page owed (it would
+    /// fault on itself), and an owed block's copy may be the guest's newer write.
+    /// Conservative by default.
+    fn decodes_against_base(&self) -> bool {
+        true
+    }
     /// Offers a unit sent raw while [`Encoder::is_raw`] holds, for adaptive encoders that
     /// measure candidates; returns whether it wants more.
     fn sample_raw(&mut self, _unit: Unit, _data: &[u8]) -> bool {

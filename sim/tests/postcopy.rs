@@ -30,7 +30,12 @@ fn postcopy_moves_memory_after_the_hand_over_and_the_guest_verifies() {
     if !uffd_available() {
         return;
     }
-    for (codec, verify) in [("raw", VerifyMode::Full), ("lz4", VerifyMode::Digest)] {
+    for (codec, verify) in [
+        ("raw", VerifyMode::Full),
+        ("lz4", VerifyMode::Digest),
+        ("dedup,zstd", VerifyMode::Full),
+        ("xor-delta,lz4", VerifyMode::Digest),
+    ] {
         let src_dir = tempfile::tempdir().unwrap();
         let dst_dir = tempfile::tempdir().unwrap();
         let g = Spec {

@@ -260,11 +260,11 @@ impl SenderWorker {
             ),
         };
         // With a codec, the batch is read and encoded first; raw units are read straight
-        // into their place in the frame, never copied twice. Owed units always go raw: a
-        // codec that decodes against the destination's copy would need the very unit
-        // that is owed (a page would fault on itself), and a guest there may have written
-        // a block since.
-        let owed = batch.is_owed();
+        // into their place in the frame, never copied twice. Owed units go raw when the
+        // codec decodes against the destination's copy: it would need the very unit that
+        // is owed (a page would fault on itself), and a guest there may have written a
+        // block since. Compressors need no copy and apply to them as to any unit.
+        let owed = batch.is_owed() && self.encoder.decodes_against_base();
         let staged = !self.encoder.is_raw() && !owed;
         if staged {
             self.stage_and_encode(batch, indices, size)?;
