@@ -296,7 +296,15 @@ fn cell(side: &str, point: &str, action: &str, after: After, peers: &Peers) -> S
     // The operator resolves what is held, asking the source first.
     let mut resolution = String::new();
     let mut d1 = d0.clone();
-    if d0 == "in-doubt" || d0 == "held" {
+    // A source that reconnected and recovered its post-copy has returned as soon as the
+    // destination confirmed; the destination then runs the guest again a moment later.
+    if (d0 == "in-doubt" || d0 == "held")
+        && s0 == "migrated-away"
+        && wait_running(&dst_ctl, Duration::from_secs(10))
+    {
+        resolution = " → recovered by the source → runs".into();
+        d1 = "running".into();
+    } else if d0 == "in-doubt" || d0 == "held" {
         let take = match s0.as_str() {
             "running" => "discard",
             _ => "resume",
